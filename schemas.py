@@ -1,0 +1,331 @@
+"""Every request and response shape of the Jobs API, once.
+
+These marshmallow schemas validate what comes in, describe what goes out, and
+feed the OpenAPI document. Hot read paths let PostgreSQL build the response
+JSON (see app.py); the tests check those bytes against these schemas.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar
+
+from marshmallow import (
+    RAISE,
+    Schema,
+    ValidationError,
+    fields,
+    post_load,
+    pre_load,
+    validate,
+    validates_schema,
+)
+
+STATUSES = (
+    "SCHEDULED",
+    "RUNNING",
+    "STOP_REQUESTED",
+    "STOPPING",
+    "COMPLETED",
+    "STOPPED",
+    "FAILED",
+)
+TERMINAL_STATUSES = ("COMPLETED", "STOPPED", "FAILED")
+ACTIVE_STATUSES = tuple(s for s in STATUSES if s not in TERMINAL_STATUSES)
+
+# Legal moves a worker may report (CONTRACT.md §4.2), to-status -> from-statuses.
+# STOP_REQUESTED is the operators' move (PUT /jobs/{id}/stop), guarded the same way.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "RUNNING": frozenset({"SCHEDULED"}),
+    "COMPLETED": frozenset({"RUNNING"}),
+    "FAILED": frozenset({"SCHEDULED", "RUNNING", "STOP_REQUESTED", "STOPPING"}),
+    "STOPPING": frozenset({"STOP_REQUESTED"}),
+    "STOPPED": frozenset({"STOPPING"}),
+    "SCHEDULED": frozenset({"FAILED"}),
+    "STOP_REQUESTED": frozenset({"SCHEDULED", "RUNNING"}),
+}
+REPORTABLE_STATUSES = tuple(s for s in STATUSES if s in TRANSITIONS and s != "STOP_REQUESTED")
+
+# Filter tokens of GET /jobs?status= and DELETE /jobs?status= (case-insensitive).
+LIST_STATUS_TOKENS: dict[str, tuple[str, ...]] = {
+    **{s.lower(): (s,) for s in STATUSES},
+    "error": ("FAILED",),
+    "active": ACTIVE_STATUSES,
+    "terminal": TERMINAL_STATUSES,
+    "all": STATUSES,
+}
+DELETE_STATUS_TOKENS: dict[str, tuple[str, ...]] = {
+    "terminal": TERMINAL_STATUSES,
+    "completed": ("COMPLETED",),
+    "stopped": ("STOPPED",),
+    "error": ("FAILED",),
+    "failed": ("FAILED",),
+}
+
+MAX_JOB_ID = 2**63 - 1
+MAX_BLOCK = 2**63 - 1
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 50
+MAX_BATCH = 1000
+NODE_ID_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]*$"
+TABLE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
+HASH_PATTERN = r"^0x[0-9a-fA-F]{64}$"
+TIMESTAMP_PATTERN = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$"
+
+_DIGITS = re.compile(r"[0-9]{1,19}")
+_TABLE = re.compile(TABLE_PATTERN)
+
+
+def parse_job_id(text: str) -> int | None:
+    """A job ID as CONTRACT.md §1 spells it (base-10 digits, 1..2^63-1), else None."""
+    if not _DIGITS.fullmatch(text):
+        return None
+    value = int(text)
+    return value if 1 <= value <= MAX_JOB_ID else None
+
+
+def is_table_name(text: str) -> bool:
+    return _TABLE.fullmatch(text) is not None
+
+
+def parse_status_tokens(text: str, tokens: dict[str, tuple[str, ...]]) -> tuple[str, ...] | None:
+    """Comma-separated, case-insensitive tokens as a union of statuses; None if any is bad."""
+    wanted: set[str] = set()
+    for token in text.split(","):
+        statuses = tokens.get(token.strip().lower())
+        if statuses is None:
+            return None
+        wanted.update(statuses)
+    return tuple(s for s in STATUSES if s in wanted)
+
+
+def _nul_free_json(value) -> bool:
+    """PostgreSQL text and jsonb cannot hold U+0000, so it is refused up front."""
+    if isinstance(value, str):
+        return "\x00" not in value
+    if isinstance(value, dict):
+        return all(_nul_free_json(k) and _nul_free_json(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_nul_free_json(v) for v in value)
+    return True
+
+
+class JsonObject(fields.Dict):
+    """Any JSON object, stored as JSONB."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        result = super()._deserialize(value, attr, data, **kwargs)
+        if not _nul_free_json(result):
+            raise ValidationError("must not contain the character U+0000.")
+        return result
+
+
+class JobId(fields.Field):
+    """A job ID: a JSON integer or a string of digits, in 1..2^63-1."""
+
+    default_error_messages: ClassVar[dict[str, str]] = {
+        "invalid": "Not a valid job ID (an integer in 1..9223372036854775807)."
+    }
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, bool):
+            raise self.make_error("invalid")
+        if isinstance(value, int):
+            if 1 <= value <= MAX_JOB_ID:
+                return value
+            raise self.make_error("invalid")
+        if isinstance(value, str) and (job_id := parse_job_id(value)) is not None:
+            return job_id
+        raise self.make_error("invalid")
+
+
+class StrictSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+
+def no_nul(value: str) -> None:
+    if "\x00" in value:
+        raise ValidationError("must not contain the character U+0000.")
+
+
+# ---- Responses -------------------------------------------------------------
+
+
+class ErrorSchema(Schema):
+    error_code = fields.String(required=True, metadata={"example": "JOB_NOT_FOUND"})
+    error_message = fields.String(required=True)
+
+
+class JobSchema(Schema):
+    id = fields.Integer(required=True, validate=validate.Range(1, MAX_JOB_ID))
+    created_at = fields.String(required=True, validate=validate.Regexp(TIMESTAMP_PATTERN))
+    updated_at = fields.String(required=True, validate=validate.Regexp(TIMESTAMP_PATTERN))
+    node_id = fields.String(required=True)
+    status = fields.String(required=True, validate=validate.OneOf(STATUSES))
+    descriptor = fields.Dict(required=True)
+
+
+class JobListSchema(Schema):
+    jobs = fields.List(fields.Nested(JobSchema), required=True)
+    next_cursor = fields.Integer(
+        required=True,
+        allow_none=True,
+        metadata={"description": "last_job_id for the next page; null on the last page"},
+    )
+
+
+class TableProgressSchema(Schema):
+    start_block = fields.Integer(required=True, allow_none=True)
+    current_block = fields.Integer(required=True, allow_none=True)
+    files_count = fields.Integer(required=True)
+    total_size_bytes = fields.Integer(required=True)
+
+
+class ProgressSchema(Schema):
+    job_id = fields.Integer(required=True)
+    job_status = fields.String(required=True, validate=validate.OneOf(STATUSES))
+    tables = fields.Dict(
+        keys=fields.String(), values=fields.Nested(TableProgressSchema), required=True
+    )
+
+
+class EventSchema(Schema):
+    id = fields.Integer(required=True)
+    created_at = fields.String(required=True, validate=validate.Regexp(TIMESTAMP_PATTERN))
+    event_type = fields.String(required=True, validate=validate.OneOf(STATUSES))
+    node_id = fields.String(required=True, allow_none=True)
+    detail = fields.Dict(required=True, allow_none=True)
+
+
+class EventListSchema(Schema):
+    job_id = fields.Integer(required=True)
+    events = fields.List(fields.Nested(EventSchema), required=True)
+
+
+class FilesRegisteredSchema(Schema):
+    job_id = fields.Integer(required=True)
+    table = fields.String(required=True)
+    registered = fields.Integer(required=True, metadata={"description": "files newly stored"})
+    unchanged = fields.Integer(
+        required=True, metadata={"description": "files already stored with identical fields"}
+    )
+    progress = fields.Nested(TableProgressSchema, required=True)
+
+
+class HealthSchema(Schema):
+    status = fields.String(required=True, validate=validate.OneOf(("ok", "unavailable")))
+    error_code = fields.String()
+    error_message = fields.String()
+
+
+# ---- Requests --------------------------------------------------------------
+
+
+class ListJobsQuerySchema(StrictSchema):
+    """Documents GET /jobs's query; app.py parses it with the coded errors §3 asks for."""
+
+    limit = fields.Integer(
+        load_default=DEFAULT_PAGE_SIZE,
+        validate=validate.Range(1, MAX_PAGE_SIZE),
+        metadata={"description": "page size, 1..1000 (default 50)"},
+    )
+    last_job_id = JobId(metadata={"description": "cursor: only jobs with a smaller id"})
+    status = fields.String(
+        metadata={
+            "description": "comma-separated, case-insensitive: a status name, active "
+            "(default), terminal, all, or error (= FAILED)"
+        }
+    )
+
+
+class DeleteJobsQuerySchema(StrictSchema):
+    status = fields.String(
+        metadata={
+            "description": "terminal, completed, stopped, error (or failed); "
+            "absent: the body's job_ids are deleted instead"
+        }
+    )
+
+
+class CreateJobSchema(StrictSchema):
+    node_id = fields.String(
+        required=True,
+        validate=[validate.Length(1, 128), validate.Regexp(NODE_ID_PATTERN)],
+    )
+    descriptor = JsonObject(load_default=dict)
+    idempotency_key = fields.String(
+        load_default=None,
+        allow_none=True,
+        validate=[validate.Length(1, 256), no_nul],
+    )
+
+
+class StatusReportSchema(StrictSchema):
+    status = fields.String(required=True, validate=validate.OneOf(REPORTABLE_STATUSES))
+    detail = JsonObject(load_default=None, allow_none=True)
+    node_id = fields.String(
+        load_default=None,
+        validate=[validate.Length(1, 128), validate.Regexp(NODE_ID_PATTERN)],
+    )
+
+    @validates_schema
+    def node_only_when_rescheduling(self, data, **kwargs):
+        if data.get("node_id") is not None and data["status"] != "SCHEDULED":
+            raise ValidationError("is only accepted with status SCHEDULED.", "node_id")
+
+
+class FileSchema(StrictSchema):
+    file_name = fields.String(
+        required=True, validate=[validate.Length(1, 1024), validate.Predicate("isprintable")]
+    )
+    start_block = fields.Integer(required=True, strict=True, validate=validate.Range(0, MAX_BLOCK))
+    end_block = fields.Integer(required=True, strict=True, validate=validate.Range(0, MAX_BLOCK))
+    size_bytes = fields.Integer(required=True, strict=True, validate=validate.Range(0, MAX_BLOCK))
+    block_hash = fields.String(
+        load_default=None, allow_none=True, validate=validate.Regexp(HASH_PATTERN)
+    )
+    prev_hash = fields.String(
+        load_default=None, allow_none=True, validate=validate.Regexp(HASH_PATTERN)
+    )
+
+    @validates_schema
+    def blocks_in_order(self, data, **kwargs):
+        if data.get("end_block", 0) < data.get("start_block", 0):
+            raise ValidationError("must be >= start_block.", "end_block")
+
+    @post_load
+    def normalise_hashes(self, data, **kwargs):
+        # Hashes compare case-insensitively; store one spelling.
+        for key in ("block_hash", "prev_hash"):
+            if data[key] is not None:
+                data[key] = data[key].lower()
+        return data
+
+
+class FileBatchSchema(StrictSchema):
+    """A JSON array of files is loaded as {"files": [...]}; a single object as a batch of one."""
+
+    files = fields.List(
+        fields.Nested(FileSchema), required=True, validate=validate.Length(1, MAX_BATCH)
+    )
+
+    @pre_load
+    def wrap(self, data, **kwargs):
+        if isinstance(data, list):
+            return {"files": data}
+        if isinstance(data, dict) and "file_name" in data:
+            return {"files": [data]}
+        return data
+
+    @validates_schema
+    def unique_names(self, data, **kwargs):
+        seen = set()
+        for file in data.get("files", ()):
+            if file["file_name"] in seen:
+                raise ValidationError(f"file_name {file['file_name']!r} appears twice.", "files")
+            seen.add(file["file_name"])
+
+
+class BulkDeleteSchema(StrictSchema):
+    job_ids = fields.List(JobId(), required=True, validate=validate.Length(0, MAX_BATCH))
