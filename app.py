@@ -203,7 +203,7 @@ def _job_json(row: str) -> str:
 
 GET_JOB = f"SELECT {_job_json('j')}::text FROM jobs j WHERE j.id = %(job_id)s"
 
-# One backward range scan of jobs_status_id per wanted status, merged: at most
+# One range scan of jobs_status_newest per wanted status, merged: at most
 # (limit + 1) index entries per status whatever the table's skew. The extra
 # row tells whether a next page exists.
 LIST_JOBS = f"""
@@ -212,8 +212,11 @@ WITH page AS (
     FROM unnest(%(statuses)s::text[]) AS wanted(status)
     CROSS JOIN LATERAL (
         SELECT * FROM jobs
-        WHERE jobs.status = wanted.status AND jobs.id <= %(max_id)s
-        ORDER BY jobs.id DESC
+        WHERE jobs.status = wanted.status AND -jobs.id >= -%(max_id)s
+        -- -id, not id DESC: only jobs_status_newest yields this order, so the
+        -- planner cannot pick a primary-key scan that filters its way through
+        -- every finished job when few match.
+        ORDER BY -jobs.id
         LIMIT %(limit)s + 1
     ) j
     ORDER BY j.id DESC

@@ -16,10 +16,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     CONSTRAINT jobs_idempotency_key_unique UNIQUE (idempotency_key)
 );
 
--- Every listing is "newest first within a set of statuses": one backward range
--- scan of this index per status, merged, reads at most (limit + 1) rows per
--- status however skewed the table is.
-CREATE INDEX IF NOT EXISTS jobs_status_id ON jobs (status, id);
+-- Every listing is "newest first within a set of statuses": one range scan of
+-- this index per status, merged, reads at most (limit + 1) rows per status
+-- however skewed the table is. The key is -id rather than id so that no other
+-- index (the primary key) can produce the listing's order: the planner cannot
+-- mistake a filtered primary-key scan for a cheap one.
+CREATE INDEX IF NOT EXISTS jobs_status_newest ON jobs (status, (-id));
 
 -- One row per status change (and per creation), oldest first by id.
 CREATE TABLE IF NOT EXISTS job_events (
