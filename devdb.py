@@ -201,17 +201,21 @@ def serve(datadir: str, command: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1 :]
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("action", choices=["serve", "start", "stop", "url"])
     parser.add_argument("--datadir", default=".pgdata")
-    parser.add_argument("command", nargs="*")
     args = parser.parse_args(argv)
     if args.action == "serve":
-        if not args.command:
+        if not command:
             parser.error("serve needs a command after --")
-        return serve(args.datadir, args.command)
+        return serve(args.datadir, command)
     server = LocalPostgres(args.datadir)
     if args.action == "start":
         server.start()
