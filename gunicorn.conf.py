@@ -21,6 +21,9 @@ graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "30"))
 # The app writes one JSON line per request itself; gunicorn's own access log
 # would be a second, differently shaped line.
 accesslog = None
+# gunicorn's control socket lives at one fixed path under $HOME: two instances
+# on one host (replicas, tests) would fight over it, and nothing here uses it.
+control_socket_disable = True
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
 
