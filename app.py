@@ -17,6 +17,7 @@ import orjson
 import psycopg2
 import psycopg2.extras
 from flask import Blueprint, Flask, current_app, g, request
+from flask.cli import with_appcontext
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -844,6 +845,7 @@ def handle_unexpected_error(exc: Exception):
 
 
 @click.command("init-db")
+@with_appcontext
 def init_db_command():
     """Create missing tables and indexes. Idempotent; never drops anything."""
     with current_app.open_resource("schema.sql") as f:
