@@ -318,12 +318,14 @@ WHERE j.id = %(job_id)s
 GROUP BY j.id
 """
 
-# File registration, one statement: the job is share-locked so it cannot turn
+# File registration, one statement: the job is locked so it cannot turn
 # terminal until this transaction ends (and is only written to while active);
 # the table's summary row is locked so registrations to one table serialise.
+# FOR NO KEY UPDATE, not FOR SHARE: new share lockers pass a waiting FOR UPDATE,
+# so busy registrations could starve a stop or a transition past its timeout.
 INSERT_FILES = """
 WITH job AS (
-    SELECT id, status FROM jobs WHERE id = %(job_id)s FOR SHARE
+    SELECT id, status FROM jobs WHERE id = %(job_id)s FOR NO KEY UPDATE
 ), tbl AS (
     INSERT INTO job_tables (job_id, table_name)
     SELECT id, %(table)s FROM job WHERE status = ANY(%(active)s)
