@@ -277,7 +277,14 @@ WITH target AS (
 SELECT target.status, removed.id IS NOT NULL FROM target LEFT JOIN removed ON true
 """
 
-DELETE_JOBS_BY_STATUS = "DELETE FROM jobs WHERE status = ANY(%(statuses)s)"
+# Rows are locked in id order, as DELETE_JOBS_BY_ID does: a plain DELETE locks
+# them in scan order, and two deletes locking in opposite orders deadlock (500).
+# A row that turns active while we wait for its lock is rechecked and left alone.
+DELETE_JOBS_BY_STATUS = """
+DELETE FROM jobs WHERE id IN (
+    SELECT id FROM jobs WHERE status = ANY(%(statuses)s) ORDER BY id FOR UPDATE
+)
+"""
 
 # All or nothing: lock every listed job (in id order, so two bulk deletes
 # cannot deadlock), and delete only when none of them is active.
