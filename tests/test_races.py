@@ -488,6 +488,104 @@ def test_retry_races_deletes(make_call, audit):
     audit.check(setup)
 
 
+def wait_until_blocked(conn, count: int, timeout: float = 5.0) -> None:
+    """Wait until ``count`` backends of the service wait on a lock."""
+    deadline = time.monotonic() + timeout
+    with conn.cursor() as cur:
+        while time.monotonic() < deadline:
+            cur.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name = 'jobs-service' AND wait_event_type = 'Lock'"
+            )
+            if cur.fetchone()[0] >= count:
+                return
+            time.sleep(0.01)
+    raise AssertionError(f"{count} requests did not block in time")
+
+
+def test_bulk_deletes_by_status_and_by_ids_do_not_deadlock(make_call, database_url):
+    """Both kinds of bulk delete lock rows; in different orders they would deadlock.
+
+    A side transaction holds job A so that the by-ids delete (which locks A, then B)
+    waits first in A's queue, then the by-status delete, which visits B before A
+    (B's row is physically first), comes in. With the same lock order in both, the
+    two just queue; with opposite orders PostgreSQL kills one as a deadlock (500).
+    """
+    setup = make_call()
+    a, b = create_job(setup)["id"], create_job(setup)["id"]
+    drive(setup, b, "COMPLETED")
+    drive(setup, a, "COMPLETED")
+    side = psycopg2.connect(database_url)
+    try:
+        with side.cursor() as cur:
+            cur.execute("SELECT id FROM jobs WHERE id IN (%s, %s) ORDER BY ctid", (a, b))
+            assert [r[0] for r in cur.fetchall()] == [b, a], "B must come first in a scan"
+            cur.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (a,))  # holds A
+        watcher = psycopg2.connect(database_url)
+        watcher.autocommit = True
+        results: dict[str, tuple] = {}
+
+        def run(name, method, path, body=None):
+            results[name] = make_call()(method, path, body)
+
+        by_ids = threading.Thread(target=run, args=("ids", "DELETE", "/jobs", {"job_ids": [a, b]}))
+        by_status = threading.Thread(
+            target=run, args=("status", "DELETE", "/jobs?status=completed")
+        )
+        by_ids.start()
+        wait_until_blocked(watcher, 1)
+        by_status.start()
+        wait_until_blocked(watcher, 2)
+        side.rollback()  # releases A
+        by_ids.join(10)
+        by_status.join(10)
+        watcher.close()
+    finally:
+        side.close()
+    assert results["ids"][0] == 204, results
+    assert results["status"][0] == 204, results
+    assert all_jobs(setup) == {}
+
+
+@pytest.mark.parametrize("kind", ["status", "ids", "single"])
+def test_a_job_retried_while_a_delete_waits_for_it_survives(make_call, database_url, kind):
+    """The delete is blocked on the FAILED job's lock while it turns SCHEDULED."""
+    setup = make_call()
+    a, b = create_job(setup)["id"], create_job(setup)["id"]
+    drive(setup, a, "FAILED")
+    drive(setup, b, "FAILED")
+    side = psycopg2.connect(database_url)
+    watcher = psycopg2.connect(database_url)
+    watcher.autocommit = True
+    answer: list[tuple] = []
+    request = {
+        "status": ("DELETE", "/jobs?status=terminal", None),
+        "ids": ("DELETE", "/jobs", {"job_ids": [a, b]}),
+        "single": ("DELETE", f"/jobs/{a}", None),
+    }[kind]
+    try:
+        with side.cursor() as cur:
+            # What a retry does, held open: FAILED -> SCHEDULED, not yet committed.
+            cur.execute("UPDATE jobs SET status = 'SCHEDULED' WHERE id = %s", (a,))
+        deleter = threading.Thread(target=lambda: answer.append(make_call()(*request)))
+        deleter.start()
+        wait_until_blocked(watcher, 1)
+        side.commit()
+        deleter.join(10)
+    finally:
+        side.close()
+        watcher.close()
+    code, body = answer[0]
+    remaining = all_jobs(setup)
+    assert remaining.get(a) == "SCHEDULED", (code, body, remaining)
+    if kind == "status":
+        assert code == 204 and b not in remaining
+    else:
+        assert (code, body["error_code"]) == (409, "JOB_CONFLICT"), body
+        assert "SCHEDULED" in body["error_message"]
+        assert remaining.get(b) == "FAILED"  # all or nothing
+
+
 # ---- (b) two workers, two outcomes -----------------------------------------------------
 
 
