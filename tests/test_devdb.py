@@ -1,33 +1,126 @@
 """The local PostgreSQL used by `make run`, the tests and the benchmarks."""
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import psycopg2
 import pytest
 
+from devdb import LocalPostgres
 
-def test_stop_and_start_keeps_port_and_data(pg_factory):
-    server = pg_factory()
-    conn = psycopg2.connect(server.url)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def query(url, sql):
+    conn = psycopg2.connect(url, connect_timeout=5)
     conn.autocommit = True
-    conn.cursor().execute("CREATE TABLE kept (x int); INSERT INTO kept VALUES (7)")
-    conn.close()
-    port = server.port
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            return cur.fetchone() if cur.description else None
+    finally:
+        conn.close()
+
+
+def test_an_outage_and_recovery_keep_port_and_data(pg_factory):
+    server = pg_factory()
+    assert server.running
+    assert query(server.url, "SELECT 1") == (1,)
+    query(server.url, "CREATE TABLE kept (x int); INSERT INTO kept VALUES (7)")
+    url = server.url
 
     server.stop()
     assert not server.running
-    with pytest.raises(psycopg2.OperationalError):
-        psycopg2.connect(server.url, connect_timeout=2)
+    with pytest.raises(psycopg2.OperationalError, match="refused"):
+        psycopg2.connect(url, connect_timeout=2)
 
     server.start()
-    assert server.port == port
-    conn = psycopg2.connect(server.url)
-    with conn.cursor() as cur:
-        cur.execute("SELECT x FROM kept")
-        assert cur.fetchone() == (7,)
-    conn.close()
+    assert server.url == url
+    assert query(url, "SELECT x FROM kept") == (7,)
 
 
-def test_stop_twice_is_harmless(pg_factory):
+def test_stop_twice_and_start_twice_are_harmless(pg_factory):
     server = pg_factory()
+    server.start()
     server.stop()
     server.stop()
     assert not server.running
+
+
+def test_throwaway_settings(pg_factory):
+    url = pg_factory().url
+    assert query(url, "SHOW fsync") == ("off",)
+    assert query(url, "SHOW synchronous_commit") == ("off",)
+    assert query(url, "SHOW max_connections") == ("200",)
+    assert query(url, "SHOW listen_addresses") == ("127.0.0.1",)
+
+
+def test_a_persistent_datadir_comes_back_on_its_port_and_alter_system_wins():
+    datadir = tempfile.mkdtemp(prefix="jobs-test-pg-")
+    first = LocalPostgres(datadir)  # durable, as for `make run`
+    try:
+        with first:
+            assert query(first.url, "SHOW fsync") == ("on",)
+            query(first.url, "ALTER SYSTEM SET max_connections = 150")
+        # A new instance (a later `make run`) reads the remembered port.
+        again = LocalPostgres(datadir)
+        assert again.url == first.url
+        with again:
+            assert query(again.url, "SHOW max_connections") == ("150",)
+            # Another one finds the running server and leaves it be.
+            assert LocalPostgres(datadir).start().url == first.url
+    finally:
+        first.destroy()
+
+
+def test_a_failed_start_reports_the_server_log():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = LocalPostgres(tempfile.mkdtemp(prefix="jobs-test-pg-"), port=port)
+        try:
+            with pytest.raises(RuntimeError, match="Address already in use"):
+                server.start()
+            assert not server.running
+        finally:
+            server.destroy()
+
+
+def test_serve_stops_the_command_then_the_database():
+    """`make run` and Ctrl-C: the signal goes to the command, then PostgreSQL is stopped."""
+    datadir = tempfile.mkdtemp(prefix="jobs-test-pg-")
+    command = (
+        "import os, signal, sys, time;"
+        "signal.signal(signal.SIGINT, lambda *_: sys.exit(3));"
+        "print('ready', os.environ['DATABASE_URL'], flush=True);"
+        "time.sleep(60)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    serve = subprocess.Popen(
+        [sys.executable, "devdb.py", "serve", "--datadir", datadir, "--", sys.executable, "-c",
+         command],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = ""
+        for line in serve.stdout:
+            if line.startswith("ready"):
+                break
+        url = line.split()[1]
+        assert query(url, "SELECT count(*) FROM jobs") == (0,)  # init-db ran
+
+        serve.send_signal(signal.SIGINT)
+        out, err = serve.communicate(timeout=60)
+        assert serve.returncode == 3, err
+        assert "Traceback" not in err
+        assert "PostgreSQL stopped" in out
+        assert not LocalPostgres(datadir).running
+    finally:
+        serve.kill()
+        LocalPostgres(datadir).destroy()
