@@ -1,21 +1,19 @@
-# Two commands matter: `make run` serves the API on :8080 and `make test` runs the suite.
-# Both create .venv and install what they need first.
+# `make run` serves the API on :8080, `make test` runs the suite, `make lint` runs ruff.
+# Each creates .venv and installs requirements-dev.txt first (again only when it changes).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint bench clean
+.PHONY: venv run test lint clean
 
-venv: $(STAMP)
+venv: $(VENV)/.installed
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
-# Unless DATABASE_URL is set, an embedded PostgreSQL keeps its data in .pgdata/.
+# PostgreSQL: DATABASE_URL if set, else an embedded server with its data in .pgdata/.
 run: venv
 	$(BIN)/python devdb.py serve --datadir .pgdata -- $(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
@@ -24,7 +22,7 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
 
+# Keeps .pgdata/ (the database of `make run`): remove it by hand to start afresh.
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
