@@ -93,6 +93,6 @@ def test_no_instance_logged_an_error(instances):
     for server in instances:
         assert server.process.poll() is None, server.log()
         lines = server.log_path.read_text(errors="replace").splitlines()
-        assert sum('"msg":"request"' in line for line in lines) > 100
+        assert any('"msg":"request"' in line for line in lines)
         errors = [line for line in lines if '"level":"error"' in line or "Traceback" in line]
         assert not errors, errors[:5]
