@@ -1,0 +1,325 @@
+"""Database outages (CONTRACT.md §5): every route answers its JSON *_ERROR in
+seconds while PostgreSQL is down, /readyz says 503 and /healthz 200; when it
+comes back the service recovers by itself, with the same gunicorn workers.
+And a query blocked by a lock fails at STATEMENT_TIMEOUT_MS instead of hanging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from pathlib import Path
+
+import psycopg2
+import pytest
+from serve import Server
+from test_ops import Blackhole
+
+from app import create_app
+
+SLOW = 3.0  # seconds: "within a few seconds"
+_names = itertools.count()
+
+
+def route_plan(a: int, b: int):
+    """(method, path, body, status when up, error code when the database fails)."""
+    n = next(_names)
+    a_file = {"file_name": f"o{n}", "start_block": n, "end_block": n, "size_bytes": 1}
+    return [
+        ("GET", "/jobs?status=all", None, 200, "LIST_JOBS_ERROR"),
+        ("POST", "/jobs", {"node_id": "outage-w"}, 201, "CREATE_JOB_ERROR"),
+        ("GET", f"/jobs/{a}", None, 200, "GET_JOB_ERROR"),
+        ("GET", f"/jobs/{a}/progress", None, 200, "GET_JOB_ERROR"),
+        ("GET", f"/jobs/{a}/events", None, 200, "GET_JOB_EVENTS_ERROR"),
+        ("PUT", f"/jobs/{a}/stop", None, 200, "STOP_JOB_ERROR"),
+        ("POST", f"/jobs/{a}/stop", None, 200, "STOP_JOB_ERROR"),
+        ("PUT", f"/jobs/{b}/status", {"status": "RUNNING"}, 200, "UPDATE_JOB_STATUS_ERROR"),
+        ("POST", f"/jobs/{a}/tables/blocks/files", a_file, 201, "REGISTER_FILES_ERROR"),
+        ("DELETE", "/jobs/987654321", None, 204, "DELETE_JOB_ERROR"),
+        ("DELETE", "/jobs?status=terminal", None, 204, "DELETE_JOBS_BY_STATUS_ERROR"),
+        ("DELETE", "/jobs", {"job_ids": [987654321]}, 204, "DELETE_JOBS_ERROR"),
+    ]
+
+
+OPEN_UP = [("/healthz", 200), ("/readyz", 200), ("/metrics", 200), ("/openapi.json", 200)]
+OPEN_DOWN = [("/healthz", 200), ("/readyz", 503), ("/metrics", 200), ("/openapi.json", 200)]
+
+
+def flask_caller(app):
+    client = app.test_client()
+
+    def call(method, path, body=None):
+        response = client.open(path, method=method, json=body)
+        if response.mimetype == "application/json" and response.data:
+            return response.status_code, response.get_json()
+        return response.status_code, None
+
+    return call
+
+
+def timed(call, method, path, body=None):
+    started = time.monotonic()
+    status, parsed = call(method, path, body)
+    return status, parsed, time.monotonic() - started
+
+
+def seed(call) -> tuple[int, int]:
+    ids = []
+    for node in ("outage-a", "outage-b"):
+        status, job = call("POST", "/jobs", {"node_id": node})
+        assert status == 201, job
+        ids.append(job["id"])
+    return ids[0], ids[1]
+
+
+def check_up(call, a, b, rounds=1):
+    for _ in range(rounds):
+        for method, path, body, up, _ in route_plan(a, b):
+            status, parsed, elapsed = timed(call, method, path, body)
+            assert status == up, (method, path, status, parsed)
+            assert elapsed < SLOW, (method, path, elapsed)
+        for path, up in OPEN_UP:
+            status, parsed = call("GET", path)
+            assert status == up, (path, parsed)
+    assert call("GET", f"/jobs/{a}")[1]["status"] == "STOP_REQUESTED"
+    assert call("GET", f"/jobs/{b}")[1]["status"] == "RUNNING"
+
+
+def check_down(call, a, b, rounds=1):
+    for _ in range(rounds):
+        for method, path, body, _, code in route_plan(a, b):
+            status, parsed, elapsed = timed(call, method, path, body)
+            assert status == 500, (method, path, status, parsed)
+            assert parsed == {
+                "error_code": code,
+                "error_message": "database error; the request was not completed",
+            }, (method, path)
+            assert elapsed < SLOW, (method, path, elapsed)
+        for path, expected in OPEN_DOWN:
+            status, parsed, elapsed = timed(call, "GET", path)
+            assert status == expected, (path, parsed)
+            assert elapsed < SLOW, (path, elapsed)
+        status, parsed = call("GET", "/readyz")
+        assert parsed["status"] == "unavailable"
+        assert call("GET", "/healthz")[1] == {"status": "ok"}
+        # Invalid input is still refused as such.
+        assert call("GET", "/jobs/abc") == (
+            400,
+            {
+                "error_code": "INVALID_JOB_ID",
+                "error_message": "job id must be an integer in 1..9223372036854775807",
+            },
+        )
+
+
+def init_db(url: str) -> None:
+    app = create_app({"TESTING": True, "DATABASE_URL": url})
+    result = app.test_cli_runner().invoke(args=["init-db"])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def pg(pg_factory):
+    server = pg_factory()
+    init_db(server.url)
+    return server
+
+
+@pytest.fixture
+def restart_pg(pg):
+    """Whatever the test does to ``pg``, it is running again afterwards."""
+    yield pg
+    pg.start()
+
+
+def worker_pids(master_pid: int) -> set[int]:
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = (entry / "stat").read_text()
+            # pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+            if int(stat.rsplit(")", 1)[1].split()[1]) == master_pid:
+                pids.add(int(entry.name))
+    return pids
+
+
+def wait_for_workers(master_pid: int, count: int, timeout: float = 15) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = worker_pids(master_pid)
+        if len(pids) == count:
+            return pids
+        time.sleep(0.05)
+    raise AssertionError(f"expected {count} workers, found {worker_pids(master_pid)}")
+
+
+@pytest.fixture(scope="module")
+def server(pg):
+    server = Server(pg.url, workers=2, env={"STATEMENT_TIMEOUT_MS": "250"}).start()
+    try:
+        wait_for_workers(server.process.pid, 2)
+        yield server
+    finally:
+        server.stop()
+        server.cleanup()
+
+
+def assert_clean_log(server) -> None:
+    log = server.log_path.read_text(errors="replace")
+    for bad in ("WORKER TIMEOUT", "Traceback", "Worker exiting", "was sent SIGKILL", "Booting"):
+        if bad == "Booting":
+            # Exactly the two workers of the start, none booted as a replacement.
+            assert log.count("Booting worker") == 2, log
+        else:
+            assert bad not in log, log
+    # The detail of each failure is in the log (and only there).
+    assert '"msg":"database error"' in log
+
+
+def test_outage_and_recovery_under_gunicorn(restart_pg, server):
+    pg = restart_pg
+    call = server.caller(timeout=15)
+    master = server.process.pid
+    workers = wait_for_workers(master, 2)
+    a, b = seed(call)
+    # Several rounds, so both workers hold pooled connections.
+    check_up(call, a, b, rounds=3)
+
+    pg.stop()
+    check_down(call, a, b, rounds=3)
+
+    pg.start()
+    # Recovers by itself: the very first requests succeed, in every worker.
+    check_up(call, a, b, rounds=3)
+    assert worker_pids(master) == workers, "a worker died or was replaced"
+    assert server.process.poll() is None
+    assert_clean_log(server)
+
+    # And once more: a second outage is survived the same way.
+    pg.stop()
+    check_down(call, a, b)
+    pg.start()
+    check_up(call, a, b)
+    assert worker_pids(master) == workers
+
+
+def test_outage_and_recovery_in_process(restart_pg):
+    pg = restart_pg
+    app = create_app({"TESTING": True, "DATABASE_URL": pg.url, "DB_POOL_SIZE": 4})
+    call = flask_caller(app)
+    a, b = seed(call)
+    check_up(call, a, b, rounds=2)
+    pool = app.extensions["jobs_db_pool"]
+    assert pool._idle, "the pool keeps connections between requests"
+    pg.stop()
+    check_down(call, a, b, rounds=2)
+    pg.start()
+    check_up(call, a, b, rounds=2)
+    pool.drop_idle()
+
+
+def test_a_blackholed_database_never_hangs_a_route():
+    """A database that accepts and never answers: each route fails at the connect timeout."""
+    hole = Blackhole()
+    try:
+        app = create_app({"TESTING": True, "DATABASE_URL": hole.url(), "DB_CONNECT_TIMEOUT_S": 2})
+        call = flask_caller(app)
+        for method, path, body, _, code in route_plan(1, 2)[:1]:
+            status, parsed, elapsed = timed(call, method, path, body)
+            assert (status, parsed["error_code"]) == (500, code)
+            assert elapsed < 5, (method, path, elapsed)
+        assert hole.accepted >= 1
+    finally:
+        hole.close()
+
+
+# ---- statement_timeout ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def table_locked(url: str, table: str = "jobs"):
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        yield conn
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+def check_blocked(call, a, b, timeout_s: float, only=None):
+    for method, path, body, _, code in route_plan(a, b)[:only]:
+        status, parsed, elapsed = timed(call, method, path, body)
+        assert (status, parsed) == (
+            500,
+            {"error_code": code, "error_message": "database error; the request was not completed"},
+        ), (method, path)
+        assert timeout_s * 0.8 <= elapsed < timeout_s + 1.5, (method, path, elapsed)
+    # Readiness does not touch the jobs table: the database itself is fine.
+    assert call("GET", "/readyz")[0] == 200
+
+
+def test_statement_timeout_under_gunicorn(server, pg):
+    call = server.caller(timeout=15)
+    master = server.process.pid
+    workers = wait_for_workers(master, 2)
+    a, b = seed(call)
+    check_up(call, a, b)
+    with table_locked(pg.url):
+        check_blocked(call, a, b, timeout_s=0.25, only=5)
+    check_up(call, a, b, rounds=2)
+    assert worker_pids(master) == workers
+
+
+def test_statement_timeout_in_process(app):
+    url = app.config["DATABASE_URL"]
+    timed_app = create_app({"TESTING": True, "DATABASE_URL": url, "STATEMENT_TIMEOUT_MS": 150})
+    call = flask_caller(timed_app)
+    a, b = seed(call)
+    check_up(call, a, b)
+    for table in ("jobs", "job_files"):
+        with table_locked(url, table) as holder:
+            if table == "jobs":
+                check_blocked(call, a, b, timeout_s=0.15)
+            else:
+                # Only the file registration writes job_files.
+                method, path, body, _, code = route_plan(a, b)[8]
+                status, parsed, elapsed = timed(call, method, path, body)
+                assert (status, parsed["error_code"]) == (500, code)
+                assert elapsed < 1.8
+                assert call("GET", f"/jobs/{a}")[0] == 200
+            # The holder still holds its lock: nothing we did released it.
+            assert holder.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_INTRANS
+        check_up(call, a, b)
+    timed_app.extensions["jobs_db_pool"].drop_idle()
+
+
+def test_no_connection_leaks_after_failures(restart_pg):
+    """Failed requests hand their connections back: a pool of 2 never runs dry."""
+    pg = restart_pg
+    app = create_app(
+        {
+            "TESTING": True,
+            "DATABASE_URL": pg.url,
+            "DB_POOL_SIZE": 2,
+            "DB_POOL_TIMEOUT_S": 1,
+            "STATEMENT_TIMEOUT_MS": 100,
+        }
+    )
+    call = flask_caller(app)
+    a, _ = seed(call)
+    with table_locked(pg.url):
+        for _ in range(4):
+            assert call("GET", f"/jobs/{a}")[1]["error_code"] == "GET_JOB_ERROR"
+    pg.stop()
+    for _ in range(4):
+        assert call("GET", f"/jobs/{a}")[1]["error_code"] == "GET_JOB_ERROR"
+    pg.start()
+    for _ in range(4):
+        status, parsed, elapsed = timed(call, "GET", f"/jobs/{a}")
+        assert status == 200 and elapsed < 0.5, (status, parsed, elapsed)
+    app.extensions["jobs_db_pool"].drop_idle()
