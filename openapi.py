@@ -118,7 +118,11 @@ def _build(registry: EndpointRegistry) -> dict:
     for route in registry.routes:
         path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", route.rule)
         for method in route.methods:
-            paths.setdefault(path, {})[method.lower()] = _operation(route)
+            operation = _operation(route)
+            if method != route.methods[0]:
+                # operationIds are unique in a document: an alias method gets its own.
+                operation["operationId"] = f"{route.view}_{method.lower()}"
+            paths.setdefault(path, {})[method.lower()] = operation
     for path, operations in paths.items():
         spec.path(path=path, operations=operations)
     return spec.to_dict()
@@ -172,6 +176,8 @@ def _body_schema(schema):
 
 def _response(code: int, schema) -> dict:
     response = {"description": HTTP_REASONS.get(code, str(code))}
-    if schema is not None:
+    if isinstance(schema, dict):  # a content map already: {"text/plain": {"schema": ...}}
+        response["content"] = schema
+    elif schema is not None:
         response["content"] = {"application/json": {"schema": schema}}
     return response
