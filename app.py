@@ -739,13 +739,25 @@ def readyz():
     return json_response(b'{"status":"ok"}')
 
 
-@endpoint("/metrics", "GET", access="open", summary="Prometheus metrics", responses={200: None})
+@endpoint(
+    "/metrics",
+    "GET",
+    access="open",
+    summary="Prometheus metrics",
+    responses={200: {"text/plain": {"schema": {"type": "string"}}}},
+)
 def metrics():
     body, content_type = observability.render_metrics()
     return current_app.response_class(body, 200, content_type=content_type)
 
 
-@endpoint("/openapi.json", "GET", access="open", summary="This document", responses={200: None})
+@endpoint(
+    "/openapi.json",
+    "GET",
+    access="open",
+    summary="This document",
+    responses={200: {"application/json": {"schema": {"type": "object"}}}},
+)
 def openapi_document():
     return json_response(openapi.document(endpoint))
 
@@ -879,7 +891,8 @@ def _env_int(name: str, default: int) -> int:
 
 
 def create_app(test_config=None):
-    app = Flask(__name__)
+    # No static folder: an API serves no files (and every route is in /openapi.json).
+    app = Flask(__name__, static_folder=None)
     app.config.from_mapping(
         DATABASE_URL=os.environ.get("DATABASE_URL", "postgresql:///jobs"),
         ADMIN_TOKEN=os.environ.get("ADMIN_TOKEN") or None,
