@@ -1,0 +1,372 @@
+"""GET /openapi.json (CONTRACT.md §5): a valid OpenAPI 3 document that covers
+every route and method the Flask app registers, gives a schema to every
+response that has a body, and tells the truth: many real responses (successes
+and errors, on every route, with and without auth, with the database down)
+are checked against it — their status code documented, their body valid
+against the documented schema (OpenAPI 3.0 ``nullable`` turned into JSON
+Schema), and every documented status code seen at least once.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+
+import jsonschema
+import pytest
+from openapi_spec_validator import validate as validate_spec
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from app import create_app
+
+ADMIN = "openapi-admin-token"
+WORKER = "openapi-worker-token"
+
+# Schema keywords of OpenAPI 3.0 that JSON Schema does not know (or that only annotate).
+OAS_ONLY = {"nullable", "example", "discriminator", "xml", "externalDocs", "deprecated"}
+
+
+def to_json_schema(node, components: dict):
+    """An OpenAPI 3.0 schema object as a self-contained JSON Schema (draft 4)."""
+    if isinstance(node, list):
+        return [to_json_schema(item, components) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        name = node["$ref"].removeprefix("#/components/schemas/")
+        return to_json_schema(components[name], components)
+    out = {}
+    for key, value in node.items():
+        if key in OAS_ONLY:
+            continue
+        if key == "properties":
+            out[key] = {name: to_json_schema(sub, components) for name, sub in value.items()}
+        else:
+            out[key] = to_json_schema(value, components)
+    if node.get("nullable"):
+        if "type" in out:
+            out["type"] = [out["type"], "null"]
+            if "enum" in out:
+                out["enum"] = [*out["enum"], None]
+        else:
+            out = {"anyOf": [out, {"type": "null"}]}
+    return out
+
+
+def test_nullable_conversion():
+    components = {"T": {"type": "integer", "nullable": True}}
+    schema = to_json_schema(
+        {
+            "type": "object",
+            "properties": {
+                "a": {"$ref": "#/components/schemas/T"},
+                "nullable": {"type": "string"},  # a property may be called that
+                "e": {"type": "string", "enum": ["x"], "nullable": True},
+            },
+            "required": ["a", "nullable"],
+            "additionalProperties": False,
+        },
+        components,
+    )
+    validator = jsonschema.Draft4Validator(schema)
+    assert validator.is_valid({"a": None, "nullable": "s", "e": None})
+    assert validator.is_valid({"a": 3, "nullable": "s", "e": "x"})
+    assert not validator.is_valid({"a": "3", "nullable": "s"})
+    assert not validator.is_valid({"a": 1, "nullable": None})
+    assert not validator.is_valid({"a": 1, "nullable": "s", "e": "y"})
+    assert not validator.is_valid({"a": 1})
+
+
+def closed_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"postgresql://postgres@127.0.0.1:{sock.getsockname()[1]}/jobs"
+
+
+@pytest.fixture(scope="module")
+def doc():
+    app = create_app({"TESTING": True, "DATABASE_URL": closed_url()})
+    response = app.test_client().get("/openapi.json")
+    assert response.status_code == 200
+    assert response.mimetype == "application/json"
+    return response.get_json()
+
+
+def operations(doc):
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            if method in ("get", "put", "post", "delete", "patch", "head", "options", "trace"):
+                yield path, method, op
+
+
+def test_document_is_valid_openapi_3(doc):
+    assert doc["openapi"].startswith("3.0.")
+    validate_spec(doc)  # raises on any violation, e.g. a duplicate operationId
+    ids = [op["operationId"] for _, _, op in operations(doc)]
+    assert len(ids) == len(set(ids))
+
+
+def test_covers_every_route_and_method_of_the_app(doc):
+    app = create_app({"TESTING": True, "DATABASE_URL": closed_url()})
+    registered = set()
+    for rule in app.url_map.iter_rules():
+        path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            registered.add((path, method.lower()))
+    documented = {(path, method) for path, method, _ in operations(doc)}
+    assert registered == documented
+    # Every path parameter is declared.
+    for path, _, op in operations(doc):
+        declared = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
+        assert declared == set(re.findall(r"{(\w+)}", path)), path
+
+
+def test_every_response_with_a_body_has_a_schema(doc):
+    for path, method, op in operations(doc):
+        assert op["responses"], (path, method)
+        for code, response in op["responses"].items():
+            where = (path, method, code)
+            if code == "204":
+                assert "content" not in response, where
+                continue
+            assert response.get("content"), f"{where}: a body without a documented schema"
+            for media, content in response["content"].items():
+                assert "schema" in content, (*where, media)
+            if code.startswith(("4", "5")) and code != "503":
+                assert response["content"]["application/json"]["schema"] == {
+                    "$ref": "#/components/schemas/Error"
+                }, where
+
+
+def test_the_document_declares_the_operational_answers(doc):
+    for path, method, op in operations(doc):
+        codes = set(op["responses"])
+        if path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+            assert "security" not in op, path
+            assert "401" not in codes, path
+            continue
+        assert op["security"] == [{"bearer": []}], (path, method)
+        assert {"401", "500"} <= codes, (path, method)
+        if "requestBody" in op:
+            assert {"400", "413"} <= codes, (path, method)
+        if "{job_id}" in path:
+            assert "400" in codes, (path, method)
+    assert set(doc["paths"]["/readyz"]["get"]["responses"]) == {"200", "503"}
+    assert doc["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
+
+
+# ---- Real responses against the document -------------------------------------------
+
+
+class Conformance:
+    """Sends requests, checks each response against the document, and remembers
+    which documented (path, method, status) were seen."""
+
+    def __init__(self, doc, url_map):
+        self.doc = doc
+        self.components = doc["components"]["schemas"]
+        self.adapter = url_map.bind("localhost")
+        self.seen: set[tuple[str, str, str]] = set()
+        self.error_schema = to_json_schema({"$ref": "#/components/schemas/Error"}, self.components)
+
+    def __call__(self, client, method, path, expect, **kwargs):
+        response = client.open(path, method=method, **kwargs)
+        where = f"{method} {path}"
+        assert response.status_code == expect, (where, response.get_data(as_text=True)[:300])
+        assert response.headers.get("X-Request-ID"), where
+        try:
+            rule, _ = self.adapter.match(path.split("?")[0], method=method, return_rule=True)
+        except (NotFound, MethodNotAllowed):
+            # No operation: the body must still be the documented error shape.
+            jsonschema.validate(response.get_json(), self.error_schema)
+            return response
+        template = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
+        doc_method = "get" if method == "HEAD" else method.lower()
+        op = self.doc["paths"][template][doc_method]
+        code = str(response.status_code)
+        assert code in op["responses"], f"{where}: {code} is not documented"
+        self.seen.add((template, doc_method, code))
+        documented = op["responses"][code]
+        if method == "HEAD":
+            assert response.get_data() == b""
+            return response
+        if "content" not in documented:
+            assert response.get_data() == b"", f"{where}: undocumented body"
+            return response
+        media = response.mimetype
+        assert media in documented["content"], f"{where}: {media} is not documented"
+        schema = to_json_schema(documented["content"][media]["schema"], self.components)
+        body = response.get_json() if media == "application/json" else response.get_data(True)
+        errors = list(jsonschema.Draft4Validator(schema).iter_errors(body))
+        assert not errors, f"{where} ({code}): {[e.message for e in errors]}"
+        return response
+
+    def documented(self) -> set[tuple[str, str, str]]:
+        return {
+            (path, method, code)
+            for path, method, op in operations(self.doc)
+            for code in op["responses"]
+        }
+
+
+def f(name, start, end, size=1, **hashes):
+    return {"file_name": name, "start_block": start, "end_block": end, "size_bytes": size, **hashes}
+
+
+BIG = b'{"node_id": "' + b"x" * (1024 * 1024) + b'"}'
+
+
+def exercise_happy_and_client_errors(check, client):
+    c = client
+    # POST /jobs
+    a = check(c, "POST", "/jobs", 201, json={"node_id": "w-1", "descriptor": {"t": "blocks"}})
+    a = a.get_json()["id"]
+    check(c, "POST", "/jobs", 201, json={"node_id": "w-2", "idempotency_key": "k-1"})
+    again = check(c, "POST", "/jobs", 200, json={"node_id": "w-2", "idempotency_key": "k-1"})
+    b = again.get_json()["id"]
+    check(c, "POST", "/jobs", 400, json={"node_id": ""})
+    check(c, "POST", "/jobs", 400, data=b"[1, 2")
+    check(c, "POST", "/jobs", 413, data=BIG)
+    ids = [
+        check(c, "POST", "/jobs", 201, json={"node_id": f"n{i}"}).get_json()["id"] for i in range(5)
+    ]
+    # GET /jobs
+    check(c, "GET", "/jobs", 200)
+    paged = check(c, "GET", "/jobs?limit=2&status=all", 200).get_json()
+    assert paged["next_cursor"] is not None
+    check(c, "GET", f"/jobs?limit=2&last_job_id={paged['next_cursor']}", 200)
+    last = check(c, "GET", "/jobs?limit=1000&status=terminal,Error", 200).get_json()
+    assert last["next_cursor"] is None
+    check(c, "HEAD", "/jobs", 200)
+    for query in ("limit=0", "limit=1001", "limit=x", "last_job_id=-1", "status=nope"):
+        check(c, "GET", f"/jobs?{query}", 400)
+    # GET /jobs/{id}, progress, events
+    for suffix in ("", "/progress", "/events"):
+        check(c, "GET", f"/jobs/{a}{suffix}", 200)
+        check(c, "GET", f"/jobs/987654321{suffix}", 404)
+        check(c, "GET", f"/jobs/abc{suffix}", 400)
+        check(c, "HEAD", f"/jobs/{a}{suffix}", 200)
+    # PUT /jobs/{id}/status
+    check(c, "PUT", f"/jobs/{a}/status", 200, json={"status": "RUNNING", "detail": {"host": "h"}})
+    check(c, "PUT", f"/jobs/{a}/status", 200, json={"status": "RUNNING"})
+    check(c, "PUT", f"/jobs/{a}/status", 409, json={"status": "STOPPED"})
+    check(c, "PUT", f"/jobs/{a}/status", 400, json={"status": "STOP_REQUESTED"})
+    check(c, "PUT", f"/jobs/{a}/status", 400, json={"status": "RUNNING", "node_id": "n"})
+    check(c, "PUT", "/jobs/987654321/status", 404, json={"status": "RUNNING"})
+    check(c, "PUT", "/jobs/0/status", 400, json={"status": "RUNNING"})
+    check(c, "PUT", f"/jobs/{a}/status", 413, data=BIG)
+    # POST /jobs/{id}/tables/{table}/files
+    h = "0x" + "ab" * 32
+    url = f"/jobs/{a}/tables/blocks/files"
+    check(c, "POST", url, 201, json=f("f0", 0, 9, block_hash=h))
+    check(c, "POST", url, 201, json=[f("f1", 10, 19, prev_hash=h), f("f2", 20, 29)])
+    check(c, "POST", url, 200, json=f("f0", 0, 9, block_hash=h))
+    check(c, "POST", url, 409, json=f("f0", 0, 9, size=2))
+    check(c, "POST", url, 400, json=f("f3", 9, 0))
+    check(c, "POST", url, 400, json=[])
+    check(c, "POST", f"/jobs/{a}/tables/9bad/files", 400, json=f("f4", 0, 1))
+    check(c, "POST", "/jobs/987654321/tables/blocks/files", 404, json=f("f4", 0, 1))
+    check(c, "POST", url, 413, data=BIG)
+    check(c, "GET", f"/jobs/{a}/progress", 200)
+    # PUT/POST /jobs/{id}/stop
+    check(c, "PUT", f"/jobs/{a}/stop", 200)
+    check(c, "POST", f"/jobs/{a}/stop", 200)
+    for method in ("PUT", "POST"):
+        check(c, method, "/jobs/987654321/stop", 404)
+        check(c, method, "/jobs/1.5/stop", 400)
+    check(c, "PUT", f"/jobs/{a}/status", 200, json={"status": "STOPPING"})
+    check(c, "PUT", f"/jobs/{a}/status", 200, json={"status": "STOPPED"})
+    check(c, "POST", url, 409, json=f("f9", 30, 39))
+    check(c, "GET", f"/jobs/{a}/events", 200)
+    # Retry: FAILED -> SCHEDULED on another node.
+    check(c, "PUT", f"/jobs/{b}/status", 200, json={"status": "FAILED", "detail": {"e": 1}})
+    check(c, "PUT", f"/jobs/{b}/status", 200, json={"status": "SCHEDULED", "node_id": "w-9"})
+    # DELETE /jobs/{id}
+    check(c, "DELETE", f"/jobs/{b}", 409)
+    check(c, "DELETE", f"/jobs/{a}", 204)
+    check(c, "DELETE", f"/jobs/{a}", 204)
+    check(c, "DELETE", "/jobs/-5", 400)
+    # DELETE /jobs
+    check(c, "PUT", f"/jobs/{ids[0]}/status", 200, json={"status": "FAILED"})
+    check(c, "DELETE", "/jobs?status=failed", 204)
+    check(c, "DELETE", "/jobs?status=running", 400)
+    check(c, "DELETE", "/jobs", 400)
+    check(c, "DELETE", "/jobs", 409, json={"job_ids": [ids[1], ids[2]]})
+    check(c, "PUT", f"/jobs/{ids[3]}/status", 200, json={"status": "FAILED"})
+    check(c, "DELETE", "/jobs", 204, json={"job_ids": [ids[3], 987654321]})
+    check(c, "DELETE", "/jobs", 400, json={"job_ids": ["x"]})
+    check(c, "DELETE", "/jobs", 413, data=BIG)
+    # Operations
+    for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+        check(c, "GET", path, 200)
+        check(c, "HEAD", path, 200)
+    # No operation at all: still the error shape.
+    check(c, "GET", "/no/such/route", 404)
+    check(c, "PATCH", "/jobs", 405)
+    check(c, "GET", "/jobs/1/nope", 404)
+
+
+def exercise_auth(check, client, job_id):
+    worker = {"Authorization": f"Bearer {WORKER}"}
+    for method, path, kwargs in [
+        ("GET", "/jobs", {}),
+        ("POST", "/jobs", {"json": {"node_id": "x"}}),
+        ("DELETE", "/jobs?status=terminal", {}),
+        ("GET", f"/jobs/{job_id}", {}),
+        ("DELETE", f"/jobs/{job_id}", {}),
+        ("GET", f"/jobs/{job_id}/progress", {}),
+        ("GET", f"/jobs/{job_id}/events", {}),
+        ("PUT", f"/jobs/{job_id}/stop", {}),
+        ("POST", f"/jobs/{job_id}/stop", {}),
+        ("PUT", f"/jobs/{job_id}/status", {"json": {"status": "RUNNING"}}),
+        ("POST", f"/jobs/{job_id}/tables/t/files", {"json": f("a", 0, 1)}),
+    ]:
+        check(client, method, path, 401, **kwargs)
+        check(client, method, path, 401, headers={"Authorization": "Bearer nope"}, **kwargs)
+        response = client.open(path, method=method, headers=worker, **kwargs)
+        if response.status_code == 403:
+            check(client, method, path, 403, headers=worker, **kwargs)
+
+
+DB_ROUTES = [
+    ("GET", "/jobs", {}),
+    ("POST", "/jobs", {"json": {"node_id": "x"}}),
+    ("DELETE", "/jobs?status=terminal", {}),
+    ("DELETE", "/jobs", {"json": {"job_ids": [1]}}),
+    ("GET", "/jobs/1", {}),
+    ("DELETE", "/jobs/1", {}),
+    ("GET", "/jobs/1/progress", {}),
+    ("GET", "/jobs/1/events", {}),
+    ("PUT", "/jobs/1/stop", {}),
+    ("POST", "/jobs/1/stop", {}),
+    ("PUT", "/jobs/1/status", {"json": {"status": "RUNNING"}}),
+    ("POST", "/jobs/1/tables/t/files", {"json": f("a", 0, 1)}),
+]
+
+
+def test_real_responses_conform_to_the_document(app, doc):
+    check = Conformance(doc, app.url_map)
+    client = app.test_client()
+    exercise_happy_and_client_errors(check, client)
+
+    url = app.config["DATABASE_URL"]
+    tokened = create_app(
+        {"TESTING": True, "DATABASE_URL": url, "ADMIN_TOKEN": ADMIN, "WORKER_TOKEN": WORKER}
+    )
+    job = tokened.test_client().post(
+        "/jobs", json={"node_id": "auth"}, headers={"Authorization": f"Bearer {ADMIN}"}
+    )
+    exercise_auth(check, tokened.test_client(), job.get_json()["id"])
+    tokened.extensions["jobs_db_pool"].drop_idle()
+
+    broken = create_app({"TESTING": True, "DATABASE_URL": closed_url()}).test_client()
+    for method, path, kwargs in DB_ROUTES:
+        check(broken, method, path, 500, **kwargs)
+    check(broken, "GET", "/readyz", 503)
+    check(broken, "HEAD", "/readyz", 503)
+    check(broken, "GET", "/healthz", 200)
+
+    # Every documented answer was seen for real: nothing documented is impossible,
+    # and nothing above was left unchecked.
+    missing = check.documented() - check.seen
+    assert not missing, sorted(missing)
