@@ -373,7 +373,12 @@ FILE_FIELDS = ("file_name", "start_block", "end_block", "size_bytes", "block_has
 api = Blueprint("api", __name__)
 endpoint = openapi.EndpointRegistry(api)
 
-JOB_ID_PARAM = {"in": "path", "name": "job_id", "required": True, "schema": {"type": "integer"}}
+JOB_ID_PARAM = {
+    "in": "path",
+    "name": "job_id",
+    "required": True,
+    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_JOB_ID},
+}
 E400_JOB = {400: ("INVALID_JOB_ID", ErrorSchema)}
 
 

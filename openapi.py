@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 
-from schemas import ErrorSchema, FileSchema, JobId
+from schemas import MAX_JOB_ID, ErrorSchema, FileSchema, JobId
 
 HTTP_REASONS = {
     200: "OK",
@@ -110,6 +110,7 @@ def _build(registry: EndpointRegistry) -> dict:
         info={"description": "See, stop, clean up and follow extraction jobs."},
     )
     plugin.converter.field_mapping[JobId] = ("integer", None)
+    plugin.converter.add_attribute_function(_job_id_range)
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
     spec.components.schema("Error", schema=ErrorSchema)
     spec.components.schema("File", schema=FileSchema)
@@ -126,6 +127,11 @@ def _build(registry: EndpointRegistry) -> dict:
     for path, operations in paths.items():
         spec.path(path=path, operations=operations)
     return spec.to_dict()
+
+
+def _job_id_range(self, field, ret=None, **kwargs) -> dict:
+    # A job ID outside 1..2^63-1 is refused (400): say so, as the path parameters do.
+    return {"minimum": 1, "maximum": MAX_JOB_ID} if isinstance(field, JobId) else {}
 
 
 def _operation(route: Route) -> dict:
