@@ -119,6 +119,13 @@ def test_covers_every_route_and_method_of_the_app(doc):
     for path, _, op in operations(doc):
         declared = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
         assert declared == set(re.findall(r"{(\w+)}", path)), path
+        # Job IDs are documented as CONTRACT.md §1 defines them (others are a 400).
+        for p in op.get("parameters", []):
+            if p["name"] in ("job_id", "last_job_id"):
+                assert p["schema"] == {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}
+    job_ids = doc["components"]["schemas"]["BulkDelete"]["properties"]["job_ids"]
+    assert job_ids["items"] == {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}
+    assert job_ids["maxItems"] == 1000
 
 
 def test_every_response_with_a_body_has_a_schema(doc):
