@@ -1,10 +1,13 @@
 """Schemathesis against the service's own /openapi.json, in-process (WSGI).
 
-Every operation gets a bounded, derandomized run of generated requests —
-valid ones and, separately, schema-violating ones — and every response must
-not be a server error, must have a documented status code and content type,
-and must match the documented response schema. A few jobs exist (IDs 1..3,
-which generated path IDs often hit) so that not every request is a 404.
+Every operation gets a bounded, derandomized run (schemathesis' coverage
+cases, then up to 60 generated ones) of valid and of schema-violating
+requests, with the admin token set and sent. Every response must not be a
+server error, must have a documented status code and content type, and must
+match the documented response schema; schema-violating requests (a bad
+parameter, a bad body, no token) must be refused, and unsupported methods
+answered 405 with a correct Allow header. Three jobs exist (IDs 1..3) and
+valid cases are steered at them, so that not every request is a 404.
 """
 
 from __future__ import annotations
