@@ -74,15 +74,19 @@ class Gunicorn:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> Gunicorn:
-        self.process = subprocess.Popen(
-            [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
-            cwd=ROOT,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=open(self.workdir / "stdout", "wb"),  # noqa: SIM115 (the child owns it)
-            stderr=open(self.workdir / "stderr", "wb"),  # noqa: SIM115
-            start_new_session=True,
-        )
+        with (
+            open(self.workdir / "stdout", "wb") as stdout,
+            open(self.workdir / "stderr", "wb") as stderr,
+        ):
+            self.process = subprocess.Popen(
+                [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
+                cwd=ROOT,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,  # the child keeps its own copies
+                stderr=stderr,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 30
         call = http_caller(self.port, timeout=2)
         while time.monotonic() < deadline:
