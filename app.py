@@ -19,7 +19,7 @@ import psycopg2.extras
 from flask import Blueprint, Flask, current_app, g, request
 from flask.cli import with_appcontext
 from marshmallow import ValidationError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 import chain
 import db
@@ -111,6 +111,16 @@ def describe_validation_error(messages, prefix: str = "") -> str:
 def load_body(schema):
     """Parse the request body as JSON (whatever its Content-Type) into ``schema``."""
     raw = request.get_data(cache=False)
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    # A chunked body (no Content-Length): Werkzeug stops reading at the limit and
+    # hands over what it read; one more byte on the wire means it was too large.
+    if (
+        request.content_length is None
+        and limit is not None
+        and len(raw) >= limit
+        and request.environ["wsgi.input"].read(1)
+    ):
+        raise RequestEntityTooLarge()
     if not raw.strip():
         raise ApiError(400, "INVALID_PAYLOAD_FORMAT", "request body is empty; JSON expected")
     try:
@@ -427,7 +437,8 @@ def parse_limit(text: str | None) -> int:
     digits = stripped.lstrip("+-")
     if not digits.isdigit() or not digits.isascii() or len(stripped) - len(digits) > 1:
         raise ApiError(400, "INVALID_QUERY_PARAMETERS", "limit must be an integer")
-    if stripped.startswith("-") or int(digits) < 1:
+    # No int() before the length check: a 5000-digit limit would raise (a 500).
+    if stripped.startswith("-") or not digits.strip("0"):
         raise ApiError(400, "LIMIT_INVALID", "limit must be at least 1")
     if len(digits) > 6 or int(digits) > MAX_PAGE_SIZE:
         raise ApiError(400, "LIMIT_TOO_LARGE", f"limit must be at most {MAX_PAGE_SIZE}")
