@@ -139,6 +139,15 @@ class JobId(fields.Field):
         raise self.make_error("invalid")
 
 
+class FullMatch(validate.Regexp):
+    """``validate.Regexp`` over the whole value: with re.match, ``$`` lets a trailing newline in."""
+
+    def __call__(self, value):
+        if not isinstance(value, str) or self.regex.fullmatch(value) is None:
+            raise ValidationError(self._format_error(value))
+        return value
+
+
 class StrictSchema(Schema):
     class Meta:
         unknown = RAISE
@@ -251,7 +260,7 @@ class DeleteJobsQuerySchema(StrictSchema):
 class CreateJobSchema(StrictSchema):
     node_id = fields.String(
         required=True,
-        validate=[validate.Length(1, 128), validate.Regexp(NODE_ID_PATTERN)],
+        validate=[validate.Length(1, 128), FullMatch(NODE_ID_PATTERN)],
     )
     descriptor = JsonObject(load_default=dict)
     idempotency_key = fields.String(
@@ -266,7 +275,7 @@ class StatusReportSchema(StrictSchema):
     detail = JsonObject(load_default=None, allow_none=True)
     node_id = fields.String(
         load_default=None,
-        validate=[validate.Length(1, 128), validate.Regexp(NODE_ID_PATTERN)],
+        validate=[validate.Length(1, 128), FullMatch(NODE_ID_PATTERN)],
     )
 
     @validates_schema
@@ -282,12 +291,8 @@ class FileSchema(StrictSchema):
     start_block = fields.Integer(required=True, strict=True, validate=validate.Range(0, MAX_BLOCK))
     end_block = fields.Integer(required=True, strict=True, validate=validate.Range(0, MAX_BLOCK))
     size_bytes = fields.Integer(required=True, strict=True, validate=validate.Range(0, MAX_BLOCK))
-    block_hash = fields.String(
-        load_default=None, allow_none=True, validate=validate.Regexp(HASH_PATTERN)
-    )
-    prev_hash = fields.String(
-        load_default=None, allow_none=True, validate=validate.Regexp(HASH_PATTERN)
-    )
+    block_hash = fields.String(load_default=None, allow_none=True, validate=FullMatch(HASH_PATTERN))
+    prev_hash = fields.String(load_default=None, allow_none=True, validate=FullMatch(HASH_PATTERN))
 
     @validates_schema
     def blocks_in_order(self, data, **kwargs):
@@ -314,7 +319,8 @@ class FileBatchSchema(StrictSchema):
     def wrap(self, data, **kwargs):
         if isinstance(data, list):
             return {"files": data}
-        if isinstance(data, dict) and "file_name" in data:
+        # Any other object is one file (so a missing file_name is named as such).
+        if isinstance(data, dict) and ("file_name" in data or "files" not in data):
             return {"files": [data]}
         return data
 
