@@ -7,6 +7,7 @@ per-request plumbing (request IDs, auth, logs, metrics) and the factory.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import os
@@ -159,7 +160,11 @@ def connect_options(cfg) -> dict:
     return {
         "connect_timeout": cfg["DB_CONNECT_TIMEOUT_S"],
         "application_name": "jobs-service",
-        "options": f"-c statement_timeout={int(cfg['STATEMENT_TIMEOUT_MS'])}",
+        # Generic plans for the prepared statements (db.Prepared): each one's
+        # plan is chosen for it, and re-planning per call is what preparing
+        # saves. Plain SQL is planned per call whatever this says.
+        "options": f"-c statement_timeout={int(cfg['STATEMENT_TIMEOUT_MS'])}"
+        " -c plan_cache_mode=force_generic_plan",
         # A peer that vanishes (no RST) must fail requests in seconds, not minutes.
         "keepalives": 1,
         "keepalives_idle": 10,
@@ -181,9 +186,12 @@ def release_db(exc=None):
         get_pool().putconn(conn, broken=isinstance(exc, psycopg2.InterfaceError))
 
 
-def query_one(sql: str, params=None):
+def query_one(sql: str | db.Prepared, params=None):
     with get_db().cursor() as cur:
-        cur.execute(sql, params)
+        if isinstance(sql, db.Prepared):
+            sql.execute(cur, params)
+        else:
+            cur.execute(sql, params)
         return cur.fetchone()
 
 
@@ -197,32 +205,23 @@ def _dumps_text(value) -> str:
 
 # ---- SQL -------------------------------------------------------------------
 # PostgreSQL renders the JSON of every read: no per-row Python on hot paths.
+# A job's JSON is rendered when it is written (jobs.job_json, see schema.sql).
 # The shapes are those of schemas.JobSchema etc.; tests hold them to it.
 
 
-def _timestamp(column: str) -> str:
-    return f"""to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
-
-
-def _job_json(row: str) -> str:
-    return (
-        f"json_build_object('id', {row}.id, 'created_at', {_timestamp(row + '.created_at')}, "
-        f"'updated_at', {_timestamp(row + '.updated_at')}, 'node_id', {row}.node_id, "
-        f"'status', {row}.status, 'descriptor', {row}.descriptor)"
-    )
-
-
-GET_JOB = f"SELECT {_job_json('j')}::text FROM jobs j WHERE j.id = %(job_id)s"
+GET_JOB = db.Prepared(
+    "get_job", "SELECT j.job_json FROM jobs j WHERE j.id = %(job_id)s", job_id="bigint"
+)
 
 # One range scan of jobs_status_newest per wanted status, merged: at most
 # (limit + 1) index entries per status whatever the table's skew. The extra
 # row tells whether a next page exists.
-LIST_JOBS = f"""
+LIST_JOBS = """
 WITH page AS (
-    SELECT j.*, row_number() OVER (ORDER BY j.id DESC) AS n
+    SELECT j.id, j.job_json, row_number() OVER (ORDER BY j.id DESC) AS n
     FROM unnest(%(statuses)s::text[]) AS wanted(status)
     CROSS JOIN LATERAL (
-        SELECT * FROM jobs
+        SELECT id, job_json FROM jobs
         WHERE jobs.status = wanted.status AND -jobs.id >= -%(max_id)s
         -- -id, not id DESC: only jobs_status_newest yields this order, so the
         -- planner cannot pick a primary-key scan that filters its way through
@@ -233,15 +232,30 @@ WITH page AS (
     ORDER BY j.id DESC
     LIMIT %(limit)s + 1
 )
-SELECT coalesce(json_agg({_job_json("page")} ORDER BY page.id DESC)
-                FILTER (WHERE page.n <= %(limit)s), '[]')::text,
+SELECT '[' || coalesce(string_agg(page.job_json, ',' ORDER BY page.id DESC)
+                       FILTER (WHERE page.n <= %(limit)s), '') || ']',
        CASE WHEN count(*) > %(limit)s THEN min(page.id) FILTER (WHERE page.n <= %(limit)s) END
 FROM page
 """
 
+# Prepared once per page size, so that its generic plan knows the LIMIT: with
+# the limit as a parameter the planner assumes a tenth of the rows and scans
+# whole statuses (6.6 ms a page instead of 0.28 ms). Other page sizes run
+# the same SQL unprepared, planned on every request.
+PREPARED_PAGE_SIZES = frozenset({1, 10, 20, 25, 50, 100, 200, 250, 500, MAX_PAGE_SIZE})
+
+
+@functools.cache
+def list_jobs_statement(limit: int) -> db.Prepared | str:
+    sql = LIST_JOBS.replace("%(limit)s", str(int(limit)))
+    if limit in PREPARED_PAGE_SIZES | {DEFAULT_PAGE_SIZE}:
+        return db.Prepared(f"list_jobs_{limit}", sql, statuses="text[]", max_id="bigint")
+    return sql
+
+
 # The state guard: lock the job, move it only from an allowed status, record
 # the event, and tell "not found" / "not allowed from X" / "moved" apart.
-CHANGE_STATUS = f"""
+CHANGE_STATUS = """
 WITH target AS (
     SELECT * FROM jobs WHERE id = %(job_id)s FOR UPDATE
 ), moved AS (
@@ -256,14 +270,13 @@ WITH target AS (
     SELECT id, updated_at, status, node_id, %(detail)s FROM moved
 )
 SELECT target.status, moved.id IS NOT NULL,
-       CASE WHEN moved.id IS NULL THEN {_job_json("target")}
-            ELSE {_job_json("moved")} END::text
+       coalesce(moved.job_json, target.job_json)
 FROM target LEFT JOIN moved ON true
 """
 
 # A repeated idempotency_key finds the existing job; the no-op update makes
 # the racing loser wait for and return the winner's row in this one statement.
-CREATE_JOB = f"""
+CREATE_JOB = """
 WITH created AS (
     INSERT INTO jobs (node_id, descriptor, idempotency_key)
     VALUES (%(node_id)s, %(descriptor)s, %(idempotency_key)s)
@@ -273,7 +286,7 @@ WITH created AS (
     INSERT INTO job_events (job_id, created_at, event_type, node_id)
     SELECT id, created_at, status, node_id FROM created WHERE inserted
 )
-SELECT inserted, id, {_job_json("created")}::text FROM created
+SELECT inserted, id, job_json FROM created
 """
 
 DELETE_JOB = """
@@ -326,9 +339,9 @@ WHERE j.id = %(job_id)s
 GROUP BY j.id
 """
 
-GET_EVENTS = f"""
+GET_EVENTS = """
 SELECT coalesce(json_agg(json_build_object(
-           'id', e.id, 'created_at', {_timestamp("e.created_at")}, 'event_type', e.event_type,
+           'id', e.id, 'created_at', jobs_timestamp(e.created_at), 'event_type', e.event_type,
            'node_id', e.node_id, 'detail', e.detail) ORDER BY e.id), '[]')::text
 FROM jobs j LEFT JOIN job_events e ON e.job_id = j.id
 WHERE j.id = %(job_id)s
@@ -424,7 +437,7 @@ def list_jobs():
                 "status must be comma-separated tokens among: " + ", ".join(LIST_STATUS_TOKENS),
             )
     jobs, next_cursor = query_one(
-        LIST_JOBS, {"statuses": list(statuses), "max_id": max_id, "limit": limit}
+        list_jobs_statement(limit), {"statuses": list(statuses), "max_id": max_id}
     )
     cursor = b"null" if next_cursor is None else str(next_cursor).encode()
     return json_response(b'{"jobs":' + jobs.encode() + b',"next_cursor":' + cursor + b"}")

@@ -10,11 +10,41 @@ CREATE TABLE IF NOT EXISTS jobs (
     status          text        NOT NULL DEFAULT 'SCHEDULED',
     descriptor      jsonb       NOT NULL DEFAULT '{}'::jsonb,
     idempotency_key text,
+    -- The job as the API shows it (schemas.JobSchema), rendered by the trigger
+    -- below whenever the row is written: reads send it as it is, so neither
+    -- PostgreSQL nor Python formats a job per request.
+    job_json        text        NOT NULL,
     CONSTRAINT jobs_status_known CHECK (status IN (
         'SCHEDULED', 'RUNNING', 'STOP_REQUESTED', 'STOPPING',
         'COMPLETED', 'STOPPED', 'FAILED')),
     CONSTRAINT jobs_idempotency_key_unique UNIQUE (idempotency_key)
 );
+
+-- CONTRACT.md's timestamps: UTC, always six fractional digits, a Z suffix.
+CREATE OR REPLACE FUNCTION jobs_timestamp(ts timestamptz) RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"');
+
+CREATE OR REPLACE FUNCTION jobs_render_json() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.job_json := json_build_object(
+        'id', NEW.id,
+        'created_at', jobs_timestamp(NEW.created_at),
+        'updated_at', jobs_timestamp(NEW.updated_at),
+        'node_id', NEW.node_id,
+        'status', NEW.status,
+        'descriptor', NEW.descriptor)::text;
+    RETURN NEW;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER jobs_render_json
+    BEFORE INSERT OR UPDATE ON jobs
+    FOR EACH ROW EXECUTE FUNCTION jobs_render_json();
+-- Also under session_replication_role = replica (bulk loads, restores that
+-- skip foreign-key checks): job_json must never go stale.
+ALTER TABLE jobs ENABLE ALWAYS TRIGGER jobs_render_json;
 
 -- Every listing is "newest first within a set of statuses": one range scan of
 -- this index per status, merged, reads at most (limit + 1) rows per status

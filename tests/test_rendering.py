@@ -1,0 +1,130 @@
+"""jobs.job_json and the prepared statements behind the hot reads.
+
+A job's JSON is rendered by a trigger whenever its row is written, and reads
+send it as stored; the list and get queries are prepared once per session.
+These tests hold the stored rendering to the columns whatever writes them
+(the service, an operator's UPDATE, a bulk load that skips ordinary
+triggers), and show the prepared statements survive what a session can lose.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC
+
+import pytest
+
+import app as service
+from schemas import JobSchema
+
+
+def rfc3339(value) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def stored_and_expected(db_conn, job_id: int) -> tuple[dict, dict]:
+    with db_conn.cursor() as cur:
+        cur.execute(
+            "SELECT job_json, id, created_at, updated_at, node_id, status, descriptor"
+            " FROM jobs WHERE id = %s",
+            (job_id,),
+        )
+        rendered, *columns = cur.fetchone()
+    expected = dict(
+        zip(("id", "created_at", "updated_at", "node_id", "status", "descriptor"), columns)
+    )
+    expected["created_at"] = rfc3339(expected["created_at"])
+    expected["updated_at"] = rfc3339(expected["updated_at"])
+    return json.loads(rendered), expected
+
+
+def test_rendering_follows_every_write_of_the_service(client, db_conn):
+    job = client.post("/jobs", json={"node_id": "w-1", "descriptor": {"a": [1, 2]}}).get_json()
+    moves = [("RUNNING", {}), ("FAILED", {}), ("SCHEDULED", {"node_id": "w-2"}), ("RUNNING", {})]
+    for status, extra in moves:
+        response = client.put(f"/jobs/{job['id']}/status", json={"status": status, **extra})
+        assert response.status_code == 200
+        stored, expected = stored_and_expected(db_conn, job["id"])
+        assert stored == expected
+        assert stored["status"] == status
+        assert JobSchema().validate(stored) == {}
+        assert client.get(f"/jobs/{job['id']}").get_json() == expected
+    assert stored["node_id"] == "w-2"
+    stopped = client.put(f"/jobs/{job['id']}/stop").get_json()
+    assert stopped == stored_and_expected(db_conn, job["id"])[1]
+    assert stopped["status"] == "STOP_REQUESTED"
+
+
+def test_zero_microseconds_still_show_six_digits(client, db_conn):
+    job = client.post("/jobs", json={"node_id": "w-1", "descriptor": {}}).get_json()
+    with db_conn, db_conn.cursor() as cur:
+        cur.execute(
+            "UPDATE jobs SET updated_at = timestamptz '2026-11-28 11:42:56+00' WHERE id = %s",
+            (job["id"],),
+        )
+    assert client.get(f"/jobs/{job['id']}").get_json()["updated_at"] == (
+        "2026-11-28T11:42:56.000000Z"
+    )
+
+
+def test_an_operators_direct_update_is_rendered_too(client, db_conn):
+    job = client.post("/jobs", json={"node_id": "w-1", "descriptor": {"x": 1}}).get_json()
+    with db_conn, db_conn.cursor() as cur:
+        cur.execute(
+            "UPDATE jobs SET descriptor = '{\"x\": 2}', node_id = 'fixed' WHERE id = %s",
+            (job["id"],),
+        )
+    got = client.get(f"/jobs/{job['id']}").get_json()
+    assert (got["descriptor"], got["node_id"]) == ({"x": 2}, "fixed")
+    listed = client.get("/jobs?status=all").get_json()["jobs"]
+    assert [j["descriptor"] for j in listed if j["id"] == job["id"]] == [{"x": 2}]
+
+
+def test_a_bulk_load_that_skips_ordinary_triggers_is_rendered(client, db_conn):
+    # session_replication_role = replica is how restores and seeding skip
+    # foreign-key checks; the rendering trigger is ENABLE ALWAYS.
+    with db_conn, db_conn.cursor() as cur:
+        cur.execute("SET LOCAL session_replication_role = replica")
+        cur.execute(
+            "INSERT INTO jobs (node_id, status, descriptor) VALUES ('bulk', 'RUNNING', '{}')"
+            " RETURNING id"
+        )
+        job_id = cur.fetchone()[0]
+    stored, expected = stored_and_expected(db_conn, job_id)
+    assert stored == expected
+
+
+@pytest.mark.parametrize("limit", [1, 7, 50, 999, 1000])
+def test_prepared_and_unprepared_page_sizes_agree(client, limit):
+    for _ in range(3):
+        client.post("/jobs", json={"node_id": "w", "descriptor": {}})
+    body = client.get(f"/jobs?limit={limit}&status=all").get_json()
+    assert [j["id"] for j in body["jobs"]] == [3, 2, 1][:limit]
+    assert body["next_cursor"] == (body["jobs"][-1]["id"] if limit < 3 else None)
+    statement = service.list_jobs_statement(limit)
+    prepared = isinstance(statement, service.db.Prepared)
+    assert prepared == (limit in (1, 50, 1000))
+
+
+def test_a_session_that_lost_its_prepared_statements_prepares_again(app, client):
+    job = client.post("/jobs", json={"node_id": "w", "descriptor": {}}).get_json()
+    assert client.get(f"/jobs/{job['id']}").status_code == 200
+    assert client.get("/jobs").status_code == 200
+    # A new connection (after an outage, or a recycled one) starts with none.
+    with app.app_context():
+        pool = service.get_pool()
+        pool.drop_idle()
+    assert client.get(f"/jobs/{job['id']}").get_json() == job
+    assert client.get("/jobs").get_json()["jobs"] == [job]
+    with app.app_context():
+        conn = pool.getconn()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT name FROM pg_prepared_statements ORDER BY name")
+                names = [row[0] for row in cur.fetchall()]
+            assert names == sorted(conn.prepared) and "get_job" in names
+            with conn.cursor() as cur:
+                cur.execute("SHOW plan_cache_mode")
+                assert cur.fetchone()[0] == "force_generic_plan"
+        finally:
+            pool.putconn(conn)
