@@ -107,8 +107,12 @@ def progress(job_id: int):
     for table, start, end, size, block_hash, prev_hash in cur.fetchall():
         chain = tables.get(table)
         if chain is None:
-            tables[table] = {"start_block": start, "current_block": end,
-                             "files_count": 1, "total_size_bytes": size}
+            tables[table] = {
+                "start_block": start,
+                "current_block": end,
+                "files_count": 1,
+                "total_size_bytes": size,
+            }
             tips[table] = block_hash
             continue
         hashes_agree = tips[table] is None or prev_hash is None or prev_hash == tips[table]
@@ -133,8 +137,19 @@ def register_files(job_id: int, table: str):
         cur.executemany(
             "INSERT INTO job_files (job_id, table_name, file_name, start_block, end_block,"
             " size_bytes, block_hash, prev_hash) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-            [(job_id, table, f["file_name"], f["start_block"], f["end_block"], f["size_bytes"],
-              f.get("block_hash"), f.get("prev_hash")) for f in files],
+            [
+                (
+                    job_id,
+                    table,
+                    f["file_name"],
+                    f["start_block"],
+                    f["end_block"],
+                    f["size_bytes"],
+                    f.get("block_hash"),
+                    f.get("prev_hash"),
+                )
+                for f in files
+            ],
         )
     return as_json({"registered": len(files)}, 201)
 

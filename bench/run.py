@@ -27,13 +27,14 @@ prints n/a for it otherwise; ``app`` insists on it; ``naive`` serves
 naive_app.py in its place, which exercises the whole harness before the
 service exists.
 
-The SQL behind a request is captured with auto_explain, not taken from the
-app's code: while a capture is on, every statement is logged as JSON to the
-server's log (read back through pg_read_file), and the harness re-runs each
-SELECT under EXPLAIN (ANALYZE, BUFFERS) in a rolled-back transaction. That
-works for whatever SQL the app builds, as long as it sends literal values
-(psycopg2's client-side parameters do; server-side prepared statements
-would show as EXECUTE and are not supported).
+The SQL behind a request is captured from the server, not taken from the
+app's code: while a capture is on, the server logs every statement and
+auto_explain logs the plan of every execution with its actual rows, timing
+and buffers (EXPLAIN (ANALYZE, BUFFERS) of the very run, generic plans of
+prepared statements included), read back through pg_read_file. pgbench
+replays a request's statements with their values written in: an EXECUTE of
+a prepared statement becomes its PREPARE'd body with the arguments in place
+of $1, $2, ..., run with pgbench -M prepared as the service runs it.
 
 Everything shares two cores: wrk runs one thread, and numbers are only
 compared within the same run.
@@ -82,6 +83,9 @@ SERVER_SETTINGS = {
     "shared_preload_libraries": "auto_explain",
     "auto_explain.log_min_duration": "-1",
     "auto_explain.log_format": "json",
+    # Only while a capture sets log_min_duration to 0: off, they cost nothing.
+    "auto_explain.log_analyze": "on",
+    "auto_explain.log_buffers": "on",
     "logging_collector": "on",
     "log_line_prefix": "%m [%p] ",
     "log_rotation_age": "0",
@@ -126,8 +130,9 @@ def parse_wrk(output: str) -> Load:
         return match
 
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
-                        output)
+    sockets = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
     return Load(
         requests=int(find(r"^\s*(\d+) requests in")[1]),
         rps=float(find(r"^Requests/sec:\s+([\d.]+)")[1]),
@@ -138,8 +143,9 @@ def parse_wrk(output: str) -> Load:
     )
 
 
-def wrk_argv(url: str, seconds: int, connections: int,
-             script_args: list[str] | None = None) -> list[str]:
+def wrk_argv(
+    url: str, seconds: int, connections: int, script_args: list[str] | None = None
+) -> list[str]:
     # One thread: the servers under test need the cores more than wrk does.
     argv = ["wrk", "--latency", "-t1", f"-c{connections}", f"-d{seconds}s", url]
     if script_args is not None:
@@ -153,19 +159,24 @@ def id_script(ids: range, *paths: str, stop_after: int = 0, marker: str = "-") -
     return [str(stop_after), marker, str(ids.start), str(ids[-1]), str(ids.step), *paths]
 
 
-def run_wrk(url: str, seconds: int, connections: int,
-            script_args: list[str] | None = None) -> Load:
-    done = subprocess.run(wrk_argv(url, seconds, connections, script_args),
-                          capture_output=True, text=True, check=True)
+def run_wrk(url: str, seconds: int, connections: int, script_args: list[str] | None = None) -> Load:
+    done = subprocess.run(
+        wrk_argv(url, seconds, connections, script_args), capture_output=True, text=True, check=True
+    )
     return parse_wrk(done.stdout)
 
 
-def run_wrk_until(url: str, connections: int, script_args: list[str], marker: Path,
-                  seconds: int = 3600) -> Load:
+def run_wrk_until(
+    url: str, connections: int, script_args: list[str], marker: Path, seconds: int = 3600
+) -> Load:
     """Run wrk until load.lua creates ``marker`` (its STOP_AFTER count) or ``seconds``."""
     marker.unlink(missing_ok=True)
-    wrk = subprocess.Popen(wrk_argv(url, seconds, connections, script_args),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wrk = subprocess.Popen(
+        wrk_argv(url, seconds, connections, script_args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     while not marker.exists() and wrk.poll() is None:
         time.sleep(0.05)
     return interrupt_wrk(wrk)
@@ -191,8 +202,13 @@ class Probe:
 SINGLE_CLIENT_REQUESTS = 200
 
 
-def single_client(port: int, path: str, max_requests: int = SINGLE_CLIENT_REQUESTS,
-                  max_seconds: float = 5.0, warmup: int = 5) -> Probe:
+def single_client(
+    port: int,
+    path: str,
+    max_requests: int = SINGLE_CLIENT_REQUESTS,
+    max_seconds: float = 5.0,
+    warmup: int = 5,
+) -> Probe:
     """Latency one client sees, one request at a time (no queueing behind others).
 
     Capped in time as well as count, so a slow floor (the naive app reading a
@@ -242,17 +258,38 @@ def get_json(port: int, path: str):
     return payload
 
 
-def pgbench(url: str, statements: list[str], seconds: int, connections: int,
-            workdir: Path) -> float:
-    """Transactions per second of ``statements`` run back to back, as a script."""
+def pgbench(
+    url: str,
+    statements: list[str],
+    seconds: int,
+    connections: int,
+    workdir: Path,
+    prepared: bool = False,
+) -> float:
+    """Transactions per second of ``statements`` run back to back, as a script.
+
+    ``prepared``: each statement is prepared once per connection, as the
+    service does (-M prepared), rather than sent as text every time.
+    """
     import devdb
 
     script = workdir / "pgbench.sql"
     script.write_text("".join(s.strip().rstrip(";") + ";\n" for s in statements))
     done = subprocess.run(
-        [str(devdb.bin_dir() / "pgbench"), "-n", f"-c{connections}", "-j1",
-         f"-T{seconds}", "-f", str(script), url],
-        capture_output=True, text=True, check=True,
+        [
+            str(devdb.bin_dir() / "pgbench"),
+            "-n",
+            "-Mprepared" if prepared else "-Msimple",
+            f"-c{connections}",
+            "-j1",
+            f"-T{seconds}",
+            "-f",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return float(re.search(r"tps = ([\d.]+)", done.stdout)[1])
 
@@ -294,6 +331,7 @@ class Server:
 @dataclass
 class Launch:
     """How to start one app under gunicorn."""
+
     argv: list[str]
     cwd: Path
     port: int
@@ -303,18 +341,36 @@ class Launch:
 def floor_launch(module: str, workers: int) -> Launch:
     # The service's own settings for the floors: sync workers, same count.
     port = free_port()
-    return Launch([sys.executable, "-m", "gunicorn", "--workers", str(workers),
-                   "--worker-class", "sync", "--bind", f"127.0.0.1:{port}", f"{module}:app"],
-                  BENCH, port)
+    return Launch(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "--workers",
+            str(workers),
+            "--worker-class",
+            "sync",
+            "--bind",
+            f"127.0.0.1:{port}",
+            f"{module}:app",
+        ],
+        BENCH,
+        port,
+    )
 
 
-def start_server(name: str, launch: Launch, env: dict[str, str], workdir: Path,
-                 ready_path: str) -> Server:
+def start_server(
+    name: str, launch: Launch, env: dict[str, str], workdir: Path, ready_path: str
+) -> Server:
     log = workdir / f"{name}.log"
     with log.open("w") as out:
-        process = subprocess.Popen(launch.argv, cwd=launch.cwd,
-                                   env={**os.environ, **launch.env, **env},
-                                   stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            launch.argv,
+            cwd=launch.cwd,
+            env={**os.environ, **launch.env, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     server = Server(name, launch.port, process)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -362,15 +418,32 @@ def connect(url: str):
     return conn
 
 
+@dataclass
+class Captured:
+    """One statement another session ran: as sent, as pgbench can replay it, its plans."""
+
+    sent: str
+    replay: str
+    prepared: bool
+    plan_json: dict | None = None
+    plan_text: str = ""
+
+    def shown(self) -> str:
+        if not self.prepared:
+            return self.sent.strip()
+        return f"{self.sent.strip()}\n-- which runs:\n{self.replay.strip()}"
+
+
 class Plans:
     """The SQL that other sessions run during an action, and its plans.
 
     auto_explain is preloaded but off (log_min_duration = -1); a capture
-    turns it on with a configuration reload, which every idle backend
-    applies before its next statement, so the apps keep their connections.
+    turns it and log_statement on with a configuration reload, which every
+    idle backend applies before its next statement, so the apps keep their
+    connections. An action is captured twice, once per plan format.
     """
 
-    ENTRY = re.compile(r"^\S+ \S+ \S+ \[(\d+)\] LOG:  duration: [\d.]+ ms  plan:$")
+    ENTRY = re.compile(r"^\S+ \S+ \S+ \[(\d+)\] (LOG|DETAIL):  (.*)$")
 
     def __init__(self, conn):
         self.conn = conn
@@ -385,20 +458,22 @@ class Plans:
             cur.execute("SELECT size FROM pg_stat_file(%s)", (self.logfile,))
             return cur.fetchone()[0]
 
-    def _set_logging(self, min_duration: int) -> None:
+    def _set_logging(self, on: bool, plan_format: str = "json") -> None:
         with self.conn.cursor() as cur:
-            cur.execute("ALTER SYSTEM SET auto_explain.log_min_duration = %s", (min_duration,))
+            cur.execute("ALTER SYSTEM SET auto_explain.log_min_duration = %s", (0 if on else -1,))
+            cur.execute("ALTER SYSTEM SET auto_explain.log_format = %s", (plan_format,))
+            cur.execute("ALTER SYSTEM SET log_statement = %s", ("all" if on else "none",))
             cur.execute("SELECT pg_reload_conf()")
         time.sleep(0.5)  # backends take the reload between statements
 
-    def capture(self, action: Callable[[], object]) -> list[str]:
-        """Statements that sessions other than ours ran during ``action()``, in order."""
-        self._set_logging(0)
+    def _read(self, action: Callable[[], object], plan_format: str) -> list[tuple[str, str]]:
+        """(kind, text) of each log entry of the other sessions during ``action()``."""
+        self._set_logging(True, plan_format)
         start = self._log_size()
         try:
             action()
         finally:
-            self._set_logging(-1)
+            self._set_logging(False)
         # The collector writes asynchronously: wait until the log stops growing.
         end = self._log_size()
         while True:
@@ -410,37 +485,86 @@ class Plans:
         with self.conn.cursor() as cur:
             cur.execute("SELECT pg_read_file(%s, %s, %s)", (self.logfile, start, end - start))
             text = cur.fetchone()[0]
-        return self._statements(text)
-
-    def _statements(self, text: str) -> list[str]:
         ours = self.conn.get_backend_pid()
-        statements, lines = [], text.splitlines()
+        entries, lines = [], text.splitlines()
         for i, line in enumerate(lines):
             match = self.ENTRY.match(line)
             if not match or int(match[1]) == ours:
                 continue
-            # The JSON follows on continuation lines, each indented by one tab.
-            body = []
-            for following in lines[i + 1:]:
+            # An entry continues on the following lines, each indented by one tab.
+            body = [match[3]]
+            for following in lines[i + 1 :]:
                 if not following.startswith("\t"):
                     break
                 body.append(following[1:])
-            statements.append(json.loads("\n".join(body))["Query Text"])
-        return statements
+            entries.append((match[2], "\n".join(body)))
+        return entries
 
-    def explain(self, sql: str) -> tuple[str, dict]:
-        """EXPLAIN (ANALYZE, BUFFERS) as text and as JSON, in a rolled-back transaction."""
-        self.conn.autocommit = False
-        try:
-            with self.conn.cursor() as cur:
-                cur.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql)
-                plan = cur.fetchone()[0][0]["Plan"]
-                cur.execute("EXPLAIN (ANALYZE, BUFFERS) " + sql)
-                text = "\n".join(row[0] for row in cur.fetchall())
-        finally:
-            self.conn.rollback()
-            self.conn.autocommit = True
-        return text, plan
+    def capture(self, action: Callable[[], object]) -> list[Captured]:
+        """The statements of ``action()`` (run twice) with their executed plans."""
+        captured: list[Captured] = []
+        for kind, text in self._read(action, "json"):
+            if kind == "LOG" and text.startswith("statement: "):
+                sent = text.removeprefix("statement: ")
+                captured.append(Captured(sent, sent, prepared=False))
+            elif kind == "DETAIL" and text.startswith("prepare: ") and captured:
+                last = captured[-1]
+                last.replay = replay_execute(last.sent, text.removeprefix("prepare: "))
+                last.prepared = True
+            elif kind == "LOG" and text.startswith("duration: "):
+                plan = json.loads(text.split("\n", 1)[1])
+                executed = [c for c in captured if c.plan_json is None]
+                if executed:
+                    executed[-1].plan_json = plan["Plan"]
+        plans = [
+            plan_tree(text)
+            for kind, text in self._read(action, "text")
+            if kind == "LOG" and text.startswith("duration: ")
+        ]
+        with_plans = [c for c in captured if c.plan_json is not None]
+        for entry, plan in zip(with_plans, plans, strict=False):
+            entry.plan_text = plan
+        return with_plans
+
+
+def plan_tree(entry: str) -> str:
+    """The plan of a text-format auto_explain entry, without its Query Text."""
+    lines = entry.splitlines()
+    root = next(i for i, line in enumerate(lines) if i and re.match(r"^\S.*\(cost=", line))
+    return "\n".join(lines[root:])
+
+
+def split_arguments(text: str) -> list[str]:
+    """Top-level comma-separated SQL expressions (commas in quotes or brackets stay)."""
+    parts, depth, quoted, current = [], 0, False, []
+    for char in text:
+        if quoted:
+            quoted = char != "'"
+        elif char == "'":
+            quoted = True
+        elif char in "([":
+            depth += 1
+        elif char in ")]":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append("".join(current).strip())
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current).strip())
+    return parts
+
+
+def replay_execute(execute: str, prepare: str) -> str:
+    """``EXECUTE name (args)`` as plain SQL: the PREPARE'd body with each $n replaced."""
+    args = split_arguments(execute.strip().rstrip(";").split("(", 1)[1].rsplit(")", 1)[0])
+    header = re.match(r"PREPARE\s+\w+\s*(\(([^)]*)\))?\s+AS\s+", prepare, re.IGNORECASE)
+    types = split_arguments(header[2]) if header[2] else []
+    body = prepare[header.end() :]
+    for n in range(len(args), 0, -1):  # $10 before $1
+        cast = f"::{types[n - 1]}" if n <= len(types) else ""
+        body = re.sub(rf"\${n}(?!\d)", f"({args[n - 1]}){cast}", body)
+    return body
 
 
 def jobs_rows_read(plan: dict) -> int:
@@ -449,16 +573,24 @@ def jobs_rows_read(plan: dict) -> int:
     A plan that walks an index across the table filtering nearly everything
     out reads the whole table as surely as a Seq Scan does, and shows up here.
     """
+
     def nodes(node):
         yield node
         for child in node.get("Plans", []):
             yield from nodes(child)
 
-    return round(sum(
-        (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)
-         + n.get("Rows Removed by Index Recheck", 0)) * n["Actual Loops"]
-        for n in nodes(plan) if n.get("Relation Name") == "jobs"
-    ))
+    return round(
+        sum(
+            (
+                n["Actual Rows"]
+                + n.get("Rows Removed by Filter", 0)
+                + n.get("Rows Removed by Index Recheck", 0)
+            )
+            * n["Actual Loops"]
+            for n in nodes(plan)
+            if n.get("Relation Name") == "jobs"
+        )
+    )
 
 
 # --------------------------------------------------------------------------
@@ -523,16 +655,22 @@ class Bench:
         port = free_port()
         # Its metrics files default to a directory per port under /tmp that
         # outlives the server; in the workdir they go when the run ends.
-        env = {"PORT": str(port), "WEB_CONCURRENCY": str(workers),
-               "PROMETHEUS_MULTIPROC_DIR": str(self.workdir / f"metrics-{port}")}
-        return Launch([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
-                      ROOT, port, env)
+        env = {
+            "PORT": str(port),
+            "WEB_CONCURRENCY": str(workers),
+            "PROMETHEUS_MULTIPROC_DIR": str(self.workdir / f"metrics-{port}"),
+        }
+        return Launch(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+            ROOT,
+            port,
+            env,
+        )
 
     def serve(self, name: str, launch: Launch) -> Server:
         # /jobs/1: a path every app answers, with a database round trip where
         # there is a database, so the first measured request opens nothing.
-        server = start_server(name, launch, {"DATABASE_URL": self.pg.url}, self.workdir,
-                              "/jobs/1")
+        server = start_server(name, launch, {"DATABASE_URL": self.pg.url}, self.workdir, "/jobs/1")
         self.stack.callback(server.stop)
         return server
 
@@ -546,8 +684,7 @@ class Bench:
         started = time.monotonic()
         seed.seed(self.conn, self.scenarios[name])
         self.seed_seconds[name] = time.monotonic() - started
-        say(f"seeded {name}: {self.scenarios[name].description}"
-           f" in {self.seed_seconds[name]:.1f} s")
+        say(f"seeded {name}: {self.scenarios[name].description} in {self.seed_seconds[name]:.1f} s")
 
     def table_rows(self) -> int:
         with self.conn.cursor() as cur:
@@ -564,12 +701,18 @@ class Bench:
             entry.service = single_client(self.service.port, path)
             statements = self.plans.capture(lambda: request(self.service.port, "GET", path))
             entry.table_rows = self.table_rows()
-            for sql in statements:
-                text, plan = self.plans.explain(sql)
-                entry.plans.append((f"{sql.strip()}\n\n{text}", jobs_rows_read(plan)))
+            for statement in statements:
+                entry.plans.append(
+                    (
+                        f"{statement.shown()}\n\n{statement.plan_text}",
+                        jobs_rows_read(statement.plan_json),
+                    )
+                )
         self.skews.append(entry)
-        say(f"{label}: service p50 {fmt(entry.service and entry.service.p50_ms)} ms,"
-           f" naive p50 {entry.naive.p50_ms:.2f} ms")
+        say(
+            f"{label}: service p50 {fmt(entry.service and entry.service.p50_ms)} ms,"
+            f" naive p50 {entry.naive.p50_ms:.2f} ms"
+        )
 
     def throughput(self) -> None:
         ids = range(1, self.scenarios["mixed"].jobs + 1)
@@ -585,8 +728,10 @@ class Bench:
                 run_wrk(server.url(path), min(2, seconds), connections, script)  # warm-up
                 load = run_wrk(server.url(path), seconds, connections, script)
                 self.loads[(app, endpoint)] = load
-                say(f"{app:8} {endpoint:20} {load.rps:8.0f} req/s  p50 {load.p50_ms:.2f} ms"
-                   f"  p99 {load.p99_ms:.2f} ms  errors {load.errors}")
+                say(
+                    f"{app:8} {endpoint:20} {load.rps:8.0f} req/s  p50 {load.p50_ms:.2f} ms"
+                    f"  p99 {load.p99_ms:.2f} ms  errors {load.errors}"
+                )
 
     def pgbench_lists(self) -> None:
         """pgbench on the very SQL each app runs for GET /jobs?limit=50."""
@@ -595,9 +740,16 @@ class Bench:
             if server is None:
                 continue
             statements = self.plans.capture(
-                lambda server=server: request(server.port, "GET", "/jobs?limit=50"))
-            self.tps[app] = pgbench(self.pg.url, statements, self.args.duration,
-                                    self.args.connections, self.workdir)
+                lambda server=server: request(server.port, "GET", "/jobs?limit=50")
+            )
+            self.tps[app] = pgbench(
+                self.pg.url,
+                [s.replay for s in statements],
+                self.args.duration,
+                self.args.connections,
+                self.workdir,
+                prepared=any(s.prepared for s in statements),
+            )
             say(f"pgbench {app} list SQL: {self.tps[app]:.0f} tps")
 
     def progress_and_reorg(self, job_id: int) -> None:
@@ -611,13 +763,20 @@ class Bench:
         files, prev = [], seed.chain_hash("table_0", REORG_FROM - 1)
         for i in range(REORG_FROM, REORG_FROM + REORG_FILES):
             block_hash = seed.chain_hash("table_0-reorg", i)
-            files.append({"file_name": f"table_0_{i:09d}_reorg.parquet",
-                          "start_block": i * 1000, "end_block": i * 1000 + 999,
-                          "size_bytes": 120_000_000, "block_hash": block_hash,
-                          "prev_hash": prev})
+            files.append(
+                {
+                    "file_name": f"table_0_{i:09d}_reorg.parquet",
+                    "start_block": i * 1000,
+                    "end_block": i * 1000 + 999,
+                    "size_bytes": 120_000_000,
+                    "block_hash": block_hash,
+                    "prev_hash": prev,
+                }
+            )
             prev = block_hash
-        status, seconds = request(self.service.port, "POST",
-                                  f"/jobs/{job_id}/tables/table_0/files", files)
+        status, seconds = request(
+            self.service.port, "POST", f"/jobs/{job_id}/tables/table_0/files", files
+        )
         self.delete["reorg_status"], self.delete["reorg_s"] = status, seconds
         self.progress["service after reorg"] = single_client(self.service.port, path)
         # The reorg replaced file 5000 onwards, and the old files after it no
@@ -625,10 +784,13 @@ class Bench:
         table = get_json(self.service.port, path)["tables"].get("table_0", {})
         expected = REORG_FROM + REORG_FILES
         if table.get("files_count") != expected:
-            self.notes.append(f"Progress after the reorg counts {table.get('files_count')}"
-                              f" files in table_0, expected {expected}.")
-        say("progress p50: " + ", ".join(
-            f"{k} {v.p50_ms:.2f} ms" for k, v in self.progress.items()))
+            self.notes.append(
+                f"Progress after the reorg counts {table.get('files_count')}"
+                f" files in table_0, expected {expected}."
+            )
+        say(
+            "progress p50: " + ", ".join(f"{k} {v.p50_ms:.2f} ms" for k, v in self.progress.items())
+        )
 
     def leak(self, progress_job: int) -> None:
         """A worker's RSS after 1,000 and after ``--leak-requests`` requests.
@@ -642,23 +804,36 @@ class Bench:
             return
         server = self.serve("service-1-worker", launch)
         ids = range(1, self.scenarios["mixed"].jobs + 1)
-        paths = ["/jobs?limit=50", "/jobs/{id}", f"/jobs/{progress_job}/progress",
-                 "/jobs?status=completed&last_job_id={id}", "/jobs/{id}00000000",
-                 "/jobs/not-a-number"]
+        paths = [
+            "/jobs?limit=50",
+            "/jobs/{id}",
+            f"/jobs/{progress_job}/progress",
+            "/jobs?status=completed&last_job_id={id}",
+            "/jobs/{id}00000000",
+            "/jobs/not-a-number",
+        ]
         marker = self.workdir / "wrk.done"
         samples = {}
         for label, count in (("1k", 1_000), ("total", self.args.leak_requests - 1_000)):
-            run_wrk_until(server.url(), self.args.connections,
-                          id_script(ids, *paths, stop_after=count, marker=str(marker)), marker)
+            run_wrk_until(
+                server.url(),
+                self.args.connections,
+                id_script(ids, *paths, stop_after=count, marker=str(marker)),
+                marker,
+            )
             (worker,) = server.workers()
             samples[label] = (worker, rss_kib(worker))
         if samples["1k"][0] != samples["total"][0]:
-            self.notes.append("The worker was replaced during the RSS run (max_requests?):"
-                              " its growth cannot be measured.")
+            self.notes.append(
+                "The worker was replaced during the RSS run (max_requests?):"
+                " its growth cannot be measured."
+            )
             return
         self.rss = {"after_1k_kib": samples["1k"][1], "after_all_kib": samples["total"][1]}
-        say(f"RSS {self.rss['after_1k_kib']} KiB after 1,000 requests,"
-           f" {self.rss['after_all_kib']} KiB after {self.args.leak_requests:,}")
+        say(
+            f"RSS {self.rss['after_1k_kib']} KiB after 1,000 requests,"
+            f" {self.rss['after_all_kib']} KiB after {self.args.leak_requests:,}"
+        )
         server.stop()
 
     def bulk_delete(self) -> None:
@@ -669,8 +844,12 @@ class Bench:
         script = id_script(ids, "/jobs/{id}")
         run_wrk(self.service.url(), min(2, self.args.duration), 2, script)  # warm-up
         # Two connections: one per worker, one of which is busy deleting.
-        wrk = subprocess.Popen(wrk_argv(self.service.url(), 3600, 2, script),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wrk = subprocess.Popen(
+            wrk_argv(self.service.url(), 3600, 2, script),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             time.sleep(0.2)  # let wrk connect before the delete starts
             status, seconds = request(self.service.port, "DELETE", "/jobs?status=completed")
@@ -683,11 +862,20 @@ class Bench:
         with self.conn.cursor() as cur:
             cur.execute("SELECT count(*) FILTER (WHERE status = 'COMPLETED'), count(*) FROM jobs")
             completed_left, jobs_left = cur.fetchone()
-        self.delete.update(status=status, seconds=seconds, p99_ms=load.p99_ms,
-                           p50_ms=load.p50_ms, reads=load.requests, errors=load.errors,
-                           completed_left=completed_left, jobs_left=jobs_left)
-        say(f"bulk delete: HTTP {status} in {fmt(seconds, 1)} s; GET p99 meanwhile"
-           f" {load.p99_ms:.2f} ms over {load.requests} reads")
+        self.delete.update(
+            status=status,
+            seconds=seconds,
+            p99_ms=load.p99_ms,
+            p50_ms=load.p50_ms,
+            reads=load.requests,
+            errors=load.errors,
+            completed_left=completed_left,
+            jobs_left=jobs_left,
+        )
+        say(
+            f"bulk delete: HTTP {status} in {fmt(seconds, 1)} s; GET p99 meanwhile"
+            f" {load.p99_ms:.2f} ms over {load.requests} reads"
+        )
 
 
 # --------------------------------------------------------------------------
@@ -718,8 +906,9 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     def line(cells):
         return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-                      *map(line, rows)])
+    return "\n".join(
+        [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
+    )
 
 
 def verdict(value: float | None, ok: bool) -> str:
@@ -729,14 +918,20 @@ def verdict(value: float | None, ok: bool) -> str:
 def git_commit() -> str:
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
+
     commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
     return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     memory = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
     return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, Linux {platform.release()}"
 
@@ -759,11 +954,13 @@ def report(bench: Bench) -> tuple[str, str]:
     service_progress = [v.p50_ms for k, v in bench.progress.items() if k.startswith("service")]
     progress_p50 = max(service_progress) if service_progress else None
     delete_s, delete_p99 = bench.delete.get("seconds"), bench.delete.get("p99_ms")
-    rss_growth = (100 * (bench.rss["after_all_kib"] / bench.rss["after_1k_kib"] - 1)
-                  if bench.rss else None)
+    rss_growth = (
+        100 * (bench.rss["after_all_kib"] / bench.rss["after_1k_kib"] - 1) if bench.rss else None
+    )
 
     service_name = {"naive": "naive_app.py standing in for the service"}.get(
-        args.service, "wsgi:app with gunicorn.conf.py")
+        args.service, "wsgi:app with gunicorn.conf.py"
+    )
     out = [
         "# Jobs service benchmark",
         "",
@@ -779,73 +976,162 @@ def report(bench: Bench) -> tuple[str, str]:
         "",
         "## Targets",
         "",
-        table(["target", "measured", "goal", "met"], [
-            ["GET /jobs?limit=50 vs naive view", f"{fmt(list_vs_naive)}x", ">= 2x",
-             verdict(list_vs_naive, (list_vs_naive or 0) >= 2)],
-            [f"GET /jobs?limit=50 p99 at {args.connections} connections",
-             f"{fmt(service_list and service_list.p99_ms)} ms", "<= 10 ms",
-             verdict(service_list, service_list is not None and service_list.p99_ms <= 10)],
-            ["GET /jobs/{id} vs constant view", f"{fmt(get_vs_constant)}x", ">= 0.75x",
-             verdict(get_vs_constant, (get_vs_constant or 0) >= 0.75)],
-            ["skew listings: slowest / fastest p50", f"{fmt(skew_spread)}x", "<= 2x",
-             verdict(skew_spread, (skew_spread or 99) <= 2)],
-            ["skew listings: slowest p50", f"{fmt(skew_max)} ms", "< 5 ms",
-             verdict(skew_max, (skew_max or 99) < 5)],
-            ["skew listings: plans reading the whole table",
-             ", ".join(whole_table) or ("none" if skew_p50 else "n/a"), "none",
-             verdict(skew_max, not whole_table)],
-            ["progress p50, 10 x 10,000 files (worst of before/after reorg)",
-             f"{fmt(progress_p50)} ms", "<= 20 ms",
-             verdict(progress_p50, (progress_p50 or 99) <= 20)],
-            [f"bulk delete of {args.bulk_delete:,} jobs", f"{fmt(delete_s, 1)} s", "reported",
-             "n/a" if delete_s is None else "-"],
-            ["GET /jobs/{id} p99 during the bulk delete", f"{fmt(delete_p99)} ms", "< 50 ms",
-             verdict(delete_p99, (delete_p99 or 99) < 50)],
-            [f"worker RSS growth, 1,000 -> {args.leak_requests:,} requests",
-             f"{fmt(rss_growth, 1)} %", "within 10 %",
-             verdict(rss_growth, abs(rss_growth or 99) <= 10)],
-        ]),
+        table(
+            ["target", "measured", "goal", "met"],
+            [
+                [
+                    "GET /jobs?limit=50 vs naive view",
+                    f"{fmt(list_vs_naive)}x",
+                    ">= 2x",
+                    verdict(list_vs_naive, (list_vs_naive or 0) >= 2),
+                ],
+                [
+                    f"GET /jobs?limit=50 p99 at {args.connections} connections",
+                    f"{fmt(service_list and service_list.p99_ms)} ms",
+                    "<= 10 ms",
+                    verdict(service_list, service_list is not None and service_list.p99_ms <= 10),
+                ],
+                [
+                    "GET /jobs/{id} vs constant view",
+                    f"{fmt(get_vs_constant)}x",
+                    ">= 0.75x",
+                    verdict(get_vs_constant, (get_vs_constant or 0) >= 0.75),
+                ],
+                [
+                    "skew listings: slowest / fastest p50",
+                    f"{fmt(skew_spread)}x",
+                    "<= 2x",
+                    verdict(skew_spread, (skew_spread or 99) <= 2),
+                ],
+                [
+                    "skew listings: slowest p50",
+                    f"{fmt(skew_max)} ms",
+                    "< 5 ms",
+                    verdict(skew_max, (skew_max or 99) < 5),
+                ],
+                [
+                    "skew listings: plans reading the whole table",
+                    ", ".join(whole_table) or ("none" if skew_p50 else "n/a"),
+                    "none",
+                    verdict(skew_max, not whole_table),
+                ],
+                [
+                    "progress p50, 10 x 10,000 files (worst of before/after reorg)",
+                    f"{fmt(progress_p50)} ms",
+                    "<= 20 ms",
+                    verdict(progress_p50, (progress_p50 or 99) <= 20),
+                ],
+                [
+                    f"bulk delete of {args.bulk_delete:,} jobs",
+                    f"{fmt(delete_s, 1)} s",
+                    "reported",
+                    "n/a" if delete_s is None else "-",
+                ],
+                [
+                    "GET /jobs/{id} p99 during the bulk delete",
+                    f"{fmt(delete_p99)} ms",
+                    "< 50 ms",
+                    verdict(delete_p99, (delete_p99 or 99) < 50),
+                ],
+                [
+                    f"worker RSS growth, 1,000 -> {args.leak_requests:,} requests",
+                    f"{fmt(rss_growth, 1)} %",
+                    "within 10 %",
+                    verdict(rss_growth, abs(rss_growth or 99) <= 10),
+                ],
+            ],
+        ),
         "",
         f"## Throughput ({bench.scenarios['mixed'].description})",
         "",
-        table(["app", "endpoint", "req/s", "p50 ms", "p99 ms", "errors"], [
-            [app, endpoint, f"{load.rps:.0f}", fmt(load.p50_ms), fmt(load.p99_ms),
-             str(load.errors)] for (app, endpoint), load in loads.items()
-        ] + [
-            [f"pgbench -c{args.connections}", f"{app}'s list SQL", f"{tps:.0f} tps", "", "", ""]
-            for app, tps in bench.tps.items()
-        ]),
+        table(
+            ["app", "endpoint", "req/s", "p50 ms", "p99 ms", "errors"],
+            [
+                [
+                    app,
+                    endpoint,
+                    f"{load.rps:.0f}",
+                    fmt(load.p50_ms),
+                    fmt(load.p99_ms),
+                    str(load.errors),
+                ]
+                for (app, endpoint), load in loads.items()
+            ]
+            + [
+                [
+                    f"pgbench -c{args.connections}",
+                    f"{app}'s list SQL" + (" (prepared)" if app == "service" else ""),
+                    f"{tps:.0f} tps",
+                    "",
+                    "",
+                    "",
+                ]
+                for app, tps in bench.tps.items()
+            ],
+        ),
         "",
         "## Skew-proof listing (single client)",
         "",
-        table(["listing", "table", "service p50 ms", "naive p50 ms",
-               "jobs rows the service's plan read"], [
-            [f"{s.label}: `{s.path}`", s.scenario, probe_ms(s.service), probe_ms(s.naive),
-             "n/a" if not s.plans else
-             f"{sum(rows for _, rows in s.plans):,} of {s.table_rows:,}"
-             + (" (a scan)" if s.reads_table() else "")]
-            for s in bench.skews
-        ]),
+        table(
+            [
+                "listing",
+                "table",
+                "service p50 ms",
+                "naive p50 ms",
+                "jobs rows the service's plan read",
+            ],
+            [
+                [
+                    f"{s.label}: `{s.path}`",
+                    s.scenario,
+                    probe_ms(s.service),
+                    probe_ms(s.naive),
+                    "n/a"
+                    if not s.plans
+                    else f"{sum(rows for _, rows in s.plans):,} of {s.table_rows:,}"
+                    + (" (a scan)" if s.reads_table() else ""),
+                ]
+                for s in bench.skews
+            ],
+        ),
         "",
         "## Progress, bulk delete, memory",
         "",
-        table(["measurement", "value"], [
-            *([f"progress p50 ms, {k}", probe_ms(v)] for k, v in bench.progress.items()),
-            ["reorg registration (100 files, POST)",
-             f"HTTP {bench.delete['reorg_status']} in {bench.delete['reorg_s'] * 1000:.0f} ms"
-             if "reorg_status" in bench.delete else "n/a"],
-            ["bulk delete", f"HTTP {bench.delete['status']} in {fmt(delete_s, 1)} s,"
-             f" {bench.delete['completed_left']} completed and {bench.delete['jobs_left']:,}"
-             " jobs left" if "status" in bench.delete else "n/a"],
-            ["GET /jobs/{id} during the delete (wrk -c2)",
-             f"{bench.delete['reads']} reads, p50 {bench.delete['p50_ms']:.2f} ms,"
-             f" p99 {bench.delete['p99_ms']:.2f} ms, errors {bench.delete['errors']}"
-             if "status" in bench.delete else "n/a"],
-            ["worker RSS (one worker)",
-             f"{bench.rss['after_1k_kib']:,} KiB after 1,000 requests,"
-             f" {bench.rss['after_all_kib']:,} KiB after {args.leak_requests:,}"
-             if bench.rss else "n/a"],
-        ]),
+        table(
+            ["measurement", "value"],
+            [
+                *([f"progress p50 ms, {k}", probe_ms(v)] for k, v in bench.progress.items()),
+                [
+                    "reorg registration (100 files, POST)",
+                    f"HTTP {bench.delete['reorg_status']}"
+                    f" in {bench.delete['reorg_s'] * 1000:.0f} ms"
+                    if "reorg_status" in bench.delete
+                    else "n/a",
+                ],
+                [
+                    "bulk delete",
+                    f"HTTP {bench.delete['status']} in {fmt(delete_s, 1)} s,"
+                    f" {bench.delete['completed_left']} completed and {bench.delete['jobs_left']:,}"
+                    " jobs left"
+                    if "status" in bench.delete
+                    else "n/a",
+                ],
+                [
+                    "GET /jobs/{id} during the delete (wrk -c2)",
+                    f"{bench.delete['reads']} reads, p50 {bench.delete['p50_ms']:.2f} ms,"
+                    f" p99 {bench.delete['p99_ms']:.2f} ms, errors {bench.delete['errors']}"
+                    if "status" in bench.delete
+                    else "n/a",
+                ],
+                [
+                    "worker RSS (one worker)",
+                    f"{bench.rss['after_1k_kib']:,} KiB after 1,000 requests,"
+                    f" {bench.rss['after_all_kib']:,} KiB after {args.leak_requests:,}"
+                    if bench.rss
+                    else "n/a",
+                ],
+            ],
+        ),
     ]
     if bench.notes:
         out += ["", "## Notes", "", *(f"- {note}" for note in bench.notes)]
@@ -878,18 +1164,33 @@ def ensure_wrk() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=int, default=10,
-                        help="seconds per wrk and pgbench run (default 10)")
-    parser.add_argument("--connections", type=int, default=4,
-                        help="wrk and pgbench connections (default 4)")
-    parser.add_argument("--service", choices=["auto", "app", "naive"], default="auto",
-                        help="what to measure as the service (default auto)")
-    parser.add_argument("--jobs", type=int, default=1_000_000,
-                        help="jobs in each listing table (default 1,000,000)")
-    parser.add_argument("--bulk-delete", type=int, default=500_000,
-                        help="completed jobs the bulk delete removes (default 500,000)")
-    parser.add_argument("--leak-requests", type=int, default=100_000,
-                        help="requests before the second RSS sample (default 100,000)")
+    parser.add_argument(
+        "--duration", type=int, default=10, help="seconds per wrk and pgbench run (default 10)"
+    )
+    parser.add_argument(
+        "--connections", type=int, default=4, help="wrk and pgbench connections (default 4)"
+    )
+    parser.add_argument(
+        "--service",
+        choices=["auto", "app", "naive"],
+        default="auto",
+        help="what to measure as the service (default auto)",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1_000_000, help="jobs in each listing table (default 1,000,000)"
+    )
+    parser.add_argument(
+        "--bulk-delete",
+        type=int,
+        default=500_000,
+        help="completed jobs the bulk delete removes (default 500,000)",
+    )
+    parser.add_argument(
+        "--leak-requests",
+        type=int,
+        default=100_000,
+        help="requests before the second RSS sample (default 100,000)",
+    )
     args = parser.parse_args()
     ensure_wrk()
     workdir = Path(tempfile.mkdtemp(prefix="jobs-bench-"))
@@ -907,8 +1208,11 @@ def main() -> None:
                 bench.skew(label, scenario, path)
             bench.seed("mixed")
             progress_job = seed.seed_progress_job(bench.conn, PROGRESS_TABLES, PROGRESS_FILES)
-            bench.skew("status=completed, deep cursor", "mixed",
-                       f"/jobs?status=completed&last_job_id={args.jobs // 100}")
+            bench.skew(
+                "status=completed, deep cursor",
+                "mixed",
+                f"/jobs?status=completed&last_job_id={args.jobs // 100}",
+            )
             bench.skew("status=scheduled,failed", "mixed", "/jobs?status=scheduled,failed")
             bench.throughput()
             bench.pgbench_lists()

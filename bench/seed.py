@@ -65,16 +65,30 @@ def scenarios(jobs: int = 1_000_000, bulk_delete: int = 500_000) -> dict[str, Sc
         ),
         "mostly_active": Scenario(
             jobs=jobs,
-            weights={"RUNNING": 600, "SCHEDULED": 380, "STOP_REQUESTED": 5, "STOPPING": 5,
-                     "COMPLETED": 6, "FAILED": 3, "STOPPED": 1},
+            weights={
+                "RUNNING": 600,
+                "SCHEDULED": 380,
+                "STOP_REQUESTED": 5,
+                "STOPPING": 5,
+                "COMPLETED": 6,
+                "FAILED": 3,
+                "STOPPED": 1,
+            },
             description=f"{jobs:,} jobs, 99% active",
         ),
         # The general-purpose table: throughput runs, pgbench, the
         # status=completed deep cursor and status=scheduled,failed listings.
         "mixed": Scenario(
             jobs=jobs,
-            weights={"COMPLETED": 700, "FAILED": 100, "STOPPED": 50, "RUNNING": 100,
-                     "SCHEDULED": 40, "STOP_REQUESTED": 5, "STOPPING": 5},
+            weights={
+                "COMPLETED": 700,
+                "FAILED": 100,
+                "STOPPED": 50,
+                "RUNNING": 100,
+                "SCHEDULED": 40,
+                "STOP_REQUESTED": 5,
+                "STOPPING": 5,
+            },
             description=f"{jobs:,} jobs: 70% completed, 10% failed, 5% stopped, 15% active",
         ),
         # Exactly ``bulk_delete`` COMPLETED jobs to delete, interleaved with a
@@ -85,7 +99,7 @@ def scenarios(jobs: int = 1_000_000, bulk_delete: int = 500_000) -> dict[str, Sc
             weights={"COMPLETED": 1000},
             spread=(("RUNNING", "SCHEDULED"), bulk_delete // 5),
             description=f"{bulk_delete * 6 // 5:,} jobs: {bulk_delete:,} completed,"
-                        " every 6th id active",
+            " every 6th id active",
         ),
     }
 
@@ -140,9 +154,7 @@ def _bulk_load(conn) -> Iterator:
 
 def reset(conn) -> None:
     with conn.cursor() as cur:
-        cur.execute(
-            "TRUNCATE jobs, job_events, job_tables, job_files RESTART IDENTITY CASCADE"
-        )
+        cur.execute("TRUNCATE jobs, job_events, job_tables, job_files RESTART IDENTITY CASCADE")
 
 
 def seed(conn, scenario: Scenario) -> None:
@@ -204,8 +216,7 @@ def chain_hash(table: str, index: int) -> str:
     return "0x" + f"{table}:{index}".encode().hex().ljust(64, "0")[:64]
 
 
-def seed_progress_job(conn, tables: int, files_per_table: int,
-                      blocks_per_file: int = 1000) -> int:
+def seed_progress_job(conn, tables: int, files_per_table: int, blocks_per_file: int = 1000) -> int:
     """Add one RUNNING job with ``tables`` x ``files_per_table`` files in one clean chain.
 
     The job_tables summary is written as the service would have maintained it
