@@ -218,10 +218,10 @@ GET_JOB = db.Prepared(
 # row tells whether a next page exists.
 LIST_JOBS = """
 WITH page AS (
-    SELECT j.id, j.job_json, row_number() OVER (ORDER BY j.id DESC) AS n
+    SELECT j.id, row_number() OVER (ORDER BY j.id DESC) AS n
     FROM unnest(%(statuses)s::text[]) AS wanted(status)
     CROSS JOIN LATERAL (
-        SELECT id, job_json FROM jobs
+        SELECT id FROM jobs
         WHERE jobs.status = wanted.status AND -jobs.id >= -%(max_id)s
         -- -id, not id DESC: only jobs_status_newest yields this order, so the
         -- planner cannot pick a primary-key scan that filters its way through
@@ -232,10 +232,13 @@ WITH page AS (
     ORDER BY j.id DESC
     LIMIT %(limit)s + 1
 )
-SELECT '[' || coalesce(string_agg(page.job_json, ',' ORDER BY page.id DESC)
+SELECT '[' || coalesce(string_agg(jobs.job_json, ',' ORDER BY page.id DESC)
                        FILTER (WHERE page.n <= %(limit)s), '') || ']',
        CASE WHEN count(*) > %(limit)s THEN min(page.id) FILTER (WHERE page.n <= %(limit)s) END
 FROM page
+-- Only the rows of the page are read from the table: the candidates come
+-- from the index alone (an index-only scan, see jobs_status_newest).
+LEFT JOIN jobs ON jobs.id = page.id AND page.n <= %(limit)s
 """
 
 # Prepared once per page size, so that its generic plan knows the LIMIT: with

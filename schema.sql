@@ -51,7 +51,9 @@ ALTER TABLE jobs ENABLE ALWAYS TRIGGER jobs_render_json;
 -- however skewed the table is. The key is -id rather than id so that no other
 -- index (the primary key) can produce the listing's order: the planner cannot
 -- mistake a filtered primary-key scan for a cheap one.
-CREATE INDEX IF NOT EXISTS jobs_status_newest ON jobs (status, (-id));
+-- It carries id itself, so the (limit + 1) candidates per status come from
+-- the index alone and only the page's rows are read from the table.
+CREATE INDEX IF NOT EXISTS jobs_status_newest ON jobs (status, (-id)) INCLUDE (id);
 
 -- One row per status change (and per creation), oldest first by id.
 CREATE TABLE IF NOT EXISTS job_events (

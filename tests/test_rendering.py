@@ -30,9 +30,8 @@ def stored_and_expected(db_conn, job_id: int) -> tuple[dict, dict]:
             (job_id,),
         )
         rendered, *columns = cur.fetchone()
-    expected = dict(
-        zip(("id", "created_at", "updated_at", "node_id", "status", "descriptor"), columns)
-    )
+    fields = ("id", "created_at", "updated_at", "node_id", "status", "descriptor")
+    expected = dict(zip(fields, columns, strict=True))
     expected["created_at"] = rfc3339(expected["created_at"])
     expected["updated_at"] = rfc3339(expected["updated_at"])
     return json.loads(rendered), expected
