@@ -71,7 +71,7 @@ def json_response(body, status: int = 200, headers=None):
     """``body`` is bytes of JSON already (often built by PostgreSQL) or a JSON-able value."""
     if not isinstance(body, bytes | str):
         body = orjson.dumps(body)
-    return current_app.response_class(body, status, headers, mimetype="application/json")
+    return current_app.response_class(body, status, headers, content_type="application/json")
 
 
 def error_response(status: int, code: str, message: str, headers=None):
@@ -806,7 +806,7 @@ ROLE_GRANTS = {
 
 def before_request():
     g.started = time.perf_counter()
-    g.request_id = observability.request_id(request.headers.get("X-Request-ID"))
+    g.request_id = observability.request_id(request.environ.get("HTTP_X_REQUEST_ID"))
     access = endpoint.access_of(request.endpoint)
     if access is None or access == "open":
         return None
