@@ -1,10 +1,11 @@
-# `make run` serves the API on :8080, `make test` runs the suite, `make lint` runs ruff.
+# `make run` serves the API on :8080, `make test` runs the suite, `make lint` runs ruff,
+# `make bench` runs the benchmarks (BENCHMARKS.md).
 # Each creates .venv and installs requirements-dev.txt first (again only when it changes).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv run test lint clean
+.PHONY: venv run test lint bench clean
 
 venv: $(VENV)/.installed
 
@@ -22,6 +23,16 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check .
+
+# ~5 minutes: a throwaway PostgreSQL, 1M-job tables seeded with SQL, the service
+# and its floors under gunicorn, driven by wrk (installed from Debian's packages
+# when missing). BENCH_ARGS passes options to bench/run.py (e.g. --duration 5).
+bench: venv
+	@command -v wrk >/dev/null || { command -v apt-get >/dev/null && \
+		(apt-get install -y -qq wrk >/dev/null 2>&1 || \
+		 (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)); } || \
+		{ echo "make bench needs wrk (Debian: apt-get install wrk)"; exit 1; }
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # Keeps .pgdata/ (the database of `make run`): remove it by hand to start afresh.
 clean:
