@@ -139,10 +139,6 @@ def configure_logging() -> None:
     logger = logging.getLogger("jobs")
     if any(getattr(h, "jobs_json", False) for h in logger.handlers):
         return
-    # What no line here uses, each record need not collect (the logging
-    # HOWTO's "Optimization"): a quarter of the cost of a log call.
-    logging._srcfile = None
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
     handler.jobs_json = True
