@@ -188,11 +188,21 @@ def release_db(exc=None):
 
 def query_one(sql: str | db.Prepared, params=None):
     with get_db().cursor() as cur:
-        if isinstance(sql, db.Prepared):
-            sql.execute(cur, params)
-        else:
-            cur.execute(sql, params)
+        _execute(cur, sql, params)
         return cur.fetchone()
+
+
+def query_all(sql: str | db.Prepared, params=None) -> list[tuple]:
+    with get_db().cursor() as cur:
+        _execute(cur, sql, params)
+        return cur.fetchall()
+
+
+def _execute(cur, sql: str | db.Prepared, params) -> None:
+    if isinstance(sql, db.Prepared):
+        sql.execute(cur, params)
+    else:
+        cur.execute(sql, params)
 
 
 def as_jsonb(value):
@@ -218,7 +228,7 @@ GET_JOB = db.Prepared(
 # row tells whether a next page exists.
 LIST_JOBS = """
 WITH page AS (
-    SELECT j.id, row_number() OVER (ORDER BY j.id DESC) AS n
+    SELECT j.id
     FROM unnest(%(statuses)s::text[]) AS wanted(status)
     CROSS JOIN LATERAL (
         SELECT id FROM jobs
@@ -232,13 +242,11 @@ WITH page AS (
     ORDER BY j.id DESC
     LIMIT %(limit)s + 1
 )
-SELECT '[' || coalesce(string_agg(jobs.job_json, ',' ORDER BY page.id DESC)
-                       FILTER (WHERE page.n <= %(limit)s), '') || ']',
-       CASE WHEN count(*) > %(limit)s THEN min(page.id) FILTER (WHERE page.n <= %(limit)s) END
-FROM page
 -- Only the rows of the page are read from the table: the candidates come
--- from the index alone (an index-only scan, see jobs_status_newest).
-LEFT JOIN jobs ON jobs.id = page.id AND page.n <= %(limit)s
+-- from the index alone (an index-only scan, see jobs_status_newest). Rows,
+-- not one aggregated string: string_agg and its concatenations cost
+-- PostgreSQL more than joining 51 strings costs Python.
+SELECT page.id, jobs.job_json FROM page JOIN jobs ON jobs.id = page.id ORDER BY page.id DESC
 """
 
 # Prepared once per page size, so that its generic plan knows the LIMIT: with
@@ -439,11 +447,12 @@ def list_jobs():
                 "INVALID_QUERY_PARAMETERS",
                 "status must be comma-separated tokens among: " + ", ".join(LIST_STATUS_TOKENS),
             )
-    jobs, next_cursor = query_one(
-        list_jobs_statement(limit), {"statuses": list(statuses), "max_id": max_id}
-    )
-    cursor = b"null" if next_cursor is None else str(next_cursor).encode()
-    return json_response(b'{"jobs":' + jobs.encode() + b',"next_cursor":' + cursor + b"}")
+    rows = query_all(list_jobs_statement(limit), {"statuses": list(statuses), "max_id": max_id})
+    # One row more than the page tells whether there is a next page.
+    page = rows[:limit]
+    cursor = b"%d" % page[-1][0] if len(rows) > limit else b"null"
+    jobs = ",".join(job for _, job in page).encode()
+    return json_response(b'{"jobs":[' + jobs + b'],"next_cursor":' + cursor + b"}")
 
 
 def parse_limit(text: str | None) -> int:
