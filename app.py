@@ -7,6 +7,7 @@ per-request plumbing (request IDs, auth, logs, metrics) and the factory.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hmac
 import logging
@@ -311,13 +312,17 @@ WITH target AS (
 SELECT target.status, removed.id IS NOT NULL FROM target LEFT JOIN removed ON true
 """
 
-# Rows are locked in id order, as DELETE_JOBS_BY_ID does: a plain DELETE locks
-# them in scan order, and two deletes locking in opposite orders deadlock (500).
-# A row that turns active while we wait for its lock is rechecked and left alone.
+# Both bulk deletes run under this lock, taken first in their transaction: a
+# delete by status locks its rows in scan order, and two bulk deletes locking
+# in different orders would deadlock; nothing else locks more than one job.
+# Cheaper than locking every row in id order before deleting it, which
+# dirtied each row twice (700k jobs: 6.8 s instead of 11-13 s).
+BULK_DELETE_LOCK = "SELECT pg_advisory_xact_lock(hashtext('jobs-service bulk delete'))"
+
+# A row that turns active while the delete waits for its lock is rechecked
+# against the WHERE clause (READ COMMITTED) and left alone.
 DELETE_JOBS_BY_STATUS = """
-DELETE FROM jobs WHERE id IN (
-    SELECT id FROM jobs WHERE status = ANY(%(statuses)s) ORDER BY id FOR UPDATE
-)
+DELETE FROM jobs WHERE status = ANY(%(statuses)s)
 """
 
 # All or nothing: lock every listed job (in id order, so two bulk deletes
@@ -723,7 +728,7 @@ def delete_jobs():
                 "INVALID_QUERY_PARAM",
                 "status must be one of terminal, completed, stopped, error (failed)",
             )
-        with get_db().cursor() as cur:
+        with bulk_delete() as cur:
             cur.execute(DELETE_JOBS_BY_STATUS, {"statuses": list(statuses)})
             log.info(
                 "bulk delete", extra={"fields": {"statuses": statuses, "deleted": cur.rowcount}}
@@ -733,9 +738,9 @@ def delete_jobs():
         raise ApiError(400, "INVALID_QUERY_PARAM", "status is required (or a body with job_ids)")
     g.db_error_code = "DELETE_JOBS_ERROR"
     job_ids = sorted(set(load_body(BulkDeleteSchema())["job_ids"]))
-    blocker_id, blocker_status, _ = query_one(
-        DELETE_JOBS_BY_ID, {"job_ids": job_ids, "terminal": list(TERMINAL_STATUSES)}
-    )
+    with bulk_delete() as cur:
+        cur.execute(DELETE_JOBS_BY_ID, {"job_ids": job_ids, "terminal": list(TERMINAL_STATUSES)})
+        blocker_id, blocker_status, _ = cur.fetchone()
     if blocker_id is not None:
         raise ApiError(
             409,
@@ -743,6 +748,20 @@ def delete_jobs():
             f"job {blocker_id} is {blocker_status}: nothing was deleted",
         )
     return current_app.response_class(status=204)
+
+
+@contextlib.contextmanager
+def bulk_delete():
+    """A transaction for one bulk delete: its own time limit, and the bulk-delete lock."""
+    conn = get_db()
+    with conn, conn.cursor() as cur:
+        # Deleting a large share of the table takes longer than a request's
+        # statement_timeout allows; the worker's own timeout still bounds it.
+        cur.execute(
+            "SET LOCAL statement_timeout = %s", (int(current_app.config["BULK_DELETE_TIMEOUT_MS"]),)
+        )
+        cur.execute(BULK_DELETE_LOCK)
+        yield cur
 
 
 @endpoint(
@@ -939,6 +958,8 @@ def create_app(test_config=None):
         ADMIN_TOKEN=os.environ.get("ADMIN_TOKEN") or None,
         WORKER_TOKEN=os.environ.get("WORKER_TOKEN") or None,
         STATEMENT_TIMEOUT_MS=_env_int("STATEMENT_TIMEOUT_MS", 5000),
+        # Below gunicorn's worker timeout (30 s), which would kill the worker.
+        BULK_DELETE_TIMEOUT_MS=_env_int("BULK_DELETE_TIMEOUT_MS", 25000),
         DB_CONNECT_TIMEOUT_S=_env_int("DB_CONNECT_TIMEOUT_S", 3),
         DB_POOL_SIZE=_env_int("DB_POOL_SIZE", 4),
         DB_POOL_TIMEOUT_S=_env_int("DB_POOL_TIMEOUT_S", 5),
