@@ -325,8 +325,8 @@ DELETE_JOBS_BY_STATUS = """
 DELETE FROM jobs WHERE status = ANY(%(statuses)s)
 """
 
-# All or nothing: lock every listed job (in id order, so two bulk deletes
-# cannot deadlock), and delete only when none of them is active.
+# All or nothing: lock every listed job, so none can turn active between the
+# check and the delete, and delete only when none of them is active.
 DELETE_JOBS_BY_ID = """
 WITH target AS (
     SELECT id, status FROM jobs WHERE id = ANY(%(job_ids)s) ORDER BY id FOR UPDATE
