@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import hmac
+import json
 import logging
 import os
+import re
 import time
 
 import click
@@ -110,6 +112,9 @@ def describe_validation_error(messages, prefix: str = "") -> str:
     return f"{prefix or 'body'}: {messages}"
 
 
+LONG_NUMBER = re.compile(rb"\d{20}")
+
+
 def load_body(schema):
     """Parse the request body as JSON (whatever its Content-Type) into ``schema``."""
     raw = request.get_data(cache=False)
@@ -127,6 +132,11 @@ def load_body(schema):
         raise ApiError(400, "INVALID_PAYLOAD_FORMAT", "request body is empty; JSON expected")
     try:
         data = orjson.loads(raw)
+        if LONG_NUMBER.search(raw):
+            # orjson turns integers beyond 64 bits into floats, silently losing
+            # digits of a descriptor; the stdlib keeps them exact. orjson has
+            # already refused what is not strict JSON (NaN, lone surrogates).
+            data = json.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ApiError(
             400, "INVALID_PAYLOAD_FORMAT", f"request body is not valid JSON: {exc}"
@@ -211,7 +221,11 @@ def as_jsonb(value):
 
 
 def _dumps_text(value) -> str:
-    return orjson.dumps(value).decode()
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        # An integer beyond 64 bits (see load_body): PostgreSQL's numeric holds it.
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
 
 
 # ---- SQL -------------------------------------------------------------------

@@ -296,6 +296,8 @@ def test_created_jobs_get_increasing_ids(client):
         {"nested": {"deep": [1, 2, {"x": None}]}, "flag": True, "ratio": 0.25},
         {"unicode": "блоки ✓ 日本", "emoji": "🦀", "quote": 'a"b\\c'},
         {"big": MAX_ID, "negative": -(2**63), "zero": 0, "list": []},
+        # Beyond 64 bits: exact, not turned into a float on the way.
+        {"huge": 123456789012345678901234567890, "tiny": -(10**25), "id": "1" * 30},
     ],
 )
 def test_descriptor_is_any_json_object_and_round_trips(client, descriptor):
