@@ -984,6 +984,9 @@ def create_app(test_config=None):
         app.config.update(test_config)
 
     observability.configure_logging()
+    # Werkzeug would answer /jobs//progress with an HTML 308 to /jobs/progress,
+    # past every error handler; unmerged, it is an unknown route (JSON 404).
+    app.url_map.merge_slashes = False
     app.register_blueprint(api)
     app.before_request(before_request)
     app.after_request(after_request)

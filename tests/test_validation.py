@@ -826,6 +826,11 @@ def test_a_body_of_exactly_1_mib_is_accepted(client, targets):
         "/jobs/1/progress/x",
         "/jobs/abc/nope",
         "/api/jobs",
+        # Empty segments: no HTML redirect to a merged path, a JSON 404.
+        "/jobs//progress",
+        "/jobs/1//events",
+        "//jobs",
+        "/jobs//",
     ],
 )
 @pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE", "PATCH"])
