@@ -46,6 +46,19 @@ CREATE OR REPLACE TRIGGER jobs_render_json
 -- skip foreign-key checks): job_json must never go stale.
 ALTER TABLE jobs ENABLE ALWAYS TRIGGER jobs_render_json;
 
+-- A database made before job_json existed gets it, rendered for every job.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_attribute
+                   WHERE attrelid = 'jobs'::regclass AND attname = 'job_json'
+                     AND NOT attisdropped) THEN
+        ALTER TABLE jobs ADD COLUMN job_json text;
+        UPDATE jobs SET job_json = NULL;  -- the trigger renders each row it updates
+        ALTER TABLE jobs ALTER COLUMN job_json SET NOT NULL;
+    END IF;
+END
+$$;
+
 -- Every listing is "newest first within a set of statuses": one range scan of
 -- this index per status, merged, reads at most (limit + 1) rows per status
 -- however skewed the table is. The key is -id rather than id so that no other
