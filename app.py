@@ -113,6 +113,21 @@ def describe_validation_error(messages, prefix: str = "") -> str:
 
 
 LONG_NUMBER = re.compile(rb"\d{20}")
+MAX_JSON_DEPTH = 100
+
+
+def json_depth(value) -> int:
+    """How deeply arrays and objects nest in a parsed JSON document (without recursion)."""
+    deepest, pending = 0, [(value, 0)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, dict):
+            value = value.values()
+        elif not isinstance(value, list):
+            continue
+        deepest = max(deepest, depth + 1)
+        pending.extend((item, depth + 1) for item in value)
+    return deepest
 
 
 def load_body(schema):
@@ -132,15 +147,23 @@ def load_body(schema):
         raise ApiError(400, "INVALID_PAYLOAD_FORMAT", "request body is empty; JSON expected")
     try:
         data = orjson.loads(raw)
-        if LONG_NUMBER.search(raw):
-            # orjson turns integers beyond 64 bits into floats, silently losing
-            # digits of a descriptor; the stdlib keeps them exact. orjson has
-            # already refused what is not strict JSON (NaN, lone surrogates).
-            data = json.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ApiError(
             400, "INVALID_PAYLOAD_FORMAT", f"request body is not valid JSON: {exc}"
         ) from None
+    # Checked before anything walks the document recursively (the stdlib
+    # parser below, the schemas' checks), which a deeper one would exhaust.
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise ApiError(
+            400,
+            "INVALID_PAYLOAD_FORMAT",
+            f"request body is nested deeper than {MAX_JSON_DEPTH} levels",
+        )
+    if LONG_NUMBER.search(raw):
+        # orjson turns integers beyond 64 bits into floats, silently losing
+        # digits of a descriptor; the stdlib keeps them exact. orjson has
+        # already refused what is not strict JSON (NaN, lone surrogates).
+        data = json.loads(raw)
     try:
         return schema.load(data)
     except ValidationError as exc:
@@ -268,13 +291,15 @@ SELECT page.id, jobs.job_json FROM page JOIN jobs ON jobs.id = page.id ORDER BY 
 # the limit as a parameter the planner assumes a tenth of the rows and scans
 # whole statuses (6.6 ms a page instead of 0.28 ms). Other page sizes run
 # the same SQL unprepared, planned on every request.
-PREPARED_PAGE_SIZES = frozenset({1, 10, 20, 25, 50, 100, 200, 250, 500, MAX_PAGE_SIZE})
+PREPARED_PAGE_SIZES = frozenset(
+    {1, 10, 20, 25, 50, 100, 200, 250, 500, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE}
+)
 
 
 @functools.cache
 def list_jobs_statement(limit: int) -> db.Prepared | str:
     sql = LIST_JOBS.replace("%(limit)s", str(int(limit)))
-    if limit in PREPARED_PAGE_SIZES | {DEFAULT_PAGE_SIZE}:
+    if limit in PREPARED_PAGE_SIZES:
         return db.Prepared(f"list_jobs_{limit}", sql, statuses="text[]", max_id="bigint")
     return sql
 

@@ -49,7 +49,6 @@ class Prepared:
         numbers = {param: f"${n}" for n, param in enumerate(types, start=1)}
         body = re.sub(r"%\((\w+)\)s", lambda m: numbers[m.group(1)], sql)
         self.name = name
-        self.sql = sql
         self.prepare_sql = f"PREPARE {name} ({', '.join(types.values())}) AS {body}"
         self.execute_sql = f"EXECUTE {name} ({', '.join(f'%({p})s' for p in types)})"
 

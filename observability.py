@@ -64,7 +64,7 @@ def record_request(method, route, status, seconds, req_id) -> None:
     if access_log.isEnabledFor(logging.INFO):
         _write_access_line(
             {
-                "ts": _now(),
+                "ts": _rfc3339(),
                 "level": "info",
                 "logger": "jobs.access",
                 "msg": "request",
@@ -77,12 +77,14 @@ def record_request(method, route, status, seconds, req_id) -> None:
         )
 
 
-def _now() -> str:
-    return (
+def _rfc3339(seconds: float | None = None) -> str:
+    """A log line's timestamp: UTC, microseconds, Z; now unless ``seconds`` is given."""
+    moment = (
         datetime.datetime.now(datetime.UTC)
-        .isoformat(timespec="microseconds")
-        .replace("+00:00", "Z")
+        if seconds is None
+        else datetime.datetime.fromtimestamp(seconds, datetime.UTC)
     )
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _write_access_line(entry: dict) -> None:
@@ -121,9 +123,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "ts": datetime.datetime.fromtimestamp(record.created, datetime.UTC)
-            .isoformat(timespec="microseconds")
-            .replace("+00:00", "Z"),
+            "ts": _rfc3339(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),

@@ -430,6 +430,41 @@ def test_malformed_bodies_are_400_everywhere(client, db_conn, targets, body):
             refused(client, db_conn, method, url, body, None)
 
 
+def nested(depth: int, leaf=1):
+    """A JSON value whose arrays nest ``depth`` levels deep."""
+    value = leaf
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+# A body nested deeper than 100 levels, with and without an integer beyond 64
+# bits (which is parsed a second time): deep enough to exhaust recursive
+# checks, it once answered 500. Written by hand: json.dumps cannot nest 1000.
+@pytest.mark.parametrize("depth", [101, 400, 1000])
+@pytest.mark.parametrize("leaf", ["1", "123456789012345678901234567890"])
+def test_bodies_nested_too_deeply_are_400_everywhere(client, db_conn, targets, depth, leaf):
+    deep = "[" * depth + leaf + "]" * depth
+    bodies = {
+        "POST": '{"node_id": "w", "descriptor": {"d": ' + deep + "}}",
+        "PUT": '{"status": "FAILED", "detail": {"d": ' + deep + "}}",
+    }
+    with unchanged(client, db_conn):
+        for method, url in body_routes(targets):
+            body = bodies.get(method, deep).encode()
+            message = refused(client, db_conn, method, url, body, None)
+            assert "nested deeper than 100 levels" in message, (method, url, message)
+
+
+def test_a_body_nested_exactly_100_levels_is_accepted(client):
+    # The body object, the descriptor object, then 98 arrays.
+    descriptor = {"d": nested(98, 123456789012345678901234567890)}
+    response = client.post("/jobs", json={"node_id": "w", "descriptor": descriptor})
+    assert response.status_code == 201, response.data
+    assert response.get_json()["descriptor"] == descriptor
+    assert client.get(f"/jobs/{response.get_json()['id']}").get_json()["descriptor"] == descriptor
+
+
 @pytest.mark.parametrize("body", EMPTY_BODIES)
 def test_empty_bodies_are_400(client, db_conn, targets, body):
     with unchanged(client, db_conn):
