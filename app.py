@@ -759,6 +759,14 @@ def delete_job(job_id):
     responses={204: None, 400: ErrorSchema, 409: ErrorSchema},
 )
 def delete_jobs():
+    if "status" in request.args and request.get_data(cache=True).strip():
+        # Both forms at once: deleting by status would silently ignore the
+        # listed ids (and delete far more than the caller meant).
+        raise ApiError(
+            400,
+            "INVALID_QUERY_PARAM",
+            "give either ?status= or a body with job_ids, not both",
+        )
     if "status" in request.args:
         statuses = parse_status_tokens(request.args["status"], DELETE_STATUS_TOKENS)
         if statuses is None:

@@ -943,6 +943,20 @@ def test_delete_by_ids_accepts_1000_ids(client):
     assert [j["id"] for j in all_jobs(client)] == [keep["id"]]
 
 
+@pytest.mark.parametrize("body", [{"job_ids": []}, {"job_ids": [1]}, {}, "x", b"  {} "])
+def test_delete_by_status_with_a_body_is_ambiguous_and_deletes_nothing(client, db_conn, body):
+    done = [make_job(client, s) for s in TERMINAL for _ in range(2)]
+    before = all_jobs(client)
+    if isinstance(body, bytes):
+        response = client.delete("/jobs?status=completed", data=body)
+    else:
+        response = client.delete("/jobs?status=completed", json=body)
+    message = assert_error(response, 400, "INVALID_QUERY_PARAM")
+    assert "job_ids" in message and "status" in message, message
+    assert all_jobs(client) == before
+    assert sum(db_rows(db_conn, "job_events", j["id"]) for j in done) > 0
+
+
 @pytest.mark.parametrize("active", ACTIVE)
 def test_delete_by_ids_is_all_or_nothing(client, db_conn, active):
     done = [make_job(client, s) for s in TERMINAL]
