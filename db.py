@@ -1,169 +1,111 @@
-"""PostgreSQL connections: a small per-process pool that survives outages.
+"""The database handle of a request, as in Flask's tutorial (flaskr/db.py).
 
-Why not psycopg2's ThreadedConnectionPool: it opens ``minconn`` connections
-eagerly and closes every connection returned above ``minconn``, so under
-threads a bounded-but-lazy pool opens a backend on nearly every request. This
-one opens connections only when needed, keeps every returned healthy one, and
-bounds how many exist at once.
-
-Outages: a pooled connection whose server went away (restart, failover) has a
-readable socket while idle (the server's goodbye or EOF), so it is dropped at
-checkout without a round trip; a connection that fails during a request is
-closed instead of returned, and the idle ones are dropped with it. The service
-therefore recovers by itself when PostgreSQL comes back.
+``get_db`` lends the request a connection from the process's pool (pool.py),
+``close_db`` gives it back when the app context ends, and ``init-db`` applies
+schema.sql. ``init_app`` registers both with the app.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
-import select
-import threading
-import time
 
+import click
 import psycopg2
-import psycopg2.extensions
+from flask import current_app, g
+from flask.cli import with_appcontext
+
+import pool
 
 
-class Connection(psycopg2.extensions.connection):
-    """A connection that remembers the statements prepared in its session."""
+def get_pool() -> pool.ConnectionPool:
+    """The process's pool, created on first use: after gunicorn forks, never before."""
+    current = current_app.extensions.get("jobs_db_pool")
+    if current is None or current.pid != os.getpid():
+        cfg = current_app.config
+        current = pool.ConnectionPool(
+            cfg["DATABASE_URL"],
+            max_size=cfg["DB_POOL_SIZE"],
+            wait_timeout=cfg["DB_POOL_TIMEOUT_S"],
+            **connect_options(cfg),
+        )
+        current_app.extensions["jobs_db_pool"] = current
+    return current
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.prepared: set[str] = set()
+
+def connect_options(cfg) -> dict:
+    return {
+        "connect_timeout": cfg["DB_CONNECT_TIMEOUT_S"],
+        "application_name": "jobs-service",
+        # Generic plans for the prepared statements (pool.Prepared): each one's
+        # plan is chosen for it, and re-planning per call is what preparing
+        # saves. Plain SQL is planned per call whatever this says.
+        "options": f"-c statement_timeout={int(cfg['STATEMENT_TIMEOUT_MS'])}"
+        " -c plan_cache_mode=force_generic_plan",
+        # A peer that vanishes (no RST) must fail requests in seconds, not minutes.
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+        "tcp_user_timeout": int(cfg["STATEMENT_TIMEOUT_MS"]) + 5000,
+    }
 
 
-class Prepared:
-    """A statement prepared once per session, then only EXECUTEd.
+def get_db():
+    """The request's connection (autocommit: each statement is its own transaction)."""
+    if "db" not in g:
+        g.db = get_pool().getconn()
+    return g.db
 
-    psycopg2 sends every query as text for the server to parse and plan anew;
-    for the hot reads that planning costs as much as running them (pgbench on
-    the list query: ~4,700 tps as simple queries, ~7,700 prepared). ``sql``
-    uses psycopg2's %(name)s placeholders; ``types`` names each parameter's
-    SQL type, in order. Prepared statements outlive transactions, not the
-    session: a new connection (Connection.prepared empty) prepares again.
+
+def close_db(exc=None) -> None:
+    conn = g.pop("db", None)
+    if conn is not None:
+        get_pool().putconn(conn, broken=isinstance(exc, psycopg2.InterfaceError))
+
+
+def cursor():
+    """A cursor on the request's connection, for one statement."""
+    return get_db().cursor()
+
+
+@contextlib.contextmanager
+def transaction(timeout_ms: int | None = None):
+    """A cursor in one transaction, committed when the block ends without error.
+
+    ``timeout_ms`` replaces the statement timeout for this transaction only
+    (bulk work that may take longer than a request's usual budget).
     """
-
-    def __init__(self, name: str, sql: str, **types: str):
-        numbers = {param: f"${n}" for n, param in enumerate(types, start=1)}
-        body = re.sub(r"%\((\w+)\)s", lambda m: numbers[m.group(1)], sql)
-        self.name = name
-        self.prepare_sql = f"PREPARE {name} ({', '.join(types.values())}) AS {body}"
-        self.execute_sql = f"EXECUTE {name} ({', '.join(f'%({p})s' for p in types)})"
-
-    def execute(self, cur, params) -> None:
-        prepared = cur.connection.prepared
-        if self.name not in prepared:
-            cur.execute(self.prepare_sql)
-            prepared.add(self.name)
-        cur.execute(self.execute_sql, params)
+    conn = get_db()
+    with conn, conn.cursor() as cur:
+        if timeout_ms is not None:
+            cur.execute("SET LOCAL statement_timeout = %s", (int(timeout_ms),))
+        yield cur
 
 
-class PoolExhausted(psycopg2.OperationalError):
-    """Every connection is in use and none came back in time."""
-
-
-class ConnectionPool:
-    def __init__(self, dsn: str, max_size: int, wait_timeout: float, **connect_kwargs):
-        self._dsn = dsn
-        self._connect_kwargs = connect_kwargs
-        self._wait_timeout = wait_timeout
-        self._idle: list[psycopg2.extensions.connection] = []
-        self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(max_size)
-        self.pid = os.getpid()
-
-    def getconn(self) -> psycopg2.extensions.connection:
-        if not self._slots.acquire(timeout=self._wait_timeout):
-            raise PoolExhausted("no database connection free")
-        try:
-            while True:
-                with self._lock:
-                    conn = self._idle.pop() if self._idle else None
-                if conn is None:
-                    return self._connect()
-                if _alive(conn):
-                    return conn
-                _close_quietly(conn)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def putconn(self, conn: psycopg2.extensions.connection, broken: bool = False) -> None:
-        try:
-            if not broken and not conn.closed:
-                if conn.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
-                    conn.rollback()
-                with self._lock:
-                    self._idle.append(conn)
-                return
-            _close_quietly(conn)
-            # A connection broke: the others most likely share its fate.
-            self.drop_idle()
-        except psycopg2.Error:
-            _close_quietly(conn)
-            self.drop_idle()
-        finally:
-            self._slots.release()
-
-    def drop_idle(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            _close_quietly(conn)
-
-    def _connect(self) -> psycopg2.extensions.connection:
-        conn = psycopg2.connect(self._dsn, connection_factory=Connection, **self._connect_kwargs)
-        conn.autocommit = True
-        return conn
-
-
-def _alive(conn) -> bool:
-    if conn.closed:
-        return False
-    # An idle connection has nothing to read; anything readable is the server
-    # closing it (or an error for us), so it is no longer usable.
-    poller = select.poll()
-    poller.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
-    return not poller.poll(0)
-
-
-def _close_quietly(conn) -> None:
-    with contextlib.suppress(psycopg2.Error):
+def apply_schema(database_url: str, connect_timeout: int) -> None:
+    """Create missing tables and indexes. Idempotent; never drops anything."""
+    with current_app.open_resource("schema.sql") as f:
+        schema = f.read().decode()
+    conn = psycopg2.connect(database_url, connect_timeout=connect_timeout)
+    try:
+        with conn, conn.cursor() as cur:
+            # Replicas deploying at once must not race on CREATE ... IF NOT EXISTS.
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext('jobs-service init-db'))")
+            cur.execute(schema)
+    finally:
         conn.close()
 
 
-def ping(dsn: str, timeout: float, **connect_kwargs) -> None:
-    """Connect and run SELECT 1 within ``timeout`` seconds, or raise.
-
-    Uses psycopg2's asynchronous mode so the deadline holds even against an
-    address that drops packets (libpq's own connect_timeout cannot go below 2 s).
-    """
-    deadline = time.monotonic() + timeout
-    conn = psycopg2.connect(dsn, async_=True, **connect_kwargs)
-    try:
-        _wait(conn, deadline)
-        cur = conn.cursor()
-        cur.execute("SELECT 1")
-        _wait(conn, deadline)
-        cur.fetchone()
-    finally:
-        _close_quietly(conn)
+@click.command("init-db")
+@with_appcontext
+def init_db_command():
+    """Create missing tables and indexes. Idempotent; never drops anything."""
+    cfg = current_app.config
+    apply_schema(cfg["DATABASE_URL"], cfg["DB_CONNECT_TIMEOUT_S"])
+    click.echo("Initialized the database.")
 
 
-def _wait(conn, deadline: float) -> None:
-    while True:
-        state = conn.poll()
-        if state == psycopg2.extensions.POLL_OK:
-            return
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise psycopg2.OperationalError("timed out")
-        fd = conn.fileno()
-        if state == psycopg2.extensions.POLL_READ:
-            ready = select.select([fd], [], [], remaining)[0]
-        else:
-            ready = select.select([], [fd], [], remaining)[1]
-        if not ready:
-            raise psycopg2.OperationalError("timed out")
+def init_app(app) -> None:
+    app.teardown_appcontext(close_db)
+    app.cli.add_command(init_db_command)

@@ -13,8 +13,10 @@ import logging
 import os
 import re
 import sys
+import time
 
 import orjson
+from flask import g, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -107,6 +109,29 @@ def _json_handlers(logger: logging.Logger):
             if getattr(handler, "jobs_json", False):
                 yield handler
         logger = logger.parent if logger.propagate else None
+
+
+def init_app(app) -> None:
+    """Time every request, give it an X-Request-ID, and count and log it when answered."""
+
+    def start():
+        g.started = time.perf_counter()
+        g.request_id = request_id(request.environ.get("HTTP_X_REQUEST_ID"))
+
+    def finish(response):
+        response.headers["X-Request-ID"] = g.get("request_id") or request_id(None)
+        rule = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+        record_request(
+            request.method,
+            rule,
+            response.status_code,
+            time.perf_counter() - g.get("started", time.perf_counter()),
+            g.get("request_id"),
+        )
+        return response
+
+    app.before_request(start)
+    app.after_request(finish)
 
 
 def render_metrics() -> tuple[bytes, str]:

@@ -1,20 +1,20 @@
-"""Routes declared once: the blueprint, their access level, their error code,
-and the OpenAPI 3 document generated (apispec) from the marshmallow schemas
-that validate and serialise them."""
+"""The OpenAPI 3 document, built (apispec) from the route registry and the
+marshmallow schemas that validate and serialise every route."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 
-from schemas import MAX_JOB_ID, ErrorSchema, FileSchema, JobId
+from registry import EndpointRegistry, Route
+from schemas import MAX_BATCH, MAX_JOB_ID, TABLE_PATTERN, ErrorSchema, FileSchema, JobId
 
 HTTP_REASONS = {
     200: "OK",
     201: "Created",
+    202: "Accepted",
     204: "No Content",
     400: "Bad Request",
     401: "Unauthorized",
@@ -26,78 +26,22 @@ HTTP_REASONS = {
     503: "Service Unavailable",
 }
 
+TABLE_PARAM = {
+    "in": "path",
+    "name": "table",
+    "required": True,
+    "schema": {"type": "string", "pattern": TABLE_PATTERN},
+}
 
-@dataclass
-class Route:
-    rule: str
-    methods: tuple[str, ...]
-    view: str
-    access: str
-    error_code: str
-    summary: str
-    params: list = field(default_factory=list)
-    query: type | None = None
-    body: type | None = None
-    responses: dict = field(default_factory=dict)
-
-
-class EndpointRegistry:
-    """``@endpoint(rule, methods, ...)`` registers a view on the blueprint and documents it."""
-
-    def __init__(self, blueprint):
-        self.blueprint = blueprint
-        self.routes: list[Route] = []
-        self._by_endpoint: dict[str, Route] = {}
-        self._document = None
-
-    def __call__(
-        self,
-        rule,
-        methods,
-        *,
-        access,
-        summary,
-        responses,
-        error_code="INTERNAL_ERROR",
-        params=(),
-        query=None,
-        body=None,
-    ):
-        methods = (methods,) if isinstance(methods, str) else tuple(methods)
-
-        def register(view):
-            route = Route(
-                rule,
-                methods,
-                view.__name__,
-                access,
-                error_code,
-                summary,
-                list(params),
-                query,
-                body,
-                dict(responses),
-            )
-            self.routes.append(route)
-            self._by_endpoint[f"{self.blueprint.name}.{view.__name__}"] = route
-            self.blueprint.add_url_rule(rule, view_func=view, methods=list(methods))
-            return view
-
-        return register
-
-    def access_of(self, endpoint: str | None) -> str | None:
-        route = self._by_endpoint.get(endpoint)
-        return route.access if route else None
-
-    def error_code_of(self, endpoint: str | None) -> str:
-        route = self._by_endpoint.get(endpoint)
-        return route.error_code if route else "INTERNAL_ERROR"
+_documents: dict[int, dict] = {}
 
 
 def document(registry: EndpointRegistry) -> dict:
-    if registry._document is None:
-        registry._document = _build(registry)
-    return registry._document
+    """The document of ``registry``'s routes, built once per registry."""
+    built = _documents.get(id(registry))
+    if built is None:
+        built = _documents[id(registry)] = _build(registry)
+    return built
 
 
 def _build(registry: EndpointRegistry) -> dict:
@@ -107,7 +51,7 @@ def _build(registry: EndpointRegistry) -> dict:
         version="1.0.0",
         openapi_version="3.0.3",
         plugins=[plugin],
-        info={"description": "See, stop, clean up and follow extraction jobs."},
+        info={"description": "See, stop, clean up and follow extraction jobs. See docs/API.md."},
     )
     plugin.converter.field_mapping[JobId] = ("integer", None)
     plugin.converter.add_attribute_function(_job_id_range)
@@ -143,23 +87,15 @@ def _operation(route: Route) -> dict:
         op["parameters"] = parameters
     if route.body is not None:
         op["requestBody"] = {
-            "required": route.rule != "/jobs" or "POST" in route.methods,
+            "required": route.body_required,
             "content": {"application/json": {"schema": _body_schema(route.body)}},
         }
-    responses = dict(route.responses)
     if route.access != "open":
-        responses.setdefault(401, ErrorSchema)
-        if route.access == "admin":
-            responses.setdefault(403, ErrorSchema)
         op["security"] = [{"bearer": []}]
-    if route.body is not None:
-        responses.setdefault(413, ErrorSchema)
-        responses.setdefault(400, ErrorSchema)
-    if route.access != "open" or route.error_code != "INTERNAL_ERROR":
-        responses.setdefault(500, ErrorSchema)
-    op["responses"] = {
-        str(code): _response(code, schema) for code, schema in sorted(responses.items())
-    }
+    responses = {code: _response(code, schema) for code, schema in route.responses.items()}
+    for code, error_codes in route.error_codes().items():
+        responses[code] = _error_response(code, error_codes)
+    op["responses"] = {str(code): responses[code] for code in sorted(responses)}
     return op
 
 
@@ -173,7 +109,7 @@ def _body_schema(schema):
                     "type": "array",
                     "items": {"$ref": "#/components/schemas/File"},
                     "minItems": 1,
-                    "maxItems": 1000,
+                    "maxItems": MAX_BATCH,
                 },
             ]
         }
@@ -187,3 +123,23 @@ def _response(code: int, schema) -> dict:
     elif schema is not None:
         response["content"] = {"application/json": {"schema": schema}}
     return response
+
+
+def _error_response(code: int, error_codes: tuple[str, ...]) -> dict:
+    """The Error shape, with the error codes this route answers at this status."""
+    return {
+        "description": f"{HTTP_REASONS.get(code, str(code))}: {', '.join(error_codes)}",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["error_code", "error_message"],
+                    "properties": {
+                        "error_code": {"type": "string", "enum": list(error_codes)},
+                        "error_message": {"type": "string"},
+                    },
+                    "additionalProperties": False,
+                }
+            }
+        },
+    }

@@ -72,13 +72,15 @@ TABLE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
 HASH_PATTERN = r"^0x[0-9a-fA-F]{64}$"
 TIMESTAMP_PATTERN = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$"
 
-_DIGITS = re.compile(r"[0-9]{1,19}")
+# One spelling per id: no sign, no leading zeros, at most 19 digits.
+_JOB_ID = re.compile(r"[1-9][0-9]{0,18}")
+JOB_ID_RULE = f"an integer in 1..{MAX_JOB_ID}, written without leading zeros"
 _TABLE = re.compile(TABLE_PATTERN)
 
 
 def parse_job_id(text: str) -> int | None:
-    """A job ID as CONTRACT.md §1 spells it (base-10 digits, 1..2^63-1), else None."""
-    if not _DIGITS.fullmatch(text):
+    """A job ID as the API spells it (see JOB_ID_RULE), else None."""
+    if not _JOB_ID.fullmatch(text):
         return None
     value = int(text)
     return value if 1 <= value <= MAX_JOB_ID else None
@@ -124,7 +126,7 @@ class JobId(fields.Field):
     """A job ID: a JSON integer or a string of digits, in 1..2^63-1."""
 
     default_error_messages: ClassVar[dict[str, str]] = {
-        "invalid": "Not a valid job ID (an integer in 1..9223372036854775807)."
+        "invalid": f"Not a valid job ID ({JOB_ID_RULE})."
     }
 
     def _deserialize(self, value, attr, data, **kwargs):

@@ -140,9 +140,13 @@ def test_every_response_with_a_body_has_a_schema(doc):
             for media, content in response["content"].items():
                 assert "schema" in content, (*where, media)
             if code.startswith(("4", "5")) and code != "503":
-                assert response["content"]["application/json"]["schema"] == {
-                    "$ref": "#/components/schemas/Error"
-                }, where
+                # The Error shape, narrowed to the codes this route answers at this status.
+                schema = response["content"]["application/json"]["schema"]
+                assert schema["required"] == ["error_code", "error_message"], where
+                assert schema["additionalProperties"] is False, where
+                assert schema["properties"]["error_message"] == {"type": "string"}, where
+                codes = schema["properties"]["error_code"]["enum"]
+                assert codes and all(re.fullmatch(r"[A-Z][A-Z0-9_]+", c) for c in codes), where
 
 
 def test_the_document_declares_the_operational_answers(doc):
@@ -303,6 +307,20 @@ def exercise_happy_and_client_errors(check, client):
     check(c, "DELETE", "/jobs", 204, json={"job_ids": [ids[3], 987654321]})
     check(c, "DELETE", "/jobs", 400, json={"job_ids": ["x"]})
     check(c, "DELETE", "/jobs", 413, data=BIG)
+    # A body on a route that takes none is refused rather than ignored, and
+    # bounded like any body.
+    job = f"/jobs/{ids[4]}"
+    for method, path in [
+        ("GET", "/jobs"),
+        ("GET", job),
+        ("GET", f"{job}/progress"),
+        ("GET", f"{job}/events"),
+        ("PUT", f"{job}/stop"),
+        ("POST", f"{job}/stop"),
+        ("DELETE", job),
+    ]:
+        check(c, method, path, 400, json={"force": True})
+        check(c, method, path, 413, data=BIG)
     # Operations
     for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
         check(c, "GET", path, 200)

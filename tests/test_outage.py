@@ -20,6 +20,7 @@ from serve import Server
 from test_ops import Blackhole
 
 from app import create_app
+from schemas import JOB_ID_RULE
 
 SLOW = 3.0  # seconds: "within a few seconds"
 _names = itertools.count()
@@ -111,7 +112,7 @@ def check_down(call, a, b, rounds=1):
             400,
             {
                 "error_code": "INVALID_JOB_ID",
-                "error_message": "job id must be an integer in 1..9223372036854775807",
+                "error_message": f"job id must be {JOB_ID_RULE}",
             },
         )
 

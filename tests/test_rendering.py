@@ -16,8 +16,10 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-import app as service
+import db
+import pool
 from schemas import JobSchema
+from store import jobs as job_store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,8 +106,8 @@ def test_prepared_and_unprepared_page_sizes_agree(client, limit):
     body = client.get(f"/jobs?limit={limit}&status=all").get_json()
     assert [j["id"] for j in body["jobs"]] == [3, 2, 1][:limit]
     assert body["next_cursor"] == (body["jobs"][-1]["id"] if limit < 3 else None)
-    statement = service.list_jobs_statement(limit)
-    prepared = isinstance(statement, service.db.Prepared)
+    statement = job_store.list_statement(limit)
+    prepared = isinstance(statement, pool.Prepared)
     assert prepared == (limit in (1, 50, 1000))
 
 
@@ -115,7 +117,7 @@ def test_a_session_that_lost_its_prepared_statements_prepares_again(app, client)
     assert client.get("/jobs").status_code == 200
     # A new connection (after an outage, or a recycled one) starts with none.
     with app.app_context():
-        pool = service.get_pool()
+        pool = db.get_pool()
         pool.drop_idle()
     assert client.get(f"/jobs/{job['id']}").get_json() == job
     assert client.get("/jobs").get_json()["jobs"] == [job]

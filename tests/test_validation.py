@@ -188,6 +188,11 @@ BAD_IDS = [
     "true",
     "%",
     "1,2",
+    # One spelling per id: leading zeros are refused at any length.
+    "01",
+    "007",
+    "0" * 18 + "1",
+    "0" * 19 + "1",
 ]
 
 VALID_FILE = fl("new-file", 10, 19, 1)
@@ -901,3 +906,111 @@ def test_wrong_methods_are_json_405(client, db_conn, world, method, url, allowed
     assert allowed <= allow
     assert method not in allow
     assert snapshot(client, db_conn) == before
+
+
+# ---- Parameters and bodies a route does not take ---------------------------------
+# Silently ignoring them answers something the caller did not ask for (a
+# misspelt filter lists every active job; a repeated limit is decided by the
+# first value): each is a 400 that names the parameter, with nothing changed.
+
+NO_QUERY_ROUTES = [
+    ("GET", "/jobs/{}"),
+    ("GET", "/jobs/{}/progress"),
+    ("GET", "/jobs/{}/events"),
+    ("PUT", "/jobs/{}/stop"),
+    ("POST", "/jobs/{}/stop"),
+    ("DELETE", "/jobs/{}"),
+]
+
+
+@pytest.mark.parametrize(
+    ("query", "name", "code"),
+    [
+        ("?stauts=running", "stauts", "INVALID_QUERY_PARAMETERS"),
+        ("?limit=1&limit=abc", "limit", "INVALID_QUERY_PARAMETERS"),
+        ("?limit=5&limit=5", "limit", "INVALID_QUERY_PARAMETERS"),
+        ("?status=running&status=bogus", "status", "INVALID_QUERY_PARAMETERS"),
+        ("?last_job_id=5&last_job_id=9", "last_job_id", "INVALID_QUERY_PARAMETERS"),
+        ("?node=worker-01", "node", "INVALID_QUERY_PARAMETERS"),
+    ],
+)
+def test_list_refuses_unknown_and_repeated_parameters(client, db_conn, query, name, code):
+    create(client)
+    message = refused(client, db_conn, "GET", "/jobs" + query, None, None, code)
+    assert repr(name) in message, message
+
+
+@pytest.mark.parametrize(
+    "query", ["?status=failed&status=completed", "?status=failed&force=1", "?Status=failed"]
+)
+def test_bulk_delete_refuses_unknown_and_repeated_parameters(client, db_conn, query):
+    job = create(client)
+    move(client, job, "FAILED")
+    refused(client, db_conn, "DELETE", "/jobs" + query, None, None, "INVALID_QUERY_PARAM")
+
+
+@pytest.mark.parametrize(("method", "route"), NO_QUERY_ROUTES)
+def test_routes_without_parameters_refuse_any(client, db_conn, method, route):
+    job = create(client)
+    message = refused(
+        client,
+        db_conn,
+        method,
+        route.format(job) + "?force=true",
+        None,
+        None,
+        "INVALID_QUERY_PARAMETERS",
+    )
+    assert "'force'" in message, message
+
+
+@pytest.mark.parametrize(("method", "route"), [*NO_QUERY_ROUTES, ("GET", "/jobs")])
+@pytest.mark.parametrize("body", [{"force": True}, [1], b"x", b'"stop"', b"0"])
+def test_routes_without_a_body_refuse_one_that_says_something(client, db_conn, method, route, body):
+    job = create(client)
+    refused(client, db_conn, method, route.format(job), body, "body")
+
+
+@pytest.mark.parametrize(("method", "route"), [*NO_QUERY_ROUTES, ("GET", "/jobs")])
+@pytest.mark.parametrize("body", [b"", b"  \n", b"{}", b"null", b" {} "])
+def test_routes_without_a_body_accept_an_empty_one(client, method, route, body):
+    job = create(client)
+    move(client, job, "FAILED")  # deletable, and the stop a no-op
+    response = send(client, method, route.format(job), body)
+    assert response.status_code in (200, 204), response.data
+
+
+@pytest.mark.parametrize("path", ["/jobs", "/jobs/1", "/jobs/1/stop", "/healthz", "/nope"])
+def test_options_is_a_json_error_not_an_empty_page(client, path):
+    response = client.open(path, method="OPTIONS")
+    assert_error(
+        response,
+        405 if path != "/nope" else 404,
+        "METHOD_NOT_ALLOWED" if path != "/nope" else "NOT_FOUND",
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "route", "body"),
+    [
+        ("POST", "/jobs", b'{"node_id": "w"}'),
+        ("PUT", "/jobs/{}/status", b'{"status": "RUNNING"}'),
+        ("POST", "/jobs/{}/tables/t/files", json.dumps(fl("f", 0, 1)).encode()),
+        ("DELETE", "/jobs", b'{"job_ids": [1]}'),
+    ],
+)
+def test_a_body_shorter_than_its_content_length_changes_nothing(
+    client, db_conn, method, route, body
+):
+    """The client announced more than it sent (a cut connection): nothing is acted on."""
+    job = create(client)
+    before = db_rows(db_conn)
+    response = client.open(
+        route.format(job),
+        method=method,
+        input_stream=io.BytesIO(body),
+        content_type="application/json",
+        environ_overrides={"CONTENT_LENGTH": str(len(body) + 84)},
+    )
+    assert "Content-Length" in assert_error(response, 400, "INVALID_PAYLOAD_FORMAT")
+    assert db_rows(db_conn) == before

@@ -1,0 +1,190 @@
+"""A request's path, query and body turned into validated values, or a 400.
+
+Everything here runs before the database is touched, so invalid input gets
+the same answer while the database is down.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import orjson
+from flask import current_app, request
+from marshmallow import ValidationError
+from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
+
+from errors import ApiError
+from schemas import (
+    DEFAULT_PAGE_SIZE,
+    JOB_ID_RULE,
+    MAX_PAGE_SIZE,
+    TABLE_PATTERN,
+    is_table_name,
+    parse_job_id,
+    parse_status_tokens,
+)
+
+INVALID_PAYLOAD = "INVALID_PAYLOAD_FORMAT"
+LONG_NUMBER = re.compile(rb"\d{20}")
+MAX_JSON_DEPTH = 100
+
+
+def job_id_from_path(text: str) -> int:
+    job_id = parse_job_id(text)
+    if job_id is None:
+        raise ApiError(400, "INVALID_JOB_ID", f"job id must be {JOB_ID_RULE}")
+    return job_id
+
+
+def table_from_path(text: str) -> str:
+    if not is_table_name(text):
+        raise ApiError(400, INVALID_PAYLOAD, f"table must match {TABLE_PATTERN}")
+    return text
+
+
+def limit_from_query(text: str | None) -> int:
+    if text is None:
+        return DEFAULT_PAGE_SIZE
+    stripped = text.strip()
+    digits = stripped.lstrip("+-")
+    if not digits.isdigit() or not digits.isascii() or len(stripped) - len(digits) > 1:
+        raise ApiError(400, "INVALID_QUERY_PARAMETERS", "limit must be an integer")
+    # No int() before the length check: a 5000-digit limit would raise (a 500).
+    if stripped.startswith("-") or not digits.strip("0"):
+        raise ApiError(400, "LIMIT_INVALID", "limit must be at least 1")
+    if len(digits) > 6 or int(digits) > MAX_PAGE_SIZE:
+        raise ApiError(400, "LIMIT_TOO_LARGE", f"limit must be at most {MAX_PAGE_SIZE}")
+    return int(digits)
+
+
+def cursor_from_query(text: str | None) -> int | None:
+    """``last_job_id``: the largest id the page may hold, or None for no cursor."""
+    if text is None:
+        return None
+    last_job_id = parse_job_id(text)
+    if last_job_id is None:
+        raise ApiError(400, "INVALID_QUERY_PARAMETERS", f"last_job_id must be {JOB_ID_RULE}")
+    return last_job_id - 1
+
+
+def statuses_from_query(text: str, tokens: dict, code: str, message: str) -> tuple[str, ...]:
+    statuses = parse_status_tokens(text, tokens)
+    if statuses is None:
+        raise ApiError(400, code, message)
+    return statuses
+
+
+def check_query(allowed: frozenset[str], code: str) -> None:
+    """Refuse query parameters a route does not take, and any given twice.
+
+    A misspelt or repeated parameter silently ignored (or decided by its first
+    value) answers something the caller did not ask for.
+    """
+    args = request.args
+    for name in args:
+        if name not in allowed:
+            takes = ", ".join(sorted(allowed)) or "none"
+            raise ApiError(
+                400, code, f"unknown query parameter {name!r} (this route takes: {takes})"
+            )
+        if len(args.getlist(name)) > 1:
+            raise ApiError(400, code, f"query parameter {name!r} is given more than once")
+
+
+def request_body() -> bytes:
+    """The raw body, refused when too large, truncated or malformed on the wire."""
+    declared = request.content_length
+    try:
+        raw = request.get_data(cache=True)
+    except ClientDisconnected:
+        raw = b""  # Werkzeug's word for a body cut short: answered below
+    except HTTPException:
+        raise
+    except Exception:
+        # The server's reader failed (a malformed chunk, a connection cut mid-body).
+        raise ApiError(400, INVALID_PAYLOAD, "request body could not be read") from None
+    if declared is not None and len(raw) != declared:
+        raise ApiError(400, INVALID_PAYLOAD, "request body is shorter than its Content-Length")
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    # A chunked body (no Content-Length): Werkzeug stops reading at the limit and
+    # hands over what it read; one more byte on the wire means it was too large.
+    if declared is None and limit is not None and len(raw) >= limit:
+        try:
+            more = request.environ["wsgi.input"].read(1)
+        except Exception:
+            more = b"?"
+        if more:
+            raise RequestEntityTooLarge()
+    return raw
+
+
+def check_no_body() -> None:
+    """A route that takes no body refuses one that says something (empty, {} and null pass)."""
+    raw = request_body().strip()
+    if raw and raw not in (b"{}", b"null"):
+        raise ApiError(400, INVALID_PAYLOAD, "this route takes no request body")
+
+
+def has_body() -> bool:
+    return bool(request_body().strip())
+
+
+def load_body(schema):
+    """Parse the request body as JSON (whatever its Content-Type) into ``schema``."""
+    raw = request_body()
+    if not raw.strip():
+        raise ApiError(400, INVALID_PAYLOAD, "request body is empty; JSON expected")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, INVALID_PAYLOAD, f"request body is not valid JSON: {exc}") from None
+    # Checked before anything walks the document recursively (the stdlib
+    # parser below, the schemas' checks), which a deeper one would exhaust.
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise ApiError(
+            400, INVALID_PAYLOAD, f"request body is nested deeper than {MAX_JSON_DEPTH} levels"
+        )
+    if LONG_NUMBER.search(raw):
+        # orjson turns integers beyond 64 bits into floats, silently losing
+        # digits of a descriptor; the stdlib keeps them exact. orjson has
+        # already refused what is not strict JSON (NaN, lone surrogates).
+        data = json.loads(raw)
+    try:
+        return schema.load(data)
+    except ValidationError as exc:
+        raise ApiError(400, INVALID_PAYLOAD, describe_validation_error(exc.messages)) from None
+
+
+def json_depth(value) -> int:
+    """How deeply arrays and objects nest in a parsed JSON document (without recursion)."""
+    deepest, pending = 0, [(value, 0)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, dict):
+            value = value.values()
+        elif not isinstance(value, list):
+            continue
+        deepest = max(deepest, depth + 1)
+        pending.extend((item, depth + 1) for item in value)
+    return deepest
+
+
+def describe_validation_error(messages, prefix: str = "") -> str:
+    """Flatten marshmallow's nested messages into 'field: problem; other: problem'."""
+    if isinstance(messages, dict):
+        parts = []
+        for key, value in messages.items():
+            if key == "_schema":
+                name = prefix or "body"
+            elif isinstance(key, int):
+                name = f"{prefix}[{key}]"
+            else:
+                name = f"{prefix}.{key}" if prefix else str(key)
+            parts.append(describe_validation_error(value, name))
+        return "; ".join(parts)
+    if isinstance(messages, list) and all(isinstance(m, str) for m in messages):
+        return f"{prefix or 'body'}: {' '.join(messages)}"
+    if isinstance(messages, list):
+        return "; ".join(describe_validation_error(m, prefix) for m in messages)
+    return f"{prefix or 'body'}: {messages}"
