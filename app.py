@@ -16,6 +16,7 @@ import psycopg2
 from flask import Blueprint, Flask, current_app, request
 
 import auth
+import chores
 import db
 import errors
 import observability
@@ -441,6 +442,7 @@ def create_app(test_config=None):
     observability.init_app(app)
     app.before_request(check_access)
     db.init_app(app)
+    chores.init_app(app)
     errors.init_app(app, endpoint.error_code_of)
 
     if not app.config["ADMIN_TOKEN"]:

@@ -115,3 +115,9 @@ CREATE TABLE IF NOT EXISTS job_files (
 -- The canonical-chain walk order.
 CREATE INDEX IF NOT EXISTS job_files_chain
     ON job_files (job_id, table_name, start_block, id DESC);
+
+-- Housekeeping runs (chores.py): when each chore last ran, for any replica.
+CREATE TABLE IF NOT EXISTS service_chores (
+    name   text        PRIMARY KEY,
+    ran_at timestamptz NOT NULL
+);
