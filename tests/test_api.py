@@ -1,9 +1,10 @@
 """The Jobs API through the Flask test client: every route's success shapes,
 status codes and error codes of CONTRACT.md §1-§4.
 
-Expected values come from the contract, written out here (the transition
-table, the filter tokens), never from the service's own constants, so a wrong
-constant in schemas.py fails these tests instead of being copied by them.
+Expected values come from the contract, written out by hand (the filter tokens
+here, the transition table in helpers.py), never from the service's own
+constants, so a wrong constant in schemas.py fails these tests instead of
+being copied by them.
 Every successful body is also checked against the marshmallow schema that
 documents it (schemas.py).
 """
@@ -18,36 +19,20 @@ from datetime import UTC, datetime, timedelta
 from itertools import product
 
 import pytest
+from helpers import (
+    ACTIVE,
+    MAX_ID,
+    REPORTABLE,
+    STATUSES,
+    STOPPABLE,
+    TERMINAL,
+    WORKER_MOVES,
+    assert_error,
+    block_hash,
+    file_entry,
+)
 
 from schemas import EventListSchema, JobListSchema, JobSchema, ProgressSchema
-
-MAX_ID = 2**63 - 1
-STATUSES = (
-    "SCHEDULED",
-    "RUNNING",
-    "STOP_REQUESTED",
-    "STOPPING",
-    "COMPLETED",
-    "STOPPED",
-    "FAILED",
-)
-TERMINAL = ("COMPLETED", "STOPPED", "FAILED")
-ACTIVE = ("SCHEDULED", "RUNNING", "STOP_REQUESTED", "STOPPING")
-
-# CONTRACT.md §4.2, row by row: from -> the statuses a worker may report.
-LEGAL = {
-    "SCHEDULED": {"RUNNING", "FAILED"},
-    "RUNNING": {"COMPLETED", "FAILED"},
-    "STOP_REQUESTED": {"FAILED", "STOPPING"},
-    "STOPPING": {"FAILED", "STOPPED"},
-    "FAILED": {"SCHEDULED"},
-    "COMPLETED": set(),
-    "STOPPED": set(),
-}
-# The table's columns: everything a worker may report.
-REPORTABLE = ("RUNNING", "COMPLETED", "FAILED", "STOPPING", "STOPPED", "SCHEDULED")
-# CONTRACT.md §3 PUT /jobs/{id}/stop: the operator's move.
-STOPPABLE = {"SCHEDULED", "RUNNING"}
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 JOB_KEYS = {"id", "created_at", "updated_at", "node_id", "status", "descriptor"}
@@ -57,7 +42,7 @@ TABLE_KEYS = {"start_block", "current_block", "files_count", "total_size_bytes"}
 
 def _moves():
     """(from, to, how) for every legal move: §4.2's table plus the stop request."""
-    moves = [(f, t, "status") for f, tos in LEGAL.items() for t in sorted(tos)]
+    moves = [(f, t, "status") for f, tos in WORKER_MOVES.items() for t in sorted(tos)]
     moves += [(f, "STOP_REQUESTED", "stop") for f in sorted(STOPPABLE)]
     return moves
 
@@ -97,18 +82,6 @@ def assert_recent(text: str):
 def body_of(response):
     assert response.mimetype == "application/json", response.headers
     return json.loads(response.data)
-
-
-def assert_error(response, status: int, code: str) -> str:
-    """The §1 error shape, exactly; returns the message."""
-    assert response.status_code == status, (response.status_code, response.data[:400])
-    assert response.headers["Content-Type"].split(";")[0].strip() == "application/json"
-    body = json.loads(response.data)
-    assert set(body) == {"error_code", "error_message"}, body
-    assert body["error_code"] == code, body
-    assert isinstance(body["error_message"], str)
-    assert body["error_message"].strip(), body
-    return body["error_message"]
 
 
 def names(word: str, message: str) -> bool:
@@ -228,19 +201,6 @@ def make_job(client, status: str, node_id="worker-01", descriptor=None) -> dict:
     return job
 
 
-def fl(name, start, end, size=1, bh=None, ph=None) -> dict:
-    body = {"file_name": name, "start_block": start, "end_block": end, "size_bytes": size}
-    if bh is not None:
-        body["block_hash"] = bh
-    if ph is not None:
-        body["prev_hash"] = ph
-    return body
-
-
-def h(n: int) -> str:
-    return "0x" + f"{n:064x}"
-
-
 def register(client, job_id, table, payload, expect=201):
     response = client.post(f"/jobs/{job_id}/tables/{table}/files", json=payload)
     assert response.status_code == expect, response.data
@@ -251,19 +211,6 @@ def db_rows(db_conn, table: str, job_id: int) -> int:
     with db_conn.cursor() as cur:
         cur.execute(f"SELECT count(*) FROM {table} WHERE job_id = %s", (job_id,))
         return cur.fetchone()[0]
-
-
-# ---- The helpers' own premises ---------------------------------------------
-
-
-def test_paths_reach_every_status_through_legal_moves():
-    legal = {(f, t) for f, t, _ in _moves()}
-    for status, path in PATHS.items():
-        current = "SCHEDULED"
-        for to, _ in path:
-            assert (current, to) in legal
-            current = to
-        assert current == status
 
 
 # ---- POST /jobs (§4.1) -------------------------------------------------------
@@ -405,7 +352,7 @@ def test_updated_at_changes_on_every_status_change_and_only_then(client):
     changed(report(client, job["id"], "RUNNING"))
     report(client, job["id"], "RUNNING")  # no-op
     unchanged()
-    register(client, job["id"], "blocks", fl("f0", 0, 9))
+    register(client, job["id"], "blocks", file_entry("f0", 0, 9))
     unchanged()
     report(client, job["id"], "STOPPED", expect=409)
     unchanged()
@@ -620,7 +567,7 @@ def test_transition_table(client, source, target):
         assert check_job(body_of(response)) == job, "a no-op changes nothing"
         assert get_job(client, job["id"]) == job
         assert events(client, job["id"]) == before_events, "a no-op appends no event"
-    elif target in LEGAL[source]:
+    elif target in WORKER_MOVES[source]:
         assert response.status_code == 200, response.data
         moved = check_job(body_of(response))
         assert moved["status"] == target
@@ -641,14 +588,6 @@ def test_transition_table(client, source, target):
         assert get_job(client, job["id"]) == job
         assert events(client, job["id"]) == before_events
     assert get_job(client, other["id"]) == other
-
-
-def test_transition_table_is_complete():
-    """Every status against every reportable status, so no pair is hand-picked."""
-    pairs = list(product(STATUSES, REPORTABLE))
-    assert len(pairs) == 42
-    legal = [(f, t) for f, t in pairs if t in LEGAL[f]]
-    assert len(legal) == 9
 
 
 def test_report_with_detail_records_it_in_the_event(client):
@@ -780,9 +719,9 @@ def test_stop_then_worker_winds_down(client):
 def test_delete_terminal_job_cascades(client, db_conn, terminal):
     job = create(client)
     keep = create(client)
-    register(client, job["id"], "blocks", [fl("a", 0, 9), fl("b", 10, 19)])
-    register(client, job["id"], "logs", fl("c", 0, 9))
-    register(client, keep["id"], "blocks", fl("a", 0, 9))
+    register(client, job["id"], "blocks", [file_entry("a", 0, 9), file_entry("b", 10, 19)])
+    register(client, job["id"], "logs", file_entry("c", 0, 9))
+    register(client, keep["id"], "blocks", file_entry("a", 0, 9))
     job = drive(client, job, terminal)
     keep = drive(client, keep, terminal)
     assert db_rows(db_conn, "job_files", job["id"]) == 3
@@ -807,7 +746,7 @@ def test_delete_terminal_job_cascades(client, db_conn, terminal):
 @pytest.mark.parametrize("active", ACTIVE)
 def test_delete_active_job_is_409_naming_its_status(client, db_conn, active):
     job = make_job(client, active)
-    register(client, job["id"], "blocks", fl("a", 0, 9))
+    register(client, job["id"], "blocks", file_entry("a", 0, 9))
     before_events = events(client, job["id"])
     message = assert_error(client.delete(f"/jobs/{job['id']}"), 409, "JOB_CONFLICT")
     assert names(active, message), message
@@ -851,7 +790,7 @@ def two_of_each(client):
     for status in STATUSES:
         for _ in range(2):
             job = create(client)
-            register(client, job["id"], "blocks", fl("f", 0, 9))
+            register(client, job["id"], "blocks", file_entry("f", 0, 9))
             job = drive(client, job, status)
             jobs[job["id"]] = status
     return jobs
@@ -916,7 +855,7 @@ def test_delete_by_ids_deletes_exactly_those(client, db_conn):
     done = [make_job(client, s) for s in TERMINAL for _ in range(2)]
     running = make_job(client, "RUNNING")
     chosen = [done[0]["id"], done[3]["id"], done[5]["id"]]
-    register(client, running["id"], "blocks", fl("f", 0, 9))
+    register(client, running["id"], "blocks", file_entry("f", 0, 9))
     response = client.delete("/jobs", json={"job_ids": [*chosen, 99999, chosen[0]]})
     assert response.status_code == 204, response.data
     assert response.data == b""
@@ -975,7 +914,7 @@ def test_delete_by_ids_is_all_or_nothing(client, db_conn, active):
 
 def test_register_single_file(client):
     job = create(client)
-    response = register(client, job["id"], "blocks", fl("b0", 0, 99, 1000, h(1)))
+    response = register(client, job["id"], "blocks", file_entry("b0", 0, 99, 1000, block_hash(1)))
     assert response.headers["Content-Type"].split(";")[0] == "application/json"
     assert isinstance(body_of(response), dict)
     assert progress(client, job["id"])["tables"] == {
@@ -990,7 +929,7 @@ def test_register_single_file(client):
 
 def test_register_batch(client):
     job = create(client)
-    batch = [fl(f"b{i}", i * 100, i * 100 + 99, 10 + i) for i in range(5)]
+    batch = [file_entry(f"b{i}", i * 100, i * 100 + 99, 10 + i) for i in range(5)]
     register(client, job["id"], "blocks", batch)
     assert progress(client, job["id"])["tables"]["blocks"] == {
         "start_block": 0,
@@ -1002,7 +941,7 @@ def test_register_batch(client):
 
 def test_register_1000_files_in_one_batch(client, db_conn):
     job = create(client)
-    batch = [fl(f"b{i:04}", i * 10, i * 10 + 9, 1) for i in range(1000)]
+    batch = [file_entry(f"b{i:04}", i * 10, i * 10 + 9, 1) for i in range(1000)]
     register(client, job["id"], "blocks", batch)
     assert db_rows(db_conn, "job_files", job["id"]) == 1000
     assert progress(client, job["id"])["tables"]["blocks"] == {
@@ -1015,9 +954,11 @@ def test_register_1000_files_in_one_batch(client, db_conn):
 
 def test_register_boundaries(client):
     job = create(client)
-    register(client, job["id"], "a" * 63, fl("max", 0, MAX_ID, MAX_ID))
-    register(client, job["id"], "_", fl("zero", 0, 0, 0, h(0), h(2**256 - 1)))
-    register(client, job["id"], "Table_9", fl("x" * 200, MAX_ID, MAX_ID, 0))
+    register(client, job["id"], "a" * 63, file_entry("max", 0, MAX_ID, MAX_ID))
+    register(
+        client, job["id"], "_", file_entry("zero", 0, 0, 0, block_hash(0), block_hash(2**256 - 1))
+    )
+    register(client, job["id"], "Table_9", file_entry("x" * 200, MAX_ID, MAX_ID, 0))
     tables = progress(client, job["id"])["tables"]
     assert tables == {
         "a" * 63: {
@@ -1038,8 +979,11 @@ def test_register_boundaries(client):
 
 def test_identical_reregistration_is_200_and_stores_nothing(client, db_conn):
     job = create(client)
-    one = fl("b0", 0, 99, 1000, h(1), h(0))
-    batch = [fl("b1", 100, 199, 5, h(2), h(1)), fl("b2", 200, 299, 7)]
+    one = file_entry("b0", 0, 99, 1000, block_hash(1), block_hash(0))
+    batch = [
+        file_entry("b1", 100, 199, 5, block_hash(2), block_hash(1)),
+        file_entry("b2", 200, 299, 7),
+    ]
     register(client, job["id"], "blocks", one)
     register(client, job["id"], "blocks", batch)
     before = progress(client, job["id"])
@@ -1050,7 +994,7 @@ def test_identical_reregistration_is_200_and_stores_nothing(client, db_conn):
     assert progress(client, job["id"]) == before
     assert db_rows(db_conn, "job_files", job["id"]) == 3
     # A batch with one new file among retried ones is stored: 201, one more file.
-    register(client, job["id"], "blocks", [one, fl("b3", 300, 399, 1), batch[0]])
+    register(client, job["id"], "blocks", [one, file_entry("b3", 300, 399, 1), batch[0]])
     assert db_rows(db_conn, "job_files", job["id"]) == 4
     assert progress(client, job["id"])["tables"]["blocks"]["files_count"] == 4
 
@@ -1061,14 +1005,14 @@ def test_identical_reregistration_is_200_and_stores_nothing(client, db_conn):
         {"start_block": 1},
         {"end_block": 100},
         {"size_bytes": 1001},
-        {"block_hash": h(9)},
-        {"prev_hash": h(9)},
+        {"block_hash": block_hash(9)},
+        {"prev_hash": block_hash(9)},
         {"block_hash": None},
     ],
 )
 def test_same_name_different_fields_is_409_file_conflict(client, db_conn, changed):
     job = create(client)
-    original = fl("b0", 0, 99, 1000, h(1), h(0))
+    original = file_entry("b0", 0, 99, 1000, block_hash(1), block_hash(0))
     register(client, job["id"], "blocks", original)
     before = progress(client, job["id"])
     message = assert_error(
@@ -1083,28 +1027,41 @@ def test_same_name_different_fields_is_409_file_conflict(client, db_conn, change
 
 def test_a_conflict_rolls_back_the_whole_batch(client, db_conn):
     job = create(client)
-    register(client, job["id"], "blocks", fl("b0", 0, 99, 10))
+    register(client, job["id"], "blocks", file_entry("b0", 0, 99, 10))
     before = progress(client, job["id"])
-    batch = [fl("b1", 100, 199, 10), fl("b0", 0, 99, 11), fl("b2", 200, 299, 10)]
+    batch = [
+        file_entry("b1", 100, 199, 10),
+        file_entry("b0", 0, 99, 11),
+        file_entry("b2", 200, 299, 10),
+    ]
     response = client.post(f"/jobs/{job['id']}/tables/blocks/files", json=batch)
     assert_error(response, 409, "FILE_CONFLICT")
     assert progress(client, job["id"]) == before
     assert db_rows(db_conn, "job_files", job["id"]) == 1
     # A conflict in a new table leaves no table behind either.
-    response = client.post(f"/jobs/{job['id']}/tables/blocks/files", json=[fl("b0", 0, 99, 12)])
+    response = client.post(
+        f"/jobs/{job['id']}/tables/blocks/files", json=[file_entry("b0", 0, 99, 12)]
+    )
     assert_error(response, 409, "FILE_CONFLICT")
     # The good files were not stored: now they are new.
-    register(client, job["id"], "blocks", [fl("b1", 100, 199, 10), fl("b2", 200, 299, 10)])
+    register(
+        client,
+        job["id"],
+        "blocks",
+        [file_entry("b1", 100, 199, 10), file_entry("b2", 200, 299, 10)],
+    )
     assert progress(client, job["id"])["tables"]["blocks"]["files_count"] == 3
 
 
 @pytest.mark.parametrize("status", STATUSES)
 def test_register_only_while_active(client, db_conn, status):
     job = create(client)
-    register(client, job["id"], "blocks", fl("b0", 0, 9, 1))
+    register(client, job["id"], "blocks", file_entry("b0", 0, 9, 1))
     job = drive(client, job, status)
     before = progress(client, job["id"])
-    response = client.post(f"/jobs/{job['id']}/tables/blocks/files", json=fl("b1", 10, 19, 1))
+    response = client.post(
+        f"/jobs/{job['id']}/tables/blocks/files", json=file_entry("b1", 10, 19, 1)
+    )
     if status in ACTIVE:
         assert response.status_code == 201, response.data
         assert progress(client, job["id"])["tables"]["blocks"]["files_count"] == 2
@@ -1113,12 +1070,12 @@ def test_register_only_while_active(client, db_conn, status):
         assert names(status, message), message
         # Also a retry of a stored file, and a new table.
         assert_error(
-            client.post(f"/jobs/{job['id']}/tables/blocks/files", json=fl("b0", 0, 9, 1)),
+            client.post(f"/jobs/{job['id']}/tables/blocks/files", json=file_entry("b0", 0, 9, 1)),
             409,
             "JOB_CONFLICT",
         )
         assert_error(
-            client.post(f"/jobs/{job['id']}/tables/logs/files", json=fl("l0", 0, 9, 1)),
+            client.post(f"/jobs/{job['id']}/tables/logs/files", json=file_entry("l0", 0, 9, 1)),
             409,
             "JOB_CONFLICT",
         )
@@ -1131,7 +1088,7 @@ def test_register_only_while_active(client, db_conn, status):
 def test_register_for_unknown_job_is_404(client, db_conn):
     create(client)
     for job_id in (2, MAX_ID):
-        response = client.post(f"/jobs/{job_id}/tables/blocks/files", json=fl("b0", 0, 9))
+        response = client.post(f"/jobs/{job_id}/tables/blocks/files", json=file_entry("b0", 0, 9))
         assert_error(response, 404, "JOB_NOT_FOUND")
     with db_conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM job_files")
@@ -1141,7 +1098,7 @@ def test_register_for_unknown_job_is_404(client, db_conn):
 def test_registration_does_not_change_the_job_or_its_events(client):
     job = make_job(client, "RUNNING")
     before_events = events(client, job["id"])
-    register(client, job["id"], "blocks", fl("b0", 0, 9))
+    register(client, job["id"], "blocks", file_entry("b0", 0, 9))
     assert get_job(client, job["id"]) == job
     assert events(client, job["id"]) == before_events
 
@@ -1167,7 +1124,7 @@ def test_events_full_history(client):
     report(client, jid, "STOPPING")  # no-op
     report(client, jid, "STOPPED", detail={"at_block": 123})
     report(client, jid, "FAILED", expect=409)
-    register(client, other["id"], "blocks", fl("x", 0, 1))
+    register(client, other["id"], "blocks", file_entry("x", 0, 1))
     stop(client, other["id"])
 
     evs = events(client, jid)
@@ -1239,10 +1196,14 @@ def test_progress_reports_the_job_status(client, status):
 def test_progress_tables_keyed_by_name(client):
     job = create(client)
     other = create(client)
-    register(client, job["id"], "blocks", [fl("b0", 0, 99, 100), fl("b1", 100, 199, 50)])
-    register(client, job["id"], "transactions", fl("t0", 5, 9, 7))
-    register(client, job["id"], "Logs_2", [fl("l0", 10, 19, 1), fl("l1", 30, 39, 1)])
-    register(client, other["id"], "blocks", fl("b0", 0, 5, 3))
+    register(
+        client, job["id"], "blocks", [file_entry("b0", 0, 99, 100), file_entry("b1", 100, 199, 50)]
+    )
+    register(client, job["id"], "transactions", file_entry("t0", 5, 9, 7))
+    register(
+        client, job["id"], "Logs_2", [file_entry("l0", 10, 19, 1), file_entry("l1", 30, 39, 1)]
+    )
+    register(client, other["id"], "blocks", file_entry("b0", 0, 5, 3))
     body = progress(client, job["id"])
     assert body == {
         "job_id": job["id"],

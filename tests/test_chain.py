@@ -1,6 +1,6 @@
 """The canonical chain (CONTRACT.md §3, GET /jobs/{id}/progress) against a reference.
 
-``reference_progress`` is written from the contract's words alone and is built
+``reference_progress`` (helpers.py) is written from the contract's words alone and is built
 differently from ``chain.walk``: instead of one pass over sorted files it grows
 the chain greedily, each step choosing, among every file that starts right
 after the chain's tip and links to it by hash, the one registered last. (In
@@ -8,7 +8,8 @@ the contract's walk, once the chain has moved past ``end + 1`` no later file
 can link at that start, so the first linking file in walk order is exactly the
 most recently registered linking file with that start.)
 
-Three properties:
+First the contract's hand-worked examples, through the reference and through
+the API. Then three properties:
 - ``chain.walk`` over the files in walk order equals the reference;
 - resuming the walk from a stored summary, as ``chain.refresh_table`` does when
   every new file lies past the tip, equals the reference over all files;
@@ -19,49 +20,11 @@ Three properties:
 
 from __future__ import annotations
 
+from helpers import MAX_ID, block_hash, expected_progress, file_entry, reference_progress
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import chain
-
-MAX_BLOCK = 2**63 - 1
-
-
-def hash_of(n: int) -> str:
-    return "0x" + f"{n:064x}"
-
-
-# ---- The reference -----------------------------------------------------------
-
-
-def _links(tip: dict, file: dict) -> bool:
-    if file["start_block"] != tip["end_block"] + 1:
-        return False
-    if tip.get("block_hash") is None or file.get("prev_hash") is None:
-        return True
-    return file["prev_hash"].lower() == tip["block_hash"].lower()
-
-
-def reference_progress(files: list[dict]) -> dict:
-    """One table's progress entry; ``files`` is every file in registration order."""
-    if not files:
-        return {"start_block": None, "current_block": None, "files_count": 0, "total_size_bytes": 0}
-    lowest = min(f["start_block"] for f in files)
-    # Registration order: a higher index is registered later, so it wins a tie.
-    first = max(i for i, f in enumerate(files) if f["start_block"] == lowest)
-    picked = [files[first]]
-    while True:
-        tip = picked[-1]
-        linking = [i for i, f in enumerate(files) if _links(tip, f)]
-        if not linking:
-            break
-        picked.append(files[max(linking)])
-    return {
-        "start_block": picked[0]["start_block"],
-        "current_block": picked[-1]["end_block"],
-        "files_count": len(picked),
-        "total_size_bytes": sum(f["size_bytes"] for f in picked),
-    }
 
 
 def walk_order(files: list[dict]) -> list[dict]:
@@ -87,50 +50,63 @@ def chain_as_progress(c: chain.Chain | None) -> dict:
     }
 
 
-def test_reference_on_the_contract_examples():
-    """The reference itself, on hand-worked cases, before it judges anything."""
-    h = hash_of
-
-    def f(s, e, size=1, bh=None, ph=None):
-        return {
-            "start_block": s,
-            "end_block": e,
-            "size_bytes": size,
-            "block_hash": bh,
-            "prev_hash": ph,
-        }
-
-    assert reference_progress([])["files_count"] == 0
-    # Gap: 0-9, 20-29 -> only 0-9; filling 10-19 extends over 20-29.
-    assert reference_progress([f(0, 9), f(20, 29)])["current_block"] == 9
-    assert reference_progress([f(0, 9), f(20, 29), f(10, 19)])["current_block"] == 29
-    # Fork: the later registration at the same start wins.
-    assert reference_progress([f(0, 9), f(10, 19, 5), f(10, 14, 7)]) == {
-        "start_block": 0,
-        "current_block": 14,
-        "files_count": 2,
-        "total_size_bytes": 8,
-    }
-    # Mismatch: the newer fork does not link, the older one does.
-    files = [f(0, 9, bh=h(1)), f(10, 19, bh=h(2), ph=h(1)), f(10, 12, ph=h(9))]
-    assert reference_progress(files)["current_block"] == 19
+# Hand-worked cases: (files in registration order, the table's progress).
+CONTRACT_EXAMPLES = {
+    "no_files": ([], expected_progress(None, None, 0, 0)),
+    # A gap: 0-9, 20-29 -> only 0-9; filling 10-19 extends over 20-29.
+    "gap": ([file_entry("a", 0, 9), file_entry("c", 20, 29)], expected_progress(0, 9, 1, 1)),
+    "gap_filled": (
+        [file_entry("a", 0, 9), file_entry("c", 20, 29), file_entry("b", 10, 19)],
+        expected_progress(0, 29, 3, 3),
+    ),
+    # A fork: the later registration at the same start wins.
+    "fork": (
+        [file_entry("a", 0, 9), file_entry("b", 10, 19, 5), file_entry("b2", 10, 14, 7)],
+        expected_progress(0, 14, 2, 8),
+    ),
+    # A mismatch: the newer fork does not link, the older one does.
+    "mismatch": (
+        [
+            file_entry("a", 0, 9, 1, block_hash(1)),
+            file_entry("b", 10, 19, 1, block_hash(2), block_hash(1)),
+            file_entry("b2", 10, 12, 1, prev_hash=block_hash(9)),
+        ],
+        expected_progress(0, 19, 2, 2),
+    ),
     # The first file is the most recent at the lowest start, whatever it links to.
-    assert reference_progress([f(5, 9), f(0, 4), f(0, 2)])["current_block"] == 2
+    "lowest_start": (
+        [file_entry("c", 5, 9), file_entry("a", 0, 4), file_entry("a2", 0, 2)],
+        expected_progress(0, 2, 1, 1),
+    ),
+}
+
+
+def test_the_contract_examples_through_the_reference_and_the_api(client):
+    """The reference agrees with the hand-worked cases before it judges anything, and so
+    does the service, each case registered file by file into a table of its own."""
+    job_id = new_job(client)
+    for table, (files, expected) in CONTRACT_EXAMPLES.items():
+        assert reference_progress(files) == expected, table
+        for file in files:
+            response = client.post(f"/jobs/{job_id}/tables/{table}/files", json=file)
+            assert response.status_code == 201, response.get_json()
+    tables = client.get(f"/jobs/{job_id}/progress").get_json()["tables"]
+    assert tables == {t: expected for t, (files, expected) in CONTRACT_EXAMPLES.items() if files}
 
 
 # ---- Strategies ------------------------------------------------------------------
 
-HASHES = st.one_of(st.none(), st.integers(1, 4).map(hash_of))
+HASHES = st.one_of(st.none(), st.integers(1, 4).map(block_hash))
 SIZES = st.one_of(st.integers(0, 1000), st.sampled_from([0, 2**62, 2**63 - 1]))
 
 
 @st.composite
 def random_file(draw) -> dict:
-    start = draw(st.one_of(st.integers(0, 25), st.sampled_from([MAX_BLOCK - 3, MAX_BLOCK])))
+    start = draw(st.one_of(st.integers(0, 25), st.sampled_from([MAX_ID - 3, MAX_ID])))
     length = draw(st.integers(1, 6))
     return {
         "start_block": start,
-        "end_block": min(start + length - 1, MAX_BLOCK),
+        "end_block": min(start + length - 1, MAX_ID),
         "size_bytes": draw(SIZES),
         "block_hash": draw(HASHES),
         "prev_hash": draw(HASHES),
@@ -170,7 +146,7 @@ def file_sets(draw, max_noise: int = 8) -> list[dict]:
         if not files:
             break
         twin = dict(draw(st.sampled_from(files)))
-        twin["end_block"] = min(twin["start_block"] + draw(st.integers(0, 5)), MAX_BLOCK)
+        twin["end_block"] = min(twin["start_block"] + draw(st.integers(0, 5)), MAX_ID)
         twin["block_hash"] = draw(HASHES)
         twin["prev_hash"] = draw(HASHES)
         files.insert(draw(st.integers(0, len(files))), twin)

@@ -28,10 +28,9 @@ from pathlib import Path
 
 import psycopg2
 import pytest
+from helpers import free_port, http_caller, wait_for_workers, wait_until_blocked, worker_pids
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
-from serve import free_port, http_caller
-from test_outage import wait_for_workers, worker_pids
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -317,25 +316,6 @@ def test_access_lines_on_stdout_and_no_token_anywhere(server):
 
 
 # ---- Graceful shutdown -------------------------------------------------------------
-
-
-def wait_until_blocked(database: str, timeout: float = 10) -> None:
-    conn = psycopg2.connect(database)
-    conn.autocommit = True
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with conn.cursor() as cur:
-                cur.execute(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE application_name = 'jobs-service' AND wait_event_type = 'Lock'"
-                )
-                if cur.fetchone()[0] >= 1:
-                    return
-            time.sleep(0.02)
-        raise AssertionError("the request never reached the lock")
-    finally:
-        conn.close()
 
 
 def test_sigterm_lets_an_in_flight_request_finish(database):

@@ -10,10 +10,10 @@ Schema), and every documented status code seen at least once.
 from __future__ import annotations
 
 import re
-import socket
 
 import jsonschema
 import pytest
+from helpers import closed_database_url, file_entry
 from openapi_spec_validator import validate as validate_spec
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
@@ -53,39 +53,9 @@ def to_json_schema(node, components: dict):
     return out
 
 
-def test_nullable_conversion():
-    components = {"T": {"type": "integer", "nullable": True}}
-    schema = to_json_schema(
-        {
-            "type": "object",
-            "properties": {
-                "a": {"$ref": "#/components/schemas/T"},
-                "nullable": {"type": "string"},  # a property may be called that
-                "e": {"type": "string", "enum": ["x"], "nullable": True},
-            },
-            "required": ["a", "nullable"],
-            "additionalProperties": False,
-        },
-        components,
-    )
-    validator = jsonschema.Draft4Validator(schema)
-    assert validator.is_valid({"a": None, "nullable": "s", "e": None})
-    assert validator.is_valid({"a": 3, "nullable": "s", "e": "x"})
-    assert not validator.is_valid({"a": "3", "nullable": "s"})
-    assert not validator.is_valid({"a": 1, "nullable": None})
-    assert not validator.is_valid({"a": 1, "nullable": "s", "e": "y"})
-    assert not validator.is_valid({"a": 1})
-
-
-def closed_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"postgresql://postgres@127.0.0.1:{sock.getsockname()[1]}/jobs"
-
-
 @pytest.fixture(scope="module")
 def doc():
-    app = create_app({"TESTING": True, "DATABASE_URL": closed_url()})
+    app = create_app({"TESTING": True, "DATABASE_URL": closed_database_url()})
     response = app.test_client().get("/openapi.json")
     assert response.status_code == 200
     assert response.mimetype == "application/json"
@@ -107,7 +77,7 @@ def test_document_is_valid_openapi_3(doc):
 
 
 def test_covers_every_route_and_method_of_the_app(doc):
-    app = create_app({"TESTING": True, "DATABASE_URL": closed_url()})
+    app = create_app({"TESTING": True, "DATABASE_URL": closed_database_url()})
     registered = set()
     for rule in app.url_map.iter_rules():
         path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
@@ -126,6 +96,34 @@ def test_covers_every_route_and_method_of_the_app(doc):
     job_ids = doc["components"]["schemas"]["BulkDelete"]["properties"]["job_ids"]
     assert job_ids["items"] == {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}
     assert job_ids["maxItems"] == 1000
+
+
+def test_nulls_are_documented_where_the_service_sends_them(client, doc):
+    """Real answers with nulls (the last page's cursor, an event without detail) fit
+    the document; the same answers with a wrong type where it allows null, or a null
+    where it allows none, do not."""
+    components = doc["components"]["schemas"]
+
+    def validator(name: str) -> jsonschema.Draft4Validator:
+        ref = {"$ref": f"#/components/schemas/{name}"}
+        return jsonschema.Draft4Validator(to_json_schema(ref, components))
+
+    job = client.post("/jobs", json={"node_id": "w-1"}).get_json()
+    listing = client.get("/jobs").get_json()
+    assert listing["next_cursor"] is None
+    job_list = validator("JobList")
+    assert job_list.is_valid(listing)
+    assert not job_list.is_valid({**listing, "next_cursor": str(job["id"])})
+    assert not job_list.is_valid({**listing, "jobs": [{**job, "node_id": None}]})
+    events = client.get(f"/jobs/{job['id']}/events").get_json()
+    (event,) = events["events"]
+    assert event["detail"] is None
+    event_list = validator("EventList")
+    assert event_list.is_valid(events)
+    assert event_list.is_valid({**events, "events": [{**event, "node_id": None}]})
+    assert not event_list.is_valid({**events, "events": [{**event, "detail": "oom"}]})
+    assert not event_list.is_valid({**events, "events": [{**event, "node_id": 5}]})
+    assert not event_list.is_valid({**events, "events": [{**event, "id": None}]})
 
 
 def test_every_response_with_a_body_has_a_schema(doc):
@@ -220,10 +218,6 @@ class Conformance:
         }
 
 
-def f(name, start, end, size=1, **hashes):
-    return {"file_name": name, "start_block": start, "end_block": end, "size_bytes": size, **hashes}
-
-
 BIG = b'{"node_id": "' + b"x" * (1024 * 1024) + b'"}'
 
 
@@ -267,16 +261,22 @@ def exercise_happy_and_client_errors(check, client):
     check(c, "PUT", "/jobs/0/status", 400, json={"status": "RUNNING"})
     check(c, "PUT", f"/jobs/{a}/status", 413, data=BIG)
     # POST /jobs/{id}/tables/{table}/files
-    h = "0x" + "ab" * 32
+    f0_hash = "0x" + "ab" * 32
     url = f"/jobs/{a}/tables/blocks/files"
-    check(c, "POST", url, 201, json=f("f0", 0, 9, block_hash=h))
-    check(c, "POST", url, 201, json=[f("f1", 10, 19, prev_hash=h), f("f2", 20, 29)])
-    check(c, "POST", url, 200, json=f("f0", 0, 9, block_hash=h))
-    check(c, "POST", url, 409, json=f("f0", 0, 9, size=2))
-    check(c, "POST", url, 400, json=f("f3", 9, 0))
+    check(c, "POST", url, 201, json=file_entry("f0", 0, 9, block_hash=f0_hash))
+    check(
+        c,
+        "POST",
+        url,
+        201,
+        json=[file_entry("f1", 10, 19, prev_hash=f0_hash), file_entry("f2", 20, 29)],
+    )
+    check(c, "POST", url, 200, json=file_entry("f0", 0, 9, block_hash=f0_hash))
+    check(c, "POST", url, 409, json=file_entry("f0", 0, 9, size=2))
+    check(c, "POST", url, 400, json=file_entry("f3", 9, 0))
     check(c, "POST", url, 400, json=[])
-    check(c, "POST", f"/jobs/{a}/tables/9bad/files", 400, json=f("f4", 0, 1))
-    check(c, "POST", "/jobs/987654321/tables/blocks/files", 404, json=f("f4", 0, 1))
+    check(c, "POST", f"/jobs/{a}/tables/9bad/files", 400, json=file_entry("f4", 0, 1))
+    check(c, "POST", "/jobs/987654321/tables/blocks/files", 404, json=file_entry("f4", 0, 1))
     check(c, "POST", url, 413, data=BIG)
     check(c, "GET", f"/jobs/{a}/progress", 200)
     # PUT/POST /jobs/{id}/stop
@@ -287,7 +287,7 @@ def exercise_happy_and_client_errors(check, client):
         check(c, method, "/jobs/1.5/stop", 400)
     check(c, "PUT", f"/jobs/{a}/status", 200, json={"status": "STOPPING"})
     check(c, "PUT", f"/jobs/{a}/status", 200, json={"status": "STOPPED"})
-    check(c, "POST", url, 409, json=f("f9", 30, 39))
+    check(c, "POST", url, 409, json=file_entry("f9", 30, 39))
     check(c, "GET", f"/jobs/{a}/events", 200)
     # Retry: FAILED -> SCHEDULED on another node.
     check(c, "PUT", f"/jobs/{b}/status", 200, json={"status": "FAILED", "detail": {"e": 1}})
@@ -344,7 +344,7 @@ def exercise_auth(check, client, job_id):
         ("PUT", f"/jobs/{job_id}/stop", {}),
         ("POST", f"/jobs/{job_id}/stop", {}),
         ("PUT", f"/jobs/{job_id}/status", {"json": {"status": "RUNNING"}}),
-        ("POST", f"/jobs/{job_id}/tables/t/files", {"json": f("a", 0, 1)}),
+        ("POST", f"/jobs/{job_id}/tables/t/files", {"json": file_entry("a", 0, 1)}),
     ]:
         check(client, method, path, 401, **kwargs)
         check(client, method, path, 401, headers={"Authorization": "Bearer nope"}, **kwargs)
@@ -365,7 +365,7 @@ DB_ROUTES = [
     ("PUT", "/jobs/1/stop", {}),
     ("POST", "/jobs/1/stop", {}),
     ("PUT", "/jobs/1/status", {"json": {"status": "RUNNING"}}),
-    ("POST", "/jobs/1/tables/t/files", {"json": f("a", 0, 1)}),
+    ("POST", "/jobs/1/tables/t/files", {"json": file_entry("a", 0, 1)}),
 ]
 
 
@@ -384,7 +384,7 @@ def test_real_responses_conform_to_the_document(app, doc):
     exercise_auth(check, tokened.test_client(), job.get_json()["id"])
     tokened.extensions["jobs_db_pool"].drop_idle()
 
-    broken = create_app({"TESTING": True, "DATABASE_URL": closed_url()}).test_client()
+    broken = create_app({"TESTING": True, "DATABASE_URL": closed_database_url()}).test_client()
     for method, path, kwargs in DB_ROUTES:
         check(broken, method, path, 500, **kwargs)
     check(broken, "GET", "/readyz", 503)

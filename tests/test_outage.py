@@ -12,12 +12,10 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import psycopg2
 import pytest
-from serve import Server
-from test_ops import Blackhole
+from helpers import Blackhole, Server, flask_caller, init_db, wait_for_workers, worker_pids
 
 from app import create_app
 from schemas import JOB_ID_RULE
@@ -48,18 +46,6 @@ def route_plan(a: int, b: int):
 
 OPEN_UP = [("/healthz", 200), ("/readyz", 200), ("/metrics", 200), ("/openapi.json", 200)]
 OPEN_DOWN = [("/healthz", 200), ("/readyz", 503), ("/metrics", 200), ("/openapi.json", 200)]
-
-
-def flask_caller(app):
-    client = app.test_client()
-
-    def call(method, path, body=None):
-        response = client.open(path, method=method, json=body)
-        if response.mimetype == "application/json" and response.data:
-            return response.status_code, response.get_json()
-        return response.status_code, None
-
-    return call
 
 
 def timed(call, method, path, body=None):
@@ -117,12 +103,6 @@ def check_down(call, a, b, rounds=1):
         )
 
 
-def init_db(url: str) -> None:
-    app = create_app({"TESTING": True, "DATABASE_URL": url})
-    result = app.test_cli_runner().invoke(args=["init-db"])
-    assert result.exit_code == 0, result.output
-
-
 @pytest.fixture(scope="module")
 def pg(pg_factory):
     server = pg_factory()
@@ -135,29 +115,6 @@ def restart_pg(pg):
     """Whatever the test does to ``pg``, it is running again afterwards."""
     yield pg
     pg.start()
-
-
-def worker_pids(master_pid: int) -> set[int]:
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            stat = (entry / "stat").read_text()
-            # pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
-            if int(stat.rsplit(")", 1)[1].split()[1]) == master_pid:
-                pids.add(int(entry.name))
-    return pids
-
-
-def wait_for_workers(master_pid: int, count: int, timeout: float = 15) -> set[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pids = worker_pids(master_pid)
-        if len(pids) == count:
-            return pids
-        time.sleep(0.05)
-    raise AssertionError(f"expected {count} workers, found {worker_pids(master_pid)}")
 
 
 @pytest.fixture(scope="module")

@@ -9,31 +9,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import MAX_ID, block_hash, expected_progress, file_entry
 
-MAX = 2**63 - 1
-EMPTY = {"start_block": None, "current_block": None, "files_count": 0, "total_size_bytes": 0}
-
-
-def h(n: int) -> str:
-    return "0x" + f"{n:064x}"
-
-
-def f(name, start, end, size=1, bh=None, ph=None) -> dict:
-    body = {"file_name": name, "start_block": start, "end_block": end, "size_bytes": size}
-    if bh is not None:
-        body["block_hash"] = bh
-    if ph is not None:
-        body["prev_hash"] = ph
-    return body
-
-
-def p(start, current, count, size) -> dict:
-    return {
-        "start_block": start,
-        "current_block": current,
-        "files_count": count,
-        "total_size_bytes": size,
-    }
+EMPTY = expected_progress(None, None, 0, 0)
 
 
 def new_job(client) -> int:
@@ -78,7 +56,7 @@ def test_no_files_is_an_empty_object(client, job):
 
 def test_job_status_is_reported(client, job):
     client.put(f"/jobs/{job}/status", json={"status": "RUNNING"})
-    register(client, job, "blocks", f("a", 0, 9))
+    register(client, job, "blocks", file_entry("a", 0, 9))
     body = client.get(f"/jobs/{job}/progress").get_json()
     assert body["job_status"] == "RUNNING"
 
@@ -88,70 +66,79 @@ def test_clean_chain(client, job):
         client,
         job,
         "blocks",
-        f("a", 0, 99, 10, bh=h(1)),
-        f("b", 100, 199, 20, bh=h(2), ph=h(1)),
-        f("c", 200, 299, 30, bh=h(3), ph=h(2)),
+        file_entry("a", 0, 99, 10, block_hash(1)),
+        file_entry("b", 100, 199, 20, block_hash(2), block_hash(1)),
+        file_entry("c", 200, 299, 30, block_hash(3), block_hash(2)),
     )
     assert body["registered"] == 3
-    assert body["progress"] == p(0, 299, 3, 60)
-    assert progress_of(client, job) == p(0, 299, 3, 60)
+    assert body["progress"] == expected_progress(0, 299, 3, 60)
+    assert progress_of(client, job) == expected_progress(0, 299, 3, 60)
     # One more, alone, as a single object.
-    body = register(client, job, "blocks", f("d", 300, 399, 40, bh=h(4), ph=h(3)))
-    assert body["progress"] == progress_of(client, job) == p(0, 399, 4, 100)
+    body = register(
+        client, job, "blocks", file_entry("d", 300, 399, 40, block_hash(4), block_hash(3))
+    )
+    assert body["progress"] == progress_of(client, job) == expected_progress(0, 399, 4, 100)
 
 
 def test_chain_starts_at_the_lowest_start_block(client, job):
-    register(client, job, "blocks", f("b", 2000, 2999, 2), f("a", 1000, 1999, 1))
-    assert progress_of(client, job) == p(1000, 2999, 2, 3)
+    register(client, job, "blocks", file_entry("b", 2000, 2999, 2), file_entry("a", 1000, 1999, 1))
+    assert progress_of(client, job) == expected_progress(1000, 2999, 2, 3)
 
 
 def test_a_gap_stops_the_chain_until_it_is_filled(client, job):
-    register(client, job, "blocks", f("a", 0, 99, 1), f("c", 200, 299, 4), f("d", 300, 399, 8))
+    register(
+        client,
+        job,
+        "blocks",
+        file_entry("a", 0, 99, 1),
+        file_entry("c", 200, 299, 4),
+        file_entry("d", 300, 399, 8),
+    )
     # Everything past the gap is skipped.
-    assert progress_of(client, job) == p(0, 99, 1, 1)
-    register(client, job, "blocks", f("e", 500, 599, 16))
-    assert progress_of(client, job) == p(0, 99, 1, 1)
+    assert progress_of(client, job) == expected_progress(0, 99, 1, 1)
+    register(client, job, "blocks", file_entry("e", 500, 599, 16))
+    assert progress_of(client, job) == expected_progress(0, 99, 1, 1)
     # Filling the gap extends the chain over the files skipped before it...
-    body = register(client, job, "blocks", f("b", 100, 199, 2))
-    assert body["progress"] == progress_of(client, job) == p(0, 399, 4, 15)
+    body = register(client, job, "blocks", file_entry("b", 100, 199, 2))
+    assert body["progress"] == progress_of(client, job) == expected_progress(0, 399, 4, 15)
     # ...up to the next gap.
-    register(client, job, "blocks", f("x", 400, 499, 32))
-    assert progress_of(client, job) == p(0, 599, 6, 63)
+    register(client, job, "blocks", file_entry("x", 400, 499, 32))
+    assert progress_of(client, job) == expected_progress(0, 599, 6, 63)
 
 
 def test_a_fork_is_won_by_the_most_recent_registration(client, job):
-    register(client, job, "blocks", f("a", 0, 99, 1), f("b", 100, 199, 10))
-    assert progress_of(client, job) == p(0, 199, 2, 11)
+    register(client, job, "blocks", file_entry("a", 0, 99, 1), file_entry("b", 100, 199, 10))
+    assert progress_of(client, job) == expected_progress(0, 199, 2, 11)
     # A newer file at the same start wins, even though it ends earlier.
-    register(client, job, "blocks", f("b2", 100, 149, 100))
-    assert progress_of(client, job) == p(0, 149, 2, 101)
+    register(client, job, "blocks", file_entry("b2", 100, 149, 100))
+    assert progress_of(client, job) == expected_progress(0, 149, 2, 101)
     # The loser's successor no longer links; the winner's does.
-    register(client, job, "blocks", f("c", 200, 299, 1000))
-    assert progress_of(client, job) == p(0, 149, 2, 101)
-    register(client, job, "blocks", f("b3", 150, 199, 10000))
-    assert progress_of(client, job) == p(0, 299, 4, 11101)
+    register(client, job, "blocks", file_entry("c", 200, 299, 1000))
+    assert progress_of(client, job) == expected_progress(0, 149, 2, 101)
+    register(client, job, "blocks", file_entry("b3", 150, 199, 10000))
+    assert progress_of(client, job) == expected_progress(0, 299, 4, 11101)
 
 
 def test_a_fork_in_the_other_order(client, job):
-    register(client, job, "blocks", f("a", 0, 99, 1), f("short", 100, 149, 100))
-    register(client, job, "blocks", f("long", 100, 199, 10))
-    assert progress_of(client, job) == p(0, 199, 2, 11)
+    register(client, job, "blocks", file_entry("a", 0, 99, 1), file_entry("short", 100, 149, 100))
+    register(client, job, "blocks", file_entry("long", 100, 199, 10))
+    assert progress_of(client, job) == expected_progress(0, 199, 2, 11)
 
 
 def test_a_fork_at_the_first_block(client, job):
-    register(client, job, "blocks", f("a", 0, 99, 1), f("b", 100, 199, 2))
-    register(client, job, "blocks", f("a2", 0, 49, 4))
+    register(client, job, "blocks", file_entry("a", 0, 99, 1), file_entry("b", 100, 199, 2))
+    register(client, job, "blocks", file_entry("a2", 0, 49, 4))
     # The newest file at the lowest start begins the chain; nothing starts at 50.
-    assert progress_of(client, job) == p(0, 49, 1, 4)
+    assert progress_of(client, job) == expected_progress(0, 49, 1, 4)
 
 
 def test_a_hash_mismatch_is_skipped(client, job):
-    register(client, job, "blocks", f("a", 0, 99, 1, bh=h(1)))
-    register(client, job, "blocks", f("b", 100, 199, 2, bh=h(2), ph=h(9)))
-    assert progress_of(client, job) == p(0, 99, 1, 1)
+    register(client, job, "blocks", file_entry("a", 0, 99, 1, block_hash(1)))
+    register(client, job, "blocks", file_entry("b", 100, 199, 2, block_hash(2), block_hash(9)))
+    assert progress_of(client, job) == expected_progress(0, 99, 1, 1)
     # The same range, linking, completes it.
-    register(client, job, "blocks", f("b2", 100, 199, 4, bh=h(2), ph=h(1)))
-    assert progress_of(client, job) == p(0, 199, 2, 5)
+    register(client, job, "blocks", file_entry("b2", 100, 199, 4, block_hash(2), block_hash(1)))
+    assert progress_of(client, job) == expected_progress(0, 199, 2, 5)
 
 
 def test_an_older_linking_file_beats_a_newer_mismatched_one(client, job):
@@ -159,30 +146,39 @@ def test_an_older_linking_file_beats_a_newer_mismatched_one(client, job):
         client,
         job,
         "blocks",
-        f("a", 0, 99, 1, bh=h(1)),
-        f("b", 100, 199, 2, bh=h(2), ph=h(1)),
-        f("c", 200, 299, 4, bh=h(3), ph=h(2)),
+        file_entry("a", 0, 99, 1, block_hash(1)),
+        file_entry("b", 100, 199, 2, block_hash(2), block_hash(1)),
+        file_entry("c", 200, 299, 4, block_hash(3), block_hash(2)),
     )
-    register(client, job, "blocks", f("b-bad", 100, 149, 8, bh=h(7), ph=h(6)))
-    assert progress_of(client, job) == p(0, 299, 3, 7)
+    register(client, job, "blocks", file_entry("b-bad", 100, 149, 8, block_hash(7), block_hash(6)))
+    assert progress_of(client, job) == expected_progress(0, 299, 3, 7)
 
 
 def test_hashes_compare_after_normalisation(client, job):
-    register(client, job, "blocks", f("a", 0, 99, 1, bh=h(0xABC)))
-    register(client, job, "blocks", f("b", 100, 199, 2, ph=h(0xABC).upper().replace("0X", "0x")))
-    assert progress_of(client, job) == p(0, 199, 2, 3)
+    register(client, job, "blocks", file_entry("a", 0, 99, 1, block_hash(0xABC)))
+    register(
+        client,
+        job,
+        "blocks",
+        file_entry("b", 100, 199, 2, prev_hash=block_hash(0xABC).upper().replace("0X", "0x")),
+    )
+    assert progress_of(client, job) == expected_progress(0, 199, 2, 3)
 
 
 @pytest.mark.parametrize(
     ("tip_hash", "prev_hash"),
-    [(None, h(5)), (h(5), None), (None, None)],
+    [(None, block_hash(5)), (block_hash(5), None), (None, None)],
     ids=["tip-without-hash", "file-without-prev-hash", "neither"],
 )
 def test_a_hash_absent_on_one_side_links(client, job, tip_hash, prev_hash):
     register(
-        client, job, "blocks", f("a", 0, 99, 1, bh=tip_hash), f("b", 100, 199, 2, ph=prev_hash)
+        client,
+        job,
+        "blocks",
+        file_entry("a", 0, 99, 1, tip_hash),
+        file_entry("b", 100, 199, 2, prev_hash=prev_hash),
     )
-    assert progress_of(client, job) == p(0, 199, 2, 3)
+    assert progress_of(client, job) == expected_progress(0, 199, 2, 3)
 
 
 def test_the_tip_hash_is_the_last_chain_files(client, job):
@@ -191,24 +187,30 @@ def test_the_tip_hash_is_the_last_chain_files(client, job):
         client,
         job,
         "blocks",
-        f("a", 0, 99, 1, bh=h(1)),
-        f("b", 100, 199, 2, ph=h(1)),
-        f("c", 200, 299, 4, ph=h(1)),
+        file_entry("a", 0, 99, 1, block_hash(1)),
+        file_entry("b", 100, 199, 2, prev_hash=block_hash(1)),
+        file_entry("c", 200, 299, 4, prev_hash=block_hash(1)),
     )
-    assert progress_of(client, job) == p(0, 299, 3, 7)
-    register(client, job, "blocks", f("d", 300, 399, 8, bh=h(4), ph=h(3)))
-    register(client, job, "blocks", f("e", 400, 499, 16, ph=h(3)))
-    assert progress_of(client, job) == p(0, 399, 4, 15)
+    assert progress_of(client, job) == expected_progress(0, 299, 3, 7)
+    register(client, job, "blocks", file_entry("d", 300, 399, 8, block_hash(4), block_hash(3)))
+    register(client, job, "blocks", file_entry("e", 400, 499, 16, prev_hash=block_hash(3)))
+    assert progress_of(client, job) == expected_progress(0, 399, 4, 15)
 
 
 def test_overlaps_are_skipped(client, job):
-    register(client, job, "blocks", f("a", 0, 99, 1), f("over", 50, 149, 2))
-    assert progress_of(client, job) == p(0, 99, 1, 1)
-    register(client, job, "blocks", f("b", 100, 199, 4))
-    assert progress_of(client, job) == p(0, 199, 2, 5)
+    register(client, job, "blocks", file_entry("a", 0, 99, 1), file_entry("over", 50, 149, 2))
+    assert progress_of(client, job) == expected_progress(0, 99, 1, 1)
+    register(client, job, "blocks", file_entry("b", 100, 199, 4))
+    assert progress_of(client, job) == expected_progress(0, 199, 2, 5)
     # A file inside the chain's range changes nothing either.
-    register(client, job, "blocks", f("inside", 120, 130, 8), f("same-end", 150, 199, 16))
-    assert progress_of(client, job) == p(0, 199, 2, 5)
+    register(
+        client,
+        job,
+        "blocks",
+        file_entry("inside", 120, 130, 8),
+        file_entry("same-end", 150, 199, 16),
+    )
+    assert progress_of(client, job) == expected_progress(0, 199, 2, 5)
 
 
 def test_a_reorg_rewriting_the_middle(client, job):
@@ -216,77 +218,102 @@ def test_a_reorg_rewriting_the_middle(client, job):
         client,
         job,
         "blocks",
-        f("a", 0, 99, 1, bh=h(1)),
-        f("b", 100, 199, 2, bh=h(2), ph=h(1)),
-        f("c", 200, 299, 4, bh=h(3), ph=h(2)),
-        f("d", 300, 399, 8, bh=h(4), ph=h(3)),
+        file_entry("a", 0, 99, 1, block_hash(1)),
+        file_entry("b", 100, 199, 2, block_hash(2), block_hash(1)),
+        file_entry("c", 200, 299, 4, block_hash(3), block_hash(2)),
+        file_entry("d", 300, 399, 8, block_hash(4), block_hash(3)),
     )
-    assert progress_of(client, job) == p(0, 399, 4, 15)
+    assert progress_of(client, job) == expected_progress(0, 399, 4, 15)
     # The middle is rewritten: its new hash breaks the links after it.
-    register(client, job, "blocks", f("b'", 100, 199, 16, bh=h(22), ph=h(1)))
-    assert progress_of(client, job) == p(0, 199, 2, 17)
-    register(client, job, "blocks", f("c'", 200, 299, 32, bh=h(33), ph=h(22)))
-    assert progress_of(client, job) == p(0, 299, 3, 49)
-    register(client, job, "blocks", f("d'", 300, 399, 64, bh=h(44), ph=h(33)))
-    assert progress_of(client, job) == p(0, 399, 4, 113)
+    register(client, job, "blocks", file_entry("b'", 100, 199, 16, block_hash(22), block_hash(1)))
+    assert progress_of(client, job) == expected_progress(0, 199, 2, 17)
+    register(client, job, "blocks", file_entry("c'", 200, 299, 32, block_hash(33), block_hash(22)))
+    assert progress_of(client, job) == expected_progress(0, 299, 3, 49)
+    register(client, job, "blocks", file_entry("d'", 300, 399, 64, block_hash(44), block_hash(33)))
+    assert progress_of(client, job) == expected_progress(0, 399, 4, 113)
     # A reorg reaching back into the chain with a shorter range.
-    register(client, job, "blocks", f("c''", 200, 249, 128, bh=h(55), ph=h(22)))
-    assert progress_of(client, job) == p(0, 249, 3, 145)
+    register(
+        client, job, "blocks", file_entry("c''", 200, 249, 128, block_hash(55), block_hash(22))
+    )
+    assert progress_of(client, job) == expected_progress(0, 249, 3, 145)
     # Both old c and c' stay skipped; the new tail extends the new branch.
-    register(client, job, "blocks", f("c'''", 250, 299, 256, bh=h(66), ph=h(55)))
-    assert progress_of(client, job) == p(0, 299, 4, 401)
+    register(
+        client, job, "blocks", file_entry("c'''", 250, 299, 256, block_hash(66), block_hash(55))
+    )
+    assert progress_of(client, job) == expected_progress(0, 299, 4, 401)
 
 
 def test_a_reorg_without_hashes(client, job):
-    register(client, job, "blocks", f("a", 0, 99), f("b", 100, 199), f("c", 200, 299))
-    register(client, job, "blocks", f("b-short", 100, 150, 5))
-    assert progress_of(client, job) == p(0, 150, 2, 6)
+    register(
+        client,
+        job,
+        "blocks",
+        file_entry("a", 0, 99),
+        file_entry("b", 100, 199),
+        file_entry("c", 200, 299),
+    )
+    register(client, job, "blocks", file_entry("b-short", 100, 150, 5))
+    assert progress_of(client, job) == expected_progress(0, 150, 2, 6)
 
 
 def test_several_tables_at_once(client, job):
-    register(client, job, "blocks", f("0.parquet", 0, 99, 1), f("1.parquet", 100, 199, 2))
-    register(client, job, "transactions", f("0.parquet", 0, 49, 10), f("2.parquet", 60, 99, 20))
-    register(client, job, "Logs_2", f("x", 7, 7, 0))
+    register(
+        client,
+        job,
+        "blocks",
+        file_entry("0.parquet", 0, 99, 1),
+        file_entry("1.parquet", 100, 199, 2),
+    )
+    register(
+        client,
+        job,
+        "transactions",
+        file_entry("0.parquet", 0, 49, 10),
+        file_entry("2.parquet", 60, 99, 20),
+    )
+    register(client, job, "Logs_2", file_entry("x", 7, 7, 0))
     assert tables(client, job) == {
-        "blocks": p(0, 199, 2, 3),
-        "transactions": p(0, 49, 1, 10),
-        "Logs_2": p(7, 7, 1, 0),
+        "blocks": expected_progress(0, 199, 2, 3),
+        "transactions": expected_progress(0, 49, 1, 10),
+        "Logs_2": expected_progress(7, 7, 1, 0),
     }
     # Another job's tables are its own.
     other = new_job(client)
-    register(client, other, "blocks", f("0.parquet", 5, 9, 1))
-    assert tables(client, other) == {"blocks": p(5, 9, 1, 1)}
-    assert tables(client, job)["blocks"] == p(0, 199, 2, 3)
+    register(client, other, "blocks", file_entry("0.parquet", 5, 9, 1))
+    assert tables(client, other) == {"blocks": expected_progress(5, 9, 1, 1)}
+    assert tables(client, job)["blocks"] == expected_progress(0, 199, 2, 3)
 
 
 def test_refused_registrations_leave_no_table(client, job):
     # Invalid: the whole batch is refused, so the table never appears.
-    bad = f("b", 10, 5)
-    register(client, job, "blocks", f("a", 0, 9), bad, expect=400)
+    bad = file_entry("b", 10, 5)
+    register(client, job, "blocks", file_entry("a", 0, 9), bad, expect=400)
     assert tables(client, job) == {}
-    register(client, job, "blocks", f("a", 0, 9, 1))
+    register(client, job, "blocks", file_entry("a", 0, 9, 1))
     # A conflict in a batch stores nothing of it (all or nothing).
-    body = register(client, job, "blocks", f("b", 10, 19, 2), f("a", 0, 9, 999), expect=409)
+    body = register(
+        client, job, "blocks", file_entry("b", 10, 19, 2), file_entry("a", 0, 9, 999), expect=409
+    )
     assert body["error_code"] == "FILE_CONFLICT"
-    assert tables(client, job) == {"blocks": p(0, 9, 1, 1)}
+    assert tables(client, job) == {"blocks": expected_progress(0, 9, 1, 1)}
     # "b" was not stored: other fields under its name are no conflict.
-    register(client, job, "blocks", f("b", 10, 19, 4))
-    assert tables(client, job) == {"blocks": p(0, 19, 2, 5)}
+    register(client, job, "blocks", file_entry("b", 10, 19, 4))
+    assert tables(client, job) == {"blocks": expected_progress(0, 19, 2, 5)}
     # A terminal job takes no files: no new table either.
     client.put(f"/jobs/{job}/status", json={"status": "FAILED"})
-    body = register(client, job, "transactions", f("t", 0, 9), expect=409)
+    body = register(client, job, "transactions", file_entry("t", 0, 9), expect=409)
     assert body["error_code"] == "JOB_CONFLICT"
-    assert tables(client, job) == {"blocks": p(0, 19, 2, 5)}
+    assert tables(client, job) == {"blocks": expected_progress(0, 19, 2, 5)}
 
 
 def test_an_identical_retry_changes_nothing(client, job):
-    register(client, job, "blocks", f("a", 0, 99, 1), f("b", 100, 199, 2))
-    register(client, job, "blocks", f("a2", 0, 49, 4))
-    assert progress_of(client, job) == p(0, 49, 1, 4)
+    register(client, job, "blocks", file_entry("a", 0, 99, 1), file_entry("b", 100, 199, 2))
+    register(client, job, "blocks", file_entry("a2", 0, 49, 4))
+    assert progress_of(client, job) == expected_progress(0, 49, 1, 4)
     # Re-sending "a" must not make it the most recent registration at block 0.
-    body = register(client, job, "blocks", f("a", 0, 99, 1), expect=200)
+    body = register(client, job, "blocks", file_entry("a", 0, 99, 1), expect=200)
     assert body["registered"] == 0 and body["unchanged"] == 1
-    assert progress_of(client, job) == p(0, 49, 1, 4)
+    assert progress_of(client, job) == expected_progress(0, 49, 1, 4)
 
 
 def test_total_size_beyond_2_to_the_63(client, job):
@@ -294,24 +321,30 @@ def test_total_size_beyond_2_to_the_63(client, job):
         client,
         job,
         "blocks",
-        f("a", 0, 0, MAX),
-        f("b", 1, 1, MAX),
-        f("c", 2, 2, MAX),
+        file_entry("a", 0, 0, MAX_ID),
+        file_entry("b", 1, 1, MAX_ID),
+        file_entry("c", 2, 2, MAX_ID),
     )
     raw = client.get(f"/jobs/{job}/progress").get_data()
     # An exact JSON integer, not a float.
-    assert str(3 * MAX).encode() in raw
+    assert str(3 * MAX_ID).encode() in raw
     entry = json.loads(raw)["tables"]["blocks"]
-    assert entry == p(0, 2, 3, 3 * MAX)
+    assert entry == expected_progress(0, 2, 3, 3 * MAX_ID)
     assert isinstance(entry["total_size_bytes"], int)
     # And it keeps summing incrementally.
-    register(client, job, "blocks", f("d", 3, 3, MAX))
-    assert progress_of(client, job)["total_size_bytes"] == 4 * MAX
+    register(client, job, "blocks", file_entry("d", 3, 3, MAX_ID))
+    assert progress_of(client, job)["total_size_bytes"] == 4 * MAX_ID
 
 
 def test_blocks_at_the_top_of_the_range(client, job):
-    register(client, job, "blocks", f("a", MAX - 10, MAX - 1, 1), f("b", MAX, MAX, 2))
-    assert progress_of(client, job) == p(MAX - 10, MAX, 2, 3)
+    register(
+        client,
+        job,
+        "blocks",
+        file_entry("a", MAX_ID - 10, MAX_ID - 1, 1),
+        file_entry("b", MAX_ID, MAX_ID, 2),
+    )
+    assert progress_of(client, job) == expected_progress(MAX_ID - 10, MAX_ID, 2, 3)
 
 
 def test_progress_of_unknown_and_invalid_jobs(client):

@@ -3,7 +3,8 @@
 CONTRACT.md §6: the service scales out by running more processes; every guard
 is a statement in PostgreSQL, so the races of test_races.py must come out the
 same when the racing requests land on different processes and instances. Each
-racing thread alternates between the two instances request by request.
+racing thread alternates between the two instances request by request. The
+workloads are the ones test_races.py runs (helpers.py), and so are the checks.
 """
 
 from __future__ import annotations
@@ -11,25 +12,24 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from serve import serving
-from test_races import (
-    all_jobs,
+from helpers import (
     audit_trail,
-    check_chaos,
-    idempotent_creation_rounds,
-    one_winner_rounds,
-    retry_vs_deletes,
+    illegal_histories,
+    init_db,
+    job_statuses,
+    race_completed_against_failed,
+    race_idempotent_creations,
+    race_retries_against_deletes,
     run_chaos,
+    serving,
+    wrong_chaos_answers,
+    wrong_retry_race_answers,
 )
-
-from app import create_app
 
 
 @pytest.fixture(scope="module")
 def instances(database_url):
-    app = create_app({"TESTING": True, "DATABASE_URL": database_url})
-    result = app.test_cli_runner().invoke(args=["init-db"])
-    assert result.exit_code == 0, result.output
+    init_db(database_url)
     with serving(database_url, count=2, workers=2) as pair:
         yield pair
 
@@ -69,22 +69,63 @@ def test_both_instances_serve_one_database(instances, make_call):
 def test_stop_transitions_and_deletes_race_across_instances(make_call, audit):
     setup = make_call()
     rec = run_chaos(setup, make_call, threads=16, rounds=5, steps=12, per_status=4, seed=1)
-    check_chaos(setup, rec)
-    audit.check(setup)
+    existing = job_statuses(setup)
+    assert wrong_chaos_answers(rec) == []
+    assert sorted(rec.never_terminal() - set(existing)) == [], "deleted although never terminal"
+    assert sorted(rec.gone & set(existing)) == [], "still listed after a 204 delete"
+    assert illegal_histories(setup, existing) == []
+    outcomes = rec.outcomes()
+    for wanted in [("report", 200), ("report", 409), ("delete", 204), ("stop", 200)]:
+        assert outcomes[wanted] > 0, dict(outcomes)
+    assert audit.problems(setup) == []
 
 
 def test_retry_races_deletes_across_instances(make_call, audit):
-    retry_vs_deletes(make_call, n_jobs=20)
-    audit.check(make_call())
+    setup = make_call()
+    result = race_retries_against_deletes(make_call, n_jobs=20)
+    existing = job_statuses(setup)
+    assert wrong_retry_race_answers(result) == []
+    assert result.retried, "no retry won against the deletes; the race did not happen"
+    assert len(result.retried) < len(result.jobs), "no delete won against the retries"
+    assert sorted(result.retried - set(existing)) == [], "a retried job was deleted"
+    assert set(existing) & set(result.jobs) <= result.retried
+    assert {existing[job_id] for job_id in result.retried} == {"SCHEDULED"}
+    assert illegal_histories(setup, {job_id: "SCHEDULED" for job_id in result.retried}) == []
+    assert audit.problems(setup) == []
 
 
 def test_completed_vs_failed_across_instances(make_call):
-    one_winner_rounds(make_call, 4)
+    for round_ in race_completed_against_failed(make_call, rounds=4):
+        won = {to for to, code, _ in round_.answers if code == 200}
+        assert len(won) == 1, round_.answers
+        (winner,) = won
+        for to, code, body in round_.answers:
+            if to == winner:
+                assert (code, body["status"]) == (200, winner), body
+            else:
+                assert (code, body["error_code"]) == (409, "INVALID_STATE_TRANSITION"), body
+                assert winner in body["error_message"], body
+        assert [e["event_type"] for e in round_.events] == ["SCHEDULED", "RUNNING", winner]
+        assert round_.events[-1]["detail"] == {"w": winner}
+        assert round_.job["status"] == winner
 
 
 def test_idempotency_key_race_across_instances(make_call):
-    idempotent_creation_rounds(make_call, 3)
-    assert len(all_jobs(make_call())) == 3
+    for round_ in race_idempotent_creations(make_call, 3):
+        codes = sorted(code for _, code, _ in round_.answers)
+        assert codes == [200] * 19 + [201], codes
+        bodies = [body for _, _, body in round_.answers]
+        assert len({body["id"] for body in bodies}) == 1
+        job = bodies[0]
+        assert all(body == job for body in bodies), bodies
+        sent = round_.payload
+        assert (job["status"], job["node_id"], job["descriptor"]) == (
+            "SCHEDULED",
+            sent["node_id"],
+            sent["descriptor"],
+        )
+        assert [e["event_type"] for e in round_.events[job["id"]]] == ["SCHEDULED"]
+    assert len(job_statuses(make_call())) == 3
 
 
 def test_no_instance_logged_an_error(instances):

@@ -15,8 +15,8 @@ import json
 from urllib.parse import quote
 
 import pytest
+from helpers import MAX_ID, assert_error, file_entry
 
-MAX_ID = 2**63 - 1
 MIB = 1024 * 1024
 TABLES = ("jobs", "job_events", "job_tables", "job_files")
 
@@ -28,20 +28,6 @@ def short(value) -> str:
     """A readable test id for a parameter (some are 1000 characters long)."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def assert_error(response, status: int, code: str) -> str:
-    """The §1 error shape, exactly; returns the message."""
-    assert response.status_code == status, (response.status_code, response.data[:400])
-    assert response.headers["Content-Type"].split(";")[0].strip() == "application/json"
-    body = json.loads(response.data)
-    assert set(body) == {"error_code", "error_message"}, body
-    assert body["error_code"] == code, body
-    assert isinstance(body["error_message"], str)
-    assert body["error_message"].strip(), body
-    for leak in ("Traceback", "psycopg2", "SELECT ", "INSERT ", 'File "'):
-        assert leak not in body["error_message"], body
-    return body["error_message"]
 
 
 def create(client, node_id="worker-01", **extra) -> int:
@@ -57,10 +43,6 @@ def move(client, job_id, *steps):
         else:
             response = client.put(f"/jobs/{job_id}/status", json={"status": step})
         assert response.status_code == 200, response.data
-
-
-def fl(name, start, end, size=1, **extra) -> dict:
-    return {"file_name": name, "start_block": start, "end_block": end, "size_bytes": size, **extra}
 
 
 def add_file(client, job_id, table, payload):
@@ -100,7 +82,7 @@ def world(client):
     for n, status in enumerate(statuses, start=1):
         job_id = create(client, node_id=f"worker-{n:02}", idempotency_key=f"key-{n}")
         assert job_id == n
-        add_file(client, job_id, "blocks", fl("f0", 0, 9, 100, block_hash="0x" + "a" * 64))
+        add_file(client, job_id, "blocks", file_entry("f0", 0, 9, 100, block_hash="0x" + "a" * 64))
         move(client, job_id, *PATH_TO[status])
         jobs[job_id] = status
     return jobs
@@ -195,7 +177,7 @@ BAD_IDS = [
     "0" * 19 + "1",
 ]
 
-VALID_FILE = fl("new-file", 10, 19, 1)
+VALID_FILE = file_entry("new-file", 10, 19, 1)
 ID_ROUTES = [
     ("GET", "/jobs/{}", None, 404),
     ("GET", "/jobs/{}/progress", None, 404),
@@ -413,7 +395,7 @@ def targets(client):
     ids = {}
     for status in ("SCHEDULED", "RUNNING", "STOP_REQUESTED", "FAILED", "COMPLETED"):
         job_id = create(client, idempotency_key=f"key-{status}")
-        add_file(client, job_id, "blocks", fl("f0", 0, 9, 100))
+        add_file(client, job_id, "blocks", file_entry("f0", 0, 9, 100))
         move(client, job_id, *PATH_TO[status])
         ids[status] = job_id
     return ids
@@ -626,8 +608,8 @@ def test_status_report_refuses(client, db_conn, targets, body, field):
 
 # ---- POST /jobs/{id}/tables/{table}/files ------------------------------------------------
 
-GOOD = fl("b1", 10, 19, 5)
-GOOD2 = fl("b2", 20, 29, 5)
+GOOD = file_entry("b1", 10, 19, 5)
+GOOD2 = file_entry("b2", 20, 29, 5)
 HASH = "0x" + "a" * 64
 
 
@@ -692,7 +674,7 @@ def test_file_registration_refuses(client, db_conn, targets, body, field):
 
 def test_file_batches_over_1000_are_refused(client, db_conn, targets):
     with unchanged(client, db_conn):
-        batch = [fl(f"n{i:04}", 100 + i * 10, 109 + i * 10, 1) for i in range(1001)]
+        batch = [file_entry(f"n{i:04}", 100 + i * 10, 109 + i * 10, 1) for i in range(1001)]
         url = f"/jobs/{targets['RUNNING']}/tables/blocks/files"
         refused(client, db_conn, "POST", url, batch, "1000")
         # One bad file anywhere in a batch refuses all of it, and says which.
@@ -742,7 +724,7 @@ def deletable(client):
     """Three terminal jobs (1..3) and an active one (4)."""
     for status in ("COMPLETED", "STOPPED", "FAILED", "RUNNING"):
         job_id = create(client)
-        add_file(client, job_id, "blocks", fl("f0", 0, 9))
+        add_file(client, job_id, "blocks", file_entry("f0", 0, 9))
         move(client, job_id, *PATH_TO[status])
     return [1, 2, 3]
 
@@ -810,7 +792,7 @@ def big_bodies(targets):
     return [
         ("POST", "/jobs", {"node_id": "w", "descriptor": {}}),
         ("PUT", f"/jobs/{running}/status", {"status": "FAILED"}),
-        ("POST", f"/jobs/{running}/tables/blocks/files", fl("big", 10, 19)),
+        ("POST", f"/jobs/{running}/tables/blocks/files", file_entry("big", 10, 19)),
         ("DELETE", "/jobs", {"job_ids": [targets["COMPLETED"]]}),
     ]
 
@@ -995,7 +977,7 @@ def test_options_is_a_json_error_not_an_empty_page(client, path):
     [
         ("POST", "/jobs", b'{"node_id": "w"}'),
         ("PUT", "/jobs/{}/status", b'{"status": "RUNNING"}'),
-        ("POST", "/jobs/{}/tables/t/files", json.dumps(fl("f", 0, 1)).encode()),
+        ("POST", "/jobs/{}/tables/t/files", json.dumps(file_entry("f", 0, 1)).encode()),
         ("DELETE", "/jobs", b'{"job_ids": [1]}'),
     ],
 )
