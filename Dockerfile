@@ -1,5 +1,5 @@
 # Jobs service image: `gunicorn -c gunicorn.conf.py wsgi:app` as a non-root
-# user (CONTRACT.md §6). The same image runs the one-shot schema step:
+# user (docs/API.md, Running the service). The same image runs the one-shot schema step:
 #   docker run --rm -e DATABASE_URL=... <image> flask --app app init-db
 FROM python:3.11-slim
 

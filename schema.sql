@@ -20,7 +20,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     CONSTRAINT jobs_idempotency_key_unique UNIQUE (idempotency_key)
 );
 
--- CONTRACT.md's timestamps: UTC, always six fractional digits, a Z suffix.
+-- The API's timestamps (docs/API.md, Timestamps): UTC, always six fractional digits, a Z suffix.
 CREATE OR REPLACE FUNCTION jobs_timestamp(ts timestamptz) RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE
 RETURN to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"');

@@ -33,7 +33,7 @@ STATUSES = (
 TERMINAL_STATUSES = ("COMPLETED", "STOPPED", "FAILED")
 ACTIVE_STATUSES = tuple(s for s in STATUSES if s not in TERMINAL_STATUSES)
 
-# Legal moves a worker may report (CONTRACT.md §4.2), to-status -> from-statuses.
+# Legal moves a worker may report (docs/API.md, The status machine), to-status -> from-statuses.
 # STOP_REQUESTED is the operators' move (PUT /jobs/{id}/stop), guarded the same way.
 TRANSITIONS: dict[str, frozenset[str]] = {
     "RUNNING": frozenset({"SCHEDULED"}),

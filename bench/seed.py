@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 ACTIVE = ("SCHEDULED", "RUNNING", "STOP_REQUESTED", "STOPPING")
 
 # The history each final status implies: the events the service appends on
-# creation and on every transition that leads there (CONTRACT.md §4.4).
+# creation and on every transition that leads there (docs/API.md, Events).
 EVENT_PATHS = {
     "SCHEDULED": ["SCHEDULED"],
     "RUNNING": ["SCHEDULED", "RUNNING"],

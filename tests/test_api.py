@@ -1,5 +1,5 @@
 """The Jobs API through the Flask test client: every route's success shapes,
-status codes and error codes of CONTRACT.md §1-§4.
+status codes and error codes of docs/API.md (Conventions to Events).
 
 Expected values come from the contract, written out by hand (the filter tokens
 here, the transition table in helpers.py), never from the service's own
@@ -397,7 +397,7 @@ def test_list_newest_first_and_default_filter_is_active(client):
     assert list_jobs(client, limit=50) == body
 
 
-# token -> statuses, from CONTRACT.md §3 GET /jobs.
+# token -> statuses, from docs/API.md, GET /jobs.
 FILTERS = [
     ("scheduled", {"SCHEDULED"}),
     ("RUNNING", {"RUNNING"}),

@@ -1,4 +1,4 @@
-"""The canonical chain (CONTRACT.md §3, GET /jobs/{id}/progress) against a reference.
+"""The canonical chain (docs/API.md, Progress and the canonical chain) against a reference.
 
 ``reference_progress`` (helpers.py) is written from the contract's words alone and is built
 differently from ``chain.walk``: instead of one pass over sorted files it grows

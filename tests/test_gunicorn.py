@@ -1,4 +1,4 @@
-"""The production command (CONTRACT.md §6), run as plain processes:
+"""The production command (docs/API.md, Running the service), run as plain processes:
 
     flask --app app init-db
     gunicorn -c gunicorn.conf.py wsgi:app      # PORT, WEB_CONCURRENCY=2

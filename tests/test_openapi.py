@@ -1,4 +1,4 @@
-"""GET /openapi.json (CONTRACT.md §5): a valid OpenAPI 3 document that covers
+"""GET /openapi.json (docs/API.md, GET /openapi.json): a valid OpenAPI 3 document that covers
 every route and method the Flask app registers, gives a schema to every
 response that has a body, and tells the truth: many real responses (successes
 and errors, on every route, with and without auth, with the database down)
@@ -89,7 +89,7 @@ def test_covers_every_route_and_method_of_the_app(doc):
     for path, _, op in operations(doc):
         declared = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
         assert declared == set(re.findall(r"{(\w+)}", path)), path
-        # Job IDs are documented as CONTRACT.md §1 defines them (others are a 400).
+        # Job IDs are documented as docs/API.md (Identifiers) defines them (others are a 400).
         for p in op.get("parameters", []):
             if p["name"] in ("job_id", "last_job_id"):
                 assert p["schema"] == {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}

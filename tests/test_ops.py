@@ -1,4 +1,4 @@
-"""Operations (CONTRACT.md §5): health, readiness, auth, request IDs, logs,
+"""Operations (docs/API.md, Operations): health, readiness, auth, request IDs, logs,
 database errors that never leak, and metrics.
 
 The database failures here are made on 127.0.0.1 with helpers.py:

@@ -1,4 +1,4 @@
-"""Database outages (CONTRACT.md §5): every route answers its JSON *_ERROR in
+"""Database outages (docs/API.md, Database failures): every route answers its JSON *_ERROR in
 seconds while PostgreSQL is down, /readyz says 503 and /healthz 200; when it
 comes back the service recovers by itself, with the same gunicorn workers.
 And a query blocked by a lock fails at STATEMENT_TIMEOUT_MS instead of hanging.

@@ -1,4 +1,4 @@
-"""GET /jobs/{id}/progress through the API: the canonical chain of CONTRACT.md §3.
+"""GET /jobs/{id}/progress through the API: the canonical chain of docs/API.md.
 
 Each case registers files with POST /jobs/{id}/tables/{table}/files and
 checks the table's entry (and that the registration's own ``progress`` agrees).

@@ -1,4 +1,4 @@
-"""Races: many threads at once against the state guards (CONTRACT.md §3, §4).
+"""Races: many threads at once against the state guards (docs/API.md, The status machine and DELETE /jobs).
 
 Every test starts its threads together on a ``threading.Barrier`` and gives
 each thread its own test client of an app whose pool holds enough connections.

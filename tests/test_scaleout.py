@@ -1,6 +1,6 @@
 """Two real gunicorn instances, two sync workers each, against one database.
 
-CONTRACT.md §6: the service scales out by running more processes; every guard
+docs/API.md (Production topology): the service scales out by running more processes; every guard
 is a statement in PostgreSQL, so the races of test_races.py must come out the
 same when the racing requests land on different processes and instances. Each
 racing thread alternates between the two instances request by request. The

@@ -1,4 +1,4 @@
-"""Input validation of CONTRACT.md §1-§4 through the Flask test client.
+"""Input validation of docs/API.md (Conventions) through the Flask test client.
 
 Every malformed input gets its documented 4xx with the exact error shape,
 never a 500, and changes nothing: each refusal is checked against a snapshot
