@@ -1,4 +1,5 @@
-"""Races: many threads at once against the state guards (docs/API.md, The status machine and DELETE /jobs).
+"""Races: many threads at once against the state guards
+(docs/API.md: the status machine, DELETE /jobs).
 
 Every test starts its threads together on a ``threading.Barrier`` and gives
 each thread its own test client of an app whose pool holds enough connections.
