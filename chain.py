@@ -1,9 +1,9 @@
 """The canonical chain of a table's files, and how it is kept up to date.
 
 Progress counts only the canonical chain (docs/API.md, "Progress and the
-canonical chain"): walk the files by ``start_block`` ascending, the most recently registered first among equal
-starts; the first file starts the chain, and a file extends it when it starts
-right after the chain's last block and, when both hashes are given, its
+canonical chain"): walk the files by ``start_block`` ascending, the most
+recently registered first among equal starts; the first file starts the
+chain, and a file extends it when it starts right after the chain's last block and, when both hashes are given, its
 ``prev_hash`` is the chain's last ``block_hash``. Everything else (overlaps,
 losing forks, anything past a gap) is skipped.
 
