@@ -3,9 +3,10 @@
 Progress counts only the canonical chain (docs/API.md, "Progress and the
 canonical chain"): walk the files by ``start_block`` ascending, the most
 recently registered first among equal starts; the first file starts the
-chain, and a file extends it when it starts right after the chain's last block and, when both hashes are given, its
-``prev_hash`` is the chain's last ``block_hash``. Everything else (overlaps,
-losing forks, anything past a gap) is skipped.
+chain, and a file extends it when it starts right after the chain's last
+block and, when both hashes are given, its ``prev_hash`` is the chain's last
+``block_hash``. Everything else (overlaps, losing forks, anything past a gap)
+is skipped.
 
 The walk is a pure function (:func:`walk`) so it can be checked against a
 brute-force reference. :func:`refresh_table` keeps a table's summary in
