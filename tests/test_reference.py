@@ -93,9 +93,6 @@ def test_nothing_points_outside_the_repository():
     )
     if tracked.returncode not in (0, 1):
         pytest.skip("not a git checkout")
-    lines = [
-        line
-        for line in tracked.stdout.splitlines()
-        if not line.startswith("tests/test_reference.py:")
-    ]
+    # The pattern, spelt with backslashes, does not match this file.
+    lines = tracked.stdout.splitlines()
     assert not lines, lines
