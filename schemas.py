@@ -239,7 +239,7 @@ class ListJobsQuerySchema(StrictSchema):
     limit = fields.Integer(
         load_default=DEFAULT_PAGE_SIZE,
         validate=validate.Range(1, MAX_PAGE_SIZE),
-        metadata={"description": "page size, 1..1000 (default 50)"},
+        metadata={"description": f"page size, 1..{MAX_PAGE_SIZE} (default {DEFAULT_PAGE_SIZE})"},
     )
     last_job_id = JobId(metadata={"description": "cursor: only jobs with a smaller id"})
     status = fields.String(
