@@ -1,8 +1,26 @@
 """gunicorn settings: `gunicorn -c gunicorn.conf.py wsgi:app`.
 
-PORT (default 8080) and WEB_CONCURRENCY (default 2) tune it. Sync workers: on
-a 2-core box two of them matched threaded workers in throughput with a better
-p99, and a sync worker holds at most one database connection.
+PORT (default 8080), WEB_CONCURRENCY (default 2 processes), WORKER_CONNECTIONS
+(default 1000 per process) and KEEPALIVE_S (default 5) tune it.
+
+gevent workers, because the port is reached directly (load balancers' health
+checks, in-cluster callers), so slow and idle clients must not take the
+service down:
+- sync: a worker serves one connection at a time and waits up to `timeout`
+  (30 s) for its request: two idle connections blocked both workers,
+  /healthz included, until gunicorn killed them.
+- gthread (gunicorn 27.0.1, workers/gthread.py): a thread waits up to 5 s
+  for a new connection's first byte, then reads the request head blocking,
+  with no deadline: ten clients sending headers a byte a second hold ten
+  threads for as long as they like.
+- gevent (workers/ggevent.py on base_async.py): every connection is a
+  greenlet, up to worker_connections per process, and each request's line
+  and headers are read inside gevent.Timeout(keepalive): a connection that
+  has not sent a complete request head within `keepalive` seconds (idle or
+  dribbling alike) is closed, without holding anything another client needs.
+The workers monkey-patch the standard library before the app is imported
+(preload_app is off); psycopg2 is made cooperative by the database module's
+wait callback, which waits on the socket through the (patched) select module.
 """
 
 import os
@@ -11,7 +29,18 @@ import tempfile
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8080')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = "sync"
+worker_class = "gevent"
+# Connections one process holds at once (idle, reading or being answered);
+# more wait in the listen backlog. Each costs a greenlet and a file
+# descriptor: keep it below the open-files limit (`ulimit -n`).
+worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
+# Seconds a connection may take to deliver a request's line and headers,
+# counted from the end of the previous response (or the accept), so it is
+# both the keep-alive idle timeout and the deadline for a slow request head.
+# 0 would turn both off (base_async.py reads the head without a timeout), so
+# 1 is the least. Behind a load balancer that reuses connections, set it
+# above the balancer's idle timeout (e.g. 65 for an ALB's 60 s).
+keepalive = max(1, int(os.environ.get("KEEPALIVE_S", "5")))
 # The app is imported in each worker, after the fork: no connection or
 # metrics file is ever shared between processes.
 preload_app = False

