@@ -14,7 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from serve import Server, http_caller
+
+from app import create_app
 
 IDLE = 50
 DRIBBLING = 10
@@ -143,3 +146,57 @@ def test_keep_alive_serves_several_requests_on_one_connection(server):
             assert conn.sock is first, "the server closed a keep-alive connection"
     finally:
         conn.close()
+
+
+# ---- Metrics labels come from fixed sets -------------------------------------------
+
+KNOWN_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"}
+COUNT = "jobs_http_requests_total"
+
+
+def scrape(port: int) -> list:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        assert response.status == 200
+        text = response.read().decode()
+    finally:
+        conn.close()
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def made_up_count(samples, route: str, status: str) -> float:
+    wanted = {"method": "other", "route": route, "status": status}
+    return sum(s.value for s in samples if s.name == COUNT and s.labels == wanted)
+
+
+def test_made_up_methods_and_paths_do_not_grow_metrics(server):
+    rules = {rule.rule for rule in create_app({"TESTING": True}).url_map.iter_rules()}
+    call = http_caller(server.port)
+
+    def hostile_round(offset: int, n: int) -> None:
+        for i in range(offset, offset + n):
+            assert call(f"N{i:06d}ZZ", "/jobs")[0] == 405
+            assert call(f"X{i:06d}", f"/no/such/{i}")[0] == 404
+            assert call("GET", f"/jobs/{i + 1}/nothing-{i}")[0] == 404
+
+    hostile_round(0, 50)
+    scrape(server.port)  # its own series (GET /metrics 200) exists from here on
+    first = scrape(server.port)
+    hostile_round(50, 100)
+    second = scrape(server.port)
+    # 100 more made-up methods and paths: not one more series.
+    assert {(s.name, frozenset(s.labels.items())) for s in second} == {
+        (s.name, frozenset(s.labels.items())) for s in first
+    }
+    # A 405 matched no rule for its method: Flask leaves url_rule unset.
+    before, after = (made_up_count(s, "<unmatched>", "405") for s in (first, second))
+    assert after - before == 100
+    before, after = (made_up_count(s, "<unmatched>", "404") for s in (first, second))
+    assert after - before == 100
+    for sample in second:
+        if sample.name.startswith("jobs_http_"):
+            assert sample.labels["method"] in KNOWN_METHODS | {"other"}, sample
+            assert sample.labels["route"] in rules | {"<unmatched>"}, sample
+            assert sample.labels.get("status", "200").isdigit(), sample
