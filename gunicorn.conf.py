@@ -23,9 +23,12 @@ The workers monkey-patch the standard library before the app is imported
 wait callback, which waits on the socket through the (patched) select module.
 """
 
+import json
 import os
 import shutil
 import tempfile
+
+from gunicorn import util as gunicorn_util
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8080')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
@@ -76,3 +79,43 @@ def child_exit(server, worker):
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+
+
+# ---- Errors gunicorn answers itself ----------------------------------------------
+# A request gunicorn cannot parse (414 line too long, 431 headers too large,
+# 400 malformed line, method, header or Content-Length, ...) never reaches the
+# app: the worker's handle_error (gunicorn/workers/base.py) picks the status
+# and message and util.write_error writes them as an HTML page. Every error
+# of this service is JSON, so each worker swaps that one writer (handle_error
+# is its only caller in gunicorn 27.0.1; tests/test_edge.py would notice a
+# change) and keeps gunicorn's choice of status and message.
+
+GUNICORN_ERROR_CODES = {
+    400: "BAD_REQUEST",
+    403: "FORBIDDEN",
+    414: "URI_TOO_LONG",
+    417: "EXPECTATION_FAILED",
+    431: "REQUEST_HEADER_FIELDS_TOO_LARGE",
+    500: "INTERNAL_ERROR",
+    501: "NOT_IMPLEMENTED",
+}
+
+
+def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
+    code = GUNICORN_ERROR_CODES.get(status_int) or reason.upper().replace(" ", "_")
+    # mesg quotes the offending input (up to limit_request_line bytes): cut it.
+    error = {"error_code": code, "error_message": (mesg or reason)[:200]}
+    body = json.dumps(error, separators=(",", ":")).encode()
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\n"
+        "Connection: close\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"X-Request-ID: {os.urandom(16).hex()}\r\n"
+        "\r\n"
+    )
+    gunicorn_util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+def post_worker_init(worker):
+    gunicorn_util.write_error = write_json_error

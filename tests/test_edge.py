@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import socket
 import threading
 import time
@@ -200,3 +201,92 @@ def test_made_up_methods_and_paths_do_not_grow_metrics(server):
             assert sample.labels["method"] in KNOWN_METHODS | {"other"}, sample
             assert sample.labels["route"] in rules | {"<unmatched>"}, sample
             assert sample.labels.get("status", "200").isdigit(), sample
+
+
+# ---- Errors gunicorn answers before the app ----------------------------------------
+
+
+def raw_exchange(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send ``data`` as is, read until the server closes: (status, headers, body)."""
+    with connect(port) as sock:
+        sock.settimeout(10)
+        with contextlib.suppress(OSError):  # the server may answer before reading it all
+            sock.sendall(data)
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers, body
+
+
+GUNICORN_ERRORS = [
+    # (case, raw request, status, error_code)
+    (
+        "request line too long",
+        b"GET /jobs/" + b"1" * 5000 + b" HTTP/1.1\r\nHost: edge\r\n\r\n",
+        414,
+        "URI_TOO_LONG",
+    ),
+    (
+        "header field too large",
+        b"GET /healthz HTTP/1.1\r\nHost: edge\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
+        431,
+        "REQUEST_HEADER_FIELDS_TOO_LARGE",
+    ),
+    (
+        "too many header fields",
+        b"GET /healthz HTTP/1.1\r\nHost: edge\r\n"
+        + b"".join(b"X-H%d: 1\r\n" % i for i in range(150))
+        + b"\r\n",
+        431,
+        "REQUEST_HEADER_FIELDS_TOO_LARGE",
+    ),
+    ("lower-case method", b"get /healthz HTTP/1.1\r\nHost: edge\r\n\r\n", 400, "BAD_REQUEST"),
+    ("malformed method", b"G@T /healthz HTTP/1.1\r\nHost: edge\r\n\r\n", 400, "BAD_REQUEST"),
+    (
+        "Content-Length not a number",
+        b"POST /jobs HTTP/1.1\r\nHost: edge\r\nContent-Length: abc\r\n\r\n{}",
+        400,
+        "BAD_REQUEST",
+    ),
+    (
+        "negative Content-Length",
+        b"POST /jobs HTTP/1.1\r\nHost: edge\r\nContent-Length: -1\r\n\r\n{}",
+        400,
+        "BAD_REQUEST",
+    ),
+    (
+        "two different Content-Lengths",
+        b"POST /jobs HTTP/1.1\r\nHost: edge\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+        400,
+        "BAD_REQUEST",
+    ),
+    ("malformed request line", b"GARBAGE\r\n\r\n", 400, "BAD_REQUEST"),
+    ("unknown HTTP version", b"GET /healthz HTTP/7.1\r\nHost: edge\r\n\r\n", 400, "BAD_REQUEST"),
+    ("space in a header name", b"GET /healthz HTTP/1.1\r\nBad Name: x\r\n\r\n", 400, "BAD_REQUEST"),
+]
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "code"),
+    [case[1:] for case in GUNICORN_ERRORS],
+    ids=[case[0] for case in GUNICORN_ERRORS],
+)
+def test_errors_before_the_app_are_json(server, data, status, code):
+    got_status, headers, body = raw_exchange(server.port, data)
+    assert got_status == status, body
+    assert headers["content-type"] == "application/json"
+    assert int(headers["content-length"]) == len(body)
+    parsed = json.loads(body)
+    assert set(parsed) == {"error_code", "error_message"}
+    assert parsed["error_code"] == code
+    assert parsed["error_message"] and len(parsed["error_message"]) <= 200
+    assert headers["x-request-id"]
+    # The service goes on answering.
+    assert http_caller(server.port)("GET", "/healthz")[0] == 200
