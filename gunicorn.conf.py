@@ -23,9 +23,11 @@ The workers monkey-patch the standard library before the app is imported
 wait callback, which waits on the socket through the (patched) select module.
 """
 
+import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 
 from gunicorn import util as gunicorn_util
@@ -59,20 +61,53 @@ control_socket_disable = True
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
 
+# ---- Metrics directory -------------------------------------------------------
 # prometheus-client's multiprocess mode: each worker writes its samples to
-# files in this directory and /metrics sums them. It must be set before any
-# worker imports prometheus_client, and emptied when the server starts so
-# samples of an earlier run do not leak into this one.
-os.environ.setdefault(
-    "PROMETHEUS_MULTIPROC_DIR",
-    os.path.join(tempfile.gettempdir(), f"jobs-service-metrics-{bind.rsplit(':', 1)[1]}"),
-)
+# files in PROMETHEUS_MULTIPROC_DIR and /metrics sums them. The variable must
+# be set before any worker imports prometheus_client: on_starting runs in the
+# master before the first fork. A path of our choosing in the shared temp
+# directory could be planted (a symlink to another user's directory) before we
+# start, so the default is a fresh private directory (mkdtemp: an unguessable
+# name, created by us, mode 0700), removed when gunicorn exits.
 
 
 def on_starting(server):
-    path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(path, exist_ok=True)
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        path = tempfile.mkdtemp(prefix="jobs-service-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+        # On the arbiter, not in a global: a reload (SIGHUP) re-reads this file.
+        server.jobs_metrics_dir = path
+        return
+    _check_own_directory(path)
+    # Samples of an earlier run must not leak into this one. Only the
+    # multiprocess files go; unlink never follows a symlink.
+    for entry in os.scandir(path):
+        if entry.name.endswith(".db") and not entry.is_dir(follow_symlinks=False):
+            os.unlink(entry.path)
+
+
+def _check_own_directory(path: str) -> None:
+    """An explicitly configured directory: made if missing, else ours alone, never a symlink."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise RuntimeError(f"PROMETHEUS_MULTIPROC_DIR={path} must be a directory, not a symlink")
+    if info.st_uid != os.geteuid():
+        raise RuntimeError(
+            f"PROMETHEUS_MULTIPROC_DIR={path} belongs to uid {info.st_uid}, "
+            f"not to this process (uid {os.geteuid()})"
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        # Others could plant files there that the workers would open and write.
+        raise RuntimeError(f"PROMETHEUS_MULTIPROC_DIR={path} is writable by others (chmod go-w it)")
+
+
+def on_exit(server):
+    path = getattr(server, "jobs_metrics_dir", None)
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def child_exit(server, worker):

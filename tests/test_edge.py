@@ -9,14 +9,16 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import socket
+import stat
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from serve import Server, http_caller
+from serve import Server, free_port, http_caller
 
 from app import create_app
 
@@ -33,9 +35,9 @@ def worker_pids(master_pid: int) -> set[int]:
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError):
-            stat = (entry / "stat").read_text()
+            line = (entry / "stat").read_text()
             # pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
-            if int(stat.rsplit(")", 1)[1].split()[1]) == master_pid:
+            if int(line.rsplit(")", 1)[1].split()[1]) == master_pid:
                 pids.add(int(entry.name))
     return pids
 
@@ -290,3 +292,104 @@ def test_errors_before_the_app_are_json(server, data, status, code):
     assert headers["x-request-id"]
     # The service goes on answering.
     assert http_caller(server.port)("GET", "/healthz")[0] == 200
+
+
+# ---- The metrics directory -------------------------------------------------------
+
+
+@pytest.fixture
+def private_tmp(tmp_path):
+    """A temp directory of the test's own, as TMPDIR for gunicorn (the shared one in production)."""
+    path = tmp_path / "tmp"
+    path.mkdir()
+    return path
+
+
+def metrics_dirs(tmp: Path) -> list[Path]:
+    return sorted(tmp.glob("jobs-service-metrics-*"))
+
+
+def test_default_metrics_directory_is_fresh_private_and_removed(_schema, private_tmp):
+    port = free_port()
+    # What another user could plant at the old, predictable default path.
+    victim = private_tmp / "victim"
+    victim.mkdir()
+    planted = private_tmp / f"jobs-service-metrics-{port}"
+    planted.symlink_to(victim)
+    instance = Server(
+        _schema, port=port, env={"TMPDIR": str(private_tmp), "PROMETHEUS_MULTIPROC_DIR": ""}
+    )
+    try:
+        instance.start()
+        assert http_caller(port)("GET", "/healthz")[0] == 200
+        scrape(port)
+        (made,) = [d for d in metrics_dirs(private_tmp) if not d.is_symlink()]
+        info = made.lstat()
+        assert stat.S_ISDIR(info.st_mode)
+        assert stat.S_IMODE(info.st_mode) == 0o700
+        assert info.st_uid == os.geteuid()
+        assert list(made.glob("*.db")), "the workers write their samples there"
+        assert list(victim.iterdir()) == []
+    finally:
+        assert instance.stop() == 0
+        instance.cleanup()
+    assert not made.exists(), "the directory outlived gunicorn"
+    assert planted.is_symlink() and list(victim.iterdir()) == []
+
+
+def refused(env: dict, _schema) -> str:
+    """Start gunicorn with ``env``; it must exit non-zero by itself. Returns its log."""
+    instance = Server(_schema, env=env).launch()
+    try:
+        assert instance.process.wait(30) != 0
+        return instance.log()
+    finally:
+        instance.stop()
+        instance.cleanup()
+
+
+def test_configured_metrics_directory_that_is_a_symlink_is_refused(_schema, private_tmp):
+    victim = private_tmp / "victim"
+    victim.mkdir(mode=0o700)
+    link = private_tmp / "metrics"
+    link.symlink_to(victim)
+    log = refused({"PROMETHEUS_MULTIPROC_DIR": str(link)}, _schema)
+    assert "must be a directory, not a symlink" in log
+    assert list(victim.iterdir()) == []
+
+
+def test_configured_metrics_directory_writable_by_others_is_refused(_schema, private_tmp):
+    shared = private_tmp / "metrics"
+    shared.mkdir()
+    shared.chmod(0o777)
+    log = refused({"PROMETHEUS_MULTIPROC_DIR": str(shared)}, _schema)
+    assert "writable by others" in log
+    assert list(shared.iterdir()) == []
+
+
+def test_configured_metrics_directory_of_another_user_is_refused(_schema, private_tmp):
+    if os.geteuid() != 0:
+        pytest.skip("making a directory another user owns needs root")
+    theirs = private_tmp / "metrics"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    log = refused({"PROMETHEUS_MULTIPROC_DIR": str(theirs)}, _schema)
+    assert "belongs to uid 65534" in log
+    assert list(theirs.iterdir()) == []
+
+
+def test_configured_metrics_directory_is_emptied_at_start_and_kept(_schema, private_tmp):
+    ours = private_tmp / "metrics"
+    ours.mkdir(mode=0o700)
+    stale = ours / "counter_1.db"
+    stale.write_bytes(b"an earlier run's samples")
+    instance = Server(_schema, env={"PROMETHEUS_MULTIPROC_DIR": str(ours)})
+    try:
+        instance.start()
+        assert not stale.exists()
+        assert scrape(instance.port)
+    finally:
+        assert instance.stop() == 0
+        instance.cleanup()
+    # The operator's directory: kept (with this run's samples).
+    assert ours.is_dir() and list(ours.glob("*.db"))
