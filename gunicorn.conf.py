@@ -44,7 +44,9 @@ worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
 # both the keep-alive idle timeout and the deadline for a slow request head.
 # 0 would turn both off (base_async.py reads the head without a timeout), so
 # 1 is the least. Behind a load balancer that reuses connections, set it
-# above the balancer's idle timeout (e.g. 65 for an ALB's 60 s).
+# above the balancer's idle timeout (e.g. 65 for an ALB's 60 s). On SIGTERM a
+# worker waits for its idle keep-alive connections to time out (measured:
+# exit 6.3 s after SIGTERM with 5, 21.5 s with 20), at most graceful_timeout.
 keepalive = max(1, int(os.environ.get("KEEPALIVE_S", "5")))
 # The app is imported in each worker, after the fork: no connection or
 # metrics file is ever shared between processes.
