@@ -44,9 +44,10 @@ COPY app.py chain.py db.py observability.py openapi.py schemas.py \
 RUN python -m compileall -q /app
 
 # The only place the runtime writes is PROMETHEUS_MULTIPROC_DIR, which
-# gunicorn.conf.py defaults to a fresh directory under the temp dir (/tmp,
-# world-writable with the sticky bit). With a read-only root filesystem, mount
-# a tmpfs on /tmp or point PROMETHEUS_MULTIPROC_DIR at a writable volume.
+# gunicorn.conf.py defaults to a fresh private directory under the temp dir
+# (/tmp, world-writable with the sticky bit), removed on exit. With a
+# read-only root filesystem, mount a tmpfs on /tmp, or point
+# PROMETHEUS_MULTIPROC_DIR at a directory UID 10001 owns and only it may write.
 USER 10001:10001
 
 EXPOSE 8080

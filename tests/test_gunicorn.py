@@ -68,9 +68,17 @@ class Gunicorn:
         self.port = free_port()
         self.env = production_env(database_url, PORT=str(self.port), WEB_CONCURRENCY="2", **env)
         self.workdir = Path(tempfile.mkdtemp(prefix="jobs-test-gunicorn-"))
-        # gunicorn.conf.py's own default (the variable is not set): per port.
-        self.metrics_dir = Path(tempfile.gettempdir()) / f"jobs-service-metrics-{self.port}"
+        # gunicorn.conf.py's own default (the variable is not set): a fresh
+        # directory in the temp directory, here one of this instance's own.
+        self.tmpdir = self.workdir / "tmp"
+        self.tmpdir.mkdir()
+        self.env["TMPDIR"] = str(self.tmpdir)
         self.process: subprocess.Popen | None = None
+
+    @property
+    def metrics_dir(self) -> Path:
+        (path,) = self.tmpdir.glob("jobs-service-metrics-*")
+        return path
 
     def start(self) -> Gunicorn:
         with (
@@ -106,7 +114,6 @@ class Gunicorn:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(5)
         shutil.rmtree(self.workdir, ignore_errors=True)
-        shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def caller(self, token: str | None = ADMIN, **headers):
         if token:
