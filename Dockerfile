@@ -37,10 +37,13 @@ RUN pip install --no-cache-dir -r requirements.txt
 # imports, the WSGI entry point, the gunicorn config and schema.sql (read by
 # init-db). Tests, bench, .venv and .pgdata stay out; .dockerignore keeps them
 # out of the build context too. A new top-level module must be added here —
-# forgetting it fails loudly at start-up (ImportError), not silently.
+# forgetting it fails loudly at start-up (ImportError), and test_gunicorn
+# checks the list against what wsgi.py imports.
 # Files stay root-owned: the runtime user can read the code but not change it.
-COPY app.py chain.py db.py observability.py openapi.py schemas.py \
+COPY app.py auth.py chain.py chores.py db.py errors.py observability.py openapi.py \
+     parse.py pool.py registry.py responses.py schemas.py \
      wsgi.py gunicorn.conf.py schema.sql ./
+COPY store/ ./store/
 RUN python -m compileall -q /app
 
 # The only place the runtime writes is PROMETHEUS_MULTIPROC_DIR, which

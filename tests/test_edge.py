@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import Server, free_port, http_caller
 from prometheus_client.parser import text_string_to_metric_families
-from serve import Server, free_port, http_caller
 
 from app import create_app
 
