@@ -16,6 +16,7 @@ import signal
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,6 +112,29 @@ def run_wrk_until(
     return interrupt_wrk(wrk)
 
 
+def load_during(
+    url: str,
+    connections: int,
+    script_args: list[str],
+    action: Callable[[], object],
+    warmup_s: int = 2,
+) -> Load:
+    """What wrk sees while ``action()`` runs (after a warm-up run of its own)."""
+    run_wrk(url, warmup_s, connections, script_args)
+    wrk = subprocess.Popen(
+        wrk_argv(url, 3600, connections, script_args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(0.2)  # let wrk connect before the action starts
+        action()
+    finally:
+        load = interrupt_wrk(wrk)
+    return load
+
+
 def interrupt_wrk(wrk: subprocess.Popen) -> Load:
     """Stop a running wrk the way Ctrl-C does: it still prints its statistics."""
     if wrk.poll() is None:
@@ -133,7 +157,7 @@ SINGLE_CLIENT_REQUESTS = 200
 
 def single_client(
     port: int,
-    path: str,
+    path: str | list[str],
     max_requests: int = SINGLE_CLIENT_REQUESTS,
     max_seconds: float = 5.0,
     warmup: int = 5,
@@ -141,8 +165,10 @@ def single_client(
     """Latency one client sees, one request at a time (no queueing behind others).
 
     Capped in time as well as count, so a slow floor (the naive app reading a
-    whole table per request) still finishes with a few dozen samples.
+    whole table per request) still finishes with a few dozen samples. A list
+    of paths is requested in turn (e.g. jobs spread over a table).
     """
+    paths = [path] if isinstance(path, str) else path
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     timings, bad = [], {}
     deadline = time.monotonic() + max_seconds
@@ -151,7 +177,7 @@ def single_client(
         # gunicorn's sync workers close every connection after the response;
         # http.client reconnects by itself, and the connect is part of what
         # a client pays.
-        conn.request("GET", path)
+        conn.request("GET", paths[i % len(paths)])
         response = conn.getresponse()
         response.read()
         elapsed = time.perf_counter() - started

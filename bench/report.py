@@ -73,6 +73,88 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, Linux {platform.release()}"
 
 
+def pgbouncer_section(bench: Bench) -> tuple[list[str], dict[str, float | None]]:
+    """The direct and through-PgBouncer figures, and their ratios (n/a with errors)."""
+    if not bench.pgbouncer_loads:
+        return [], {"list": None, "get": None}
+    rows, ratios = [], {}
+    for endpoint, via in bench.pgbouncer_loads.items():
+        direct = bench.loads.get(("service", endpoint))
+        clean = direct is not None and not direct.errors and not via.errors
+        ratios[endpoint] = ratio(via.rps, direct.rps) if clean else None
+        rows.append(
+            [
+                endpoint,
+                "n/a" if direct is None else f"{direct.rps:.0f}",
+                fmt(direct and direct.p99_ms),
+                f"{via.rps:.0f}",
+                fmt(via.p99_ms),
+                str(via.errors),
+                f"{fmt(ratios[endpoint])}x",
+            ]
+        )
+    header = ["endpoint", "direct req/s", "direct p99 ms", "via PgBouncer req/s"]
+    header += ["via PgBouncer p99 ms", "via PgBouncer errors", "via / direct"]
+    lines = ["", "## Through PgBouncer (transaction pooling, the same table)", ""]
+    lines.append(table(header, rows))
+    return lines, {
+        "list": ratios.get("GET /jobs?limit=50"),
+        "get": ratios.get("GET /jobs/{id}"),
+    }
+
+
+def growth_section(bench: Bench) -> tuple[list[str], dict[str, float | None]]:
+    """The reads at both sizes and their growth, then the prune."""
+    figures: dict[str, float | None] = dict.fromkeys(("list", "get", "prune_s", "prune_p99_ms"))
+    if len(bench.growth_stages) < 2:  # skipped, or no service to read the tables
+        return [], figures
+    small, large = bench.growth_stages
+    rows, list_growths = [], []
+    for label, before in small.probes.items():
+        after = large.probes.get(label)
+        growth = ratio(after and after.p50_ms, before.p50_ms)
+        if label.startswith(("default list", "status=")):
+            list_growths.append(growth)
+        if label == "GET /jobs/{id}":
+            figures["get"] = growth
+        rows.append([label, probe_ms(before), probe_ms(after), f"{fmt(growth)}x"])
+    figures["list"] = None if None in list_growths else max(list_growths, default=None)
+    lines = [
+        "",
+        f"## Growth: {small.jobs:,} -> {large.jobs:,} jobs (single client)",
+        "",
+        f"Seeding: {small.jobs:,} jobs in {small.seed_s:.1f} s, then"
+        f" {large.jobs - small.jobs:,} more in {large.seed_s:.1f} s.",
+        "",
+        table(["read", f"p50 ms at {small.jobs:,}", f"p50 ms at {large.jobs:,}", "growth"], rows),
+    ]
+    pruned = bench.prune
+    if pruned is not None:
+        figures["prune_s"] = pruned.seconds
+        figures["prune_p99_ms"] = pruned.reads.p99_ms
+        deleted = "" if pruned.deleted is None else f", {pruned.deleted:,} deleted by its count"
+        lines += [
+            "",
+            table(
+                ["measurement", "value"],
+                [
+                    [
+                        "prune: DELETE /jobs?status=terminal until 204",
+                        f"{pruned.rounds} requests, last HTTP {pruned.status},"
+                        f" {fmt(pruned.seconds, 1)} s{deleted};"
+                        f" {pruned.terminal_left:,} terminal jobs left",
+                    ],
+                    [
+                        "GET /jobs/{id} of active jobs during the prune (wrk -c2)",
+                        f"{pruned.reads.requests} reads, p50 {pruned.reads.p50_ms:.2f} ms,"
+                        f" p99 {pruned.reads.p99_ms:.2f} ms, errors {pruned.reads.errors}",
+                    ],
+                ],
+            ),
+        ]
+    return lines, figures
+
+
 def report(bench: Bench) -> tuple[str, str]:
     """The Markdown report and the one-line summary."""
     args, loads = bench.args, bench.loads
@@ -280,6 +362,9 @@ def report(bench: Bench) -> tuple[str, str]:
             ],
         ),
     ]
+    pgbouncer_lines, via_pgbouncer = pgbouncer_section(bench)
+    growth_lines, growth = growth_section(bench)
+    out += pgbouncer_lines + growth_lines
     if bench.notes:
         out += ["", "## Notes", "", *(f"- {note}" for note in bench.notes)]
     plans = [(s, p) for s in bench.skews for p in s.plans]
@@ -293,5 +378,10 @@ def report(bench: Bench) -> tuple[str, str]:
         f" skew_spread={fmt(skew_spread)} skew_max_p50_ms={fmt(skew_max)}"
         f" progress_p50_ms={fmt(progress_p50)} delete_500k_s={fmt(delete_s, 1)}"
         f" read_p99_during_delete_ms={fmt(delete_p99)} rss_growth_pct={fmt(rss_growth, 1)}"
+        f" list_pgbouncer_vs_direct={fmt(via_pgbouncer['list'])}"
+        f" get_pgbouncer_vs_direct={fmt(via_pgbouncer['get'])}"
+        f" list_growth={fmt(growth['list'])} get_growth={fmt(growth['get'])}"
+        f" prune_5m_s={fmt(growth['prune_s'], 1)}"
+        f" read_p99_during_prune_ms={fmt(growth['prune_p99_ms'])}"
     )
     return "\n".join(out) + "\n", summary

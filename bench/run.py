@@ -2,6 +2,7 @@
 
     python bench/run.py [--duration 10] [--connections 4] [--service auto|app|naive]
                         [--jobs 1000000] [--bulk-delete 500000] [--leak-requests 100000]
+                        [--no-pgbouncer] [--no-growth] [--growth-jobs 1000000 5000000]
 
 One run starts a throwaway PostgreSQL (devdb.LocalPostgres, non-durable),
 applies schema.sql, seeds each scenario with SQL (seed.py), serves the
@@ -17,7 +18,11 @@ naive_app.py), and measures:
   and right after a reorg registered through the service;
 - the duration of DELETE /jobs?status=completed over 500,000 jobs, and the
   GET /jobs/{id} p99 that wrk sees meanwhile;
-- a worker's RSS after 1,000 and after 100,000 requests.
+- a worker's RSS after 1,000 and after 100,000 requests;
+- the list and get throughput again with the service's DATABASE_URL at a
+  local PgBouncer in transaction pooling mode (through_pgbouncer.py);
+- the same reads at 1M and at 5M jobs, then the time to prune the terminal
+  jobs through the API and the read p99 meanwhile (growth.py).
 
 It prints the tables, writes them with the plans to bench/results/latest.md
 (the source for BENCHMARKS.md), and prints the summary line last.
@@ -35,7 +40,8 @@ This file is the orchestration: the scenarios, in order. The rest of the
 harness: load.py (wrk, single-client probes, pgbench), servers.py
 (PostgreSQL and the apps under gunicorn), plans.py (auto_explain capture and
 plan analysis), report.py (tables, verdicts, summary line), seed.py (the
-tables), console.py (progress messages).
+tables), through_pgbouncer.py and growth.py (those two scenarios),
+local_pgbouncer.py (a stand-in for devpgbouncer.py), console.py (progress).
 
 Everything shares two cores: wrk runs one thread, and numbers are only
 compared within the same run.
@@ -46,7 +52,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,19 +61,19 @@ from pathlib import Path
 
 import seed
 from console import say
+from growth import Prune, Stage, run_growth
 from load import (
     Load,
     Probe,
     ensure_wrk,
     get_json,
     id_script,
-    interrupt_wrk,
+    load_during,
     pgbench,
     request,
     run_wrk,
     run_wrk_until,
     single_client,
-    wrk_argv,
 )
 from plans import Plans, jobs_rows_read
 from report import fmt, report
@@ -83,6 +88,7 @@ from servers import (
     start_postgres,
     start_server,
 )
+from through_pgbouncer import through_pgbouncer
 
 RESULTS = ROOT / "bench" / "results" / "latest.md"
 
@@ -126,6 +132,9 @@ class Bench:
         self.seed_seconds: dict[str, float] = {}
         self.delete: dict[str, float | int] = {}
         self.rss: dict[str, int] = {}
+        self.pgbouncer_loads: dict[str, Load] = {}  # endpoint -> wrk result via PgBouncer
+        self.growth_stages: list[Stage] = []
+        self.prune: Prune | None = None
         self.servers = {
             "constant": self.serve("constant", floor_launch("constant_app", 2)),
             "naive": self.serve("naive", floor_launch("naive_app", 2)),
@@ -160,10 +169,11 @@ class Bench:
             env,
         )
 
-    def serve(self, name: str, launch: Launch) -> Server:
+    def serve(self, name: str, launch: Launch, database_url: str | None = None) -> Server:
         # /jobs/1: a path every app answers, with a database round trip where
         # there is a database, so the first measured request opens nothing.
-        server = start_server(name, launch, {"DATABASE_URL": self.pg.url}, self.workdir, "/jobs/1")
+        env = {"DATABASE_URL": database_url or self.pg.url}
+        server = start_server(name, launch, env, self.workdir, "/jobs/1")
         self.stack.callback(server.stop)
         return server
 
@@ -207,24 +217,32 @@ class Bench:
             f" naive p50 {entry.naive.p50_ms:.2f} ms"
         )
 
-    def throughput(self) -> None:
+    def throughput_endpoints(self) -> dict[str, tuple[str, list[str] | None]]:
+        """endpoint -> (path for wrk, load.lua's arguments or None), over the mixed table."""
         ids = range(1, self.scenarios["mixed"].jobs + 1)
-        endpoints = {
+        return {
             "GET /jobs?limit=50": ("/jobs?limit=50", None),
             "GET /jobs/{id}": ("/", id_script(ids, "/jobs/{id}")),
         }
+
+    def wrk_endpoint(self, app: str, server: Server, endpoint: str) -> Load:
+        """wrk on one endpoint of one server: a warm-up, then the measured run."""
+        path, script = self.throughput_endpoints()[endpoint]
         seconds, connections = self.args.duration, self.args.connections
+        run_wrk(server.url(path), min(2, seconds), connections, script)  # warm-up
+        load = run_wrk(server.url(path), seconds, connections, script)
+        say(
+            f"{app:8} {endpoint:20} {load.rps:8.0f} req/s  p50 {load.p50_ms:.2f} ms"
+            f"  p99 {load.p99_ms:.2f} ms  errors {load.errors}"
+        )
+        return load
+
+    def throughput(self) -> None:
         for app, server in self.servers.items():
-            for endpoint, (path, script) in endpoints.items():
+            for endpoint in self.throughput_endpoints():
                 if app == "constant" and endpoint != "GET /jobs/{id}":
                     continue
-                run_wrk(server.url(path), min(2, seconds), connections, script)  # warm-up
-                load = run_wrk(server.url(path), seconds, connections, script)
-                self.loads[(app, endpoint)] = load
-                say(
-                    f"{app:8} {endpoint:20} {load.rps:8.0f} req/s  p50 {load.p50_ms:.2f} ms"
-                    f"  p99 {load.p99_ms:.2f} ms  errors {load.errors}"
-                )
+                self.loads[(app, endpoint)] = self.wrk_endpoint(app, server, endpoint)
 
     def pgbench_lists(self) -> None:
         """pgbench on the very SQL each app runs for GET /jobs?limit=50."""
@@ -334,24 +352,27 @@ class Bench:
         if self.service is None:
             return
         ids = self.scenarios["bulk_delete"].spread_ids()
-        script = id_script(ids, "/jobs/{id}")
-        run_wrk(self.service.url(), min(2, self.args.duration), 2, script)  # warm-up
+        outcome: dict[str, object] = {}
+
+        def delete() -> None:
+            try:
+                outcome["status"], outcome["seconds"] = request(
+                    self.service.port, "DELETE", "/jobs?status=completed"
+                )
+            except (OSError, http.client.HTTPException) as exc:
+                # Most likely gunicorn's timeout killing the worker mid-delete.
+                self.notes.append(f"DELETE /jobs?status=completed got no answer: {exc!r}")
+                outcome["status"], outcome["seconds"] = "none", None
+
         # Two connections: one per worker, one of which is busy deleting.
-        wrk = subprocess.Popen(
-            wrk_argv(self.service.url(), 3600, 2, script),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        load = load_during(
+            self.service.url(),
+            2,
+            id_script(ids, "/jobs/{id}"),
+            delete,
+            warmup_s=min(2, self.args.duration),
         )
-        try:
-            time.sleep(0.2)  # let wrk connect before the delete starts
-            status, seconds = request(self.service.port, "DELETE", "/jobs?status=completed")
-        except (OSError, http.client.HTTPException) as exc:
-            # Most likely gunicorn's timeout killing the worker mid-delete.
-            self.notes.append(f"DELETE /jobs?status=completed got no answer: {exc!r}")
-            status, seconds = "none", None
-        finally:
-            load = interrupt_wrk(wrk)
+        status, seconds = outcome["status"], outcome["seconds"]
         with self.conn.cursor() as cur:
             cur.execute("SELECT count(*) FILTER (WHERE status = 'COMPLETED'), count(*) FROM jobs")
             completed_left, jobs_left = cur.fetchone()
@@ -400,7 +421,31 @@ def main() -> None:
         default=100_000,
         help="requests before the second RSS sample (default 100,000)",
     )
+    parser.add_argument(
+        "--no-pgbouncer",
+        dest="pgbouncer",
+        action="store_false",
+        help="skip the service through PgBouncer (transaction pooling)",
+    )
+    parser.add_argument(
+        "--no-growth",
+        dest="growth",
+        action="store_false",
+        help="skip the growth scenario (reads at 1M and 5M jobs, then the prune)",
+    )
+    parser.add_argument(
+        "--growth-jobs",
+        type=int,
+        nargs=2,
+        default=[1_000_000, 5_000_000],
+        metavar=("SMALL", "LARGE"),
+        help="the growth scenario's two table sizes, multiples of 1,000"
+        " (default 1,000,000 5,000,000)",
+    )
     args = parser.parse_args()
+    small, large = args.growth_jobs
+    if not (0 < small < large) or small % 1000 or large % 1000:
+        parser.error("--growth-jobs: two sizes, the first smaller, both multiples of 1,000")
     ensure_wrk()
     workdir = Path(tempfile.mkdtemp(prefix="jobs-bench-"))
     # As root, devdb runs the server as another user, who must reach its datadir.
@@ -424,11 +469,15 @@ def main() -> None:
             )
             bench.skew("status=scheduled,failed", "mixed", "/jobs?status=scheduled,failed")
             bench.throughput()
+            if args.pgbouncer:
+                through_pgbouncer(bench)
             bench.pgbench_lists()
             bench.progress_and_reorg(progress_job)
             bench.leak(progress_job)
             bench.seed("bulk_delete")
             bench.bulk_delete()
+            if args.growth:
+                bench.growth_stages, bench.prune = run_growth(bench, tuple(args.growth_jobs))
     except BaseException:
         print(f"Bench failed; servers' logs are kept in {workdir}", file=sys.stderr)
         raise
