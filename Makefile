@@ -24,14 +24,21 @@ test: venv
 lint: venv
 	$(BIN)/ruff check .
 
-# ~5 minutes: a throwaway PostgreSQL, 1M-job tables seeded with SQL, the service
-# and its floors under gunicorn, driven by wrk (installed from Debian's packages
-# when missing). BENCH_ARGS passes options to bench/run.py (e.g. --duration 5).
+# A throwaway PostgreSQL, 1M-job tables seeded with SQL, the service and its
+# floors under gunicorn, driven by wrk, the service again through PgBouncer
+# (wrk and pgbouncer are installed from Debian's packages when missing), then
+# the growth to 5M jobs. BENCH_ARGS passes options to bench/run.py
+# (e.g. --duration 5 --no-growth).
 bench: venv
 	@command -v wrk >/dev/null || { command -v apt-get >/dev/null && \
 		(apt-get install -y -qq wrk >/dev/null 2>&1 || \
 		 (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)); } || \
 		{ echo "make bench needs wrk (Debian: apt-get install wrk)"; exit 1; }
+	@command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || \
+		{ command -v apt-get >/dev/null && \
+		(apt-get install -y -qq pgbouncer >/dev/null 2>&1 || \
+		 (apt-get update -qq && apt-get install -y -qq pgbouncer >/dev/null)); } || \
+		{ echo "make bench needs pgbouncer (Debian: apt-get install pgbouncer)"; exit 1; }
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # Keeps .pgdata/ (the database of `make run`): remove it by hand to start afresh.

@@ -126,6 +126,58 @@ def scenarios(jobs: int = 1_000_000, bulk_delete: int = 500_000) -> dict[str, Sc
     }
 
 
+# The growth tables: one job in GROWTH_ACTIVE_EVERY is active (the default
+# listing's needles, spread over the whole id range), the rest terminal, and
+# every GROWTH_FILES_EVERY-th job has a table of GROWTH_FILES files. A job's
+# row depends only on its id, so the 1M table grows into the 5M one.
+GROWTH_ACTIVE_EVERY, GROWTH_FILES_EVERY, GROWTH_FILES = 1000, 100, 10
+
+
+def growth_scenario(jobs: int) -> Scenario:
+    if jobs % GROWTH_ACTIVE_EVERY:
+        raise ValueError(f"growth sizes must be multiples of {GROWTH_ACTIVE_EVERY}")
+    return Scenario(
+        jobs=jobs,
+        weights={"COMPLETED": 900, "FAILED": 70, "STOPPED": 30},
+        spread=(ACTIVE, jobs // GROWTH_ACTIVE_EVERY),
+        description=f"{jobs:,} jobs, one in {GROWTH_ACTIVE_EVERY:,} active,"
+        f" every {GROWTH_FILES_EVERY}th with {GROWTH_FILES} files",
+    )
+
+
+@contextmanager
+def secondary_indexes_dropped(conn, tables: tuple[str, ...]) -> Iterator:
+    """Drop the indexes of ``tables`` that back no constraint, and rebuild them after.
+
+    Building an index once over the loaded rows (sorted, in parallel, with
+    a large maintenance_work_mem) beats maintaining it row by row. The
+    definitions are read from the catalog, so the schema stays schema.sql's.
+    """
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid)
+            FROM pg_index i
+            WHERE i.indrelid = ANY(%s::regclass[])
+              AND NOT EXISTS (SELECT FROM pg_constraint c WHERE c.conindid = i.indexrelid)
+            """,
+            (list(tables),),
+        )
+        indexes = cur.fetchall()
+        for name, _ in indexes:
+            cur.execute(f"DROP INDEX {name}")
+    try:
+        yield
+    finally:
+        with conn.cursor() as cur:
+            cur.execute("SET maintenance_work_mem = '1GB'")
+            cur.execute("SET max_parallel_maintenance_workers = 2")
+            for _, definition in indexes:
+                cur.execute(definition)
+            cur.execute("RESET maintenance_work_mem")
+            cur.execute("RESET max_parallel_maintenance_workers")
+
+
 def _status_sql(scenario: Scenario) -> str:
     """A SQL expression of ``g`` (the job id) giving the job's status."""
     if sum(scenario.weights.values()) != 1000:
@@ -182,6 +234,17 @@ def reset(conn) -> None:
 def seed(conn, scenario: Scenario) -> None:
     """Replace the database's contents with ``scenario``'s jobs and events."""
     reset(conn)
+    add_jobs(conn, scenario)
+    vacuum_analyze(conn)
+
+
+def add_jobs(conn, scenario: Scenario, first: int = 1, last: int | None = None) -> None:
+    """Insert jobs ``first``..``last`` (default all) of ``scenario``, with their events.
+
+    A job's row depends only on its id (and the scenario's weights and
+    stride), so a table can be grown by calling this again with a larger
+    scenario and ``first`` past the last id.
+    """
     with _bulk_load(conn) as cur:
         # Jobs are created a second apart and finish within minutes; the
         # descriptor is shaped like a real extraction job's (DESCRIPTOR).
@@ -196,7 +259,7 @@ def seed(conn, scenario: Scenario) -> None:
                        'worker-' || lpad(mod(g, 64)::text, 2, '0'),
                        {_status_sql(scenario)},
                        {DESCRIPTOR}
-                FROM generate_series(1::bigint, %(jobs)s) AS g
+                FROM generate_series(%(first)s::bigint, %(last)s) AS g
                 RETURNING id, created_at, node_id, status
             )
             INSERT INTO job_events (job_id, created_at, event_type, node_id)
@@ -204,11 +267,47 @@ def seed(conn, scenario: Scenario) -> None:
                    j.node_id
             FROM j, unnest({_events_sql()}) WITH ORDINALITY AS e(event_type, step)
             """,
-            {"jobs": scenario.jobs},
+            {"first": first, "last": scenario.jobs if last is None else last},
         )
         # Ids were given explicitly: let POST /jobs continue after them.
         cur.execute("SELECT setval(pg_get_serial_sequence('jobs', 'id'), %s)", (scenario.jobs,))
-    vacuum_analyze(conn)
+
+
+def add_files(conn, first: int, last: int, every: int, files: int, blocks_per_file: int = 1000):
+    """Give every ``every``-th job of ``first``..``last`` one table of ``files`` files.
+
+    The chain is clean and job_tables holds its summary, as the service
+    maintains it; the files' hashes follow :func:`chain_hash`.
+    """
+    hash_sql = "'0x' || rpad(encode(convert_to('blocks:' || {i}, 'UTF8'), 'hex'), 64, '0')"
+    params = {"first": first, "last": last, "every": every, "files": files, "bpf": blocks_per_file}
+    with _bulk_load(conn) as cur:
+        cur.execute(
+            f"""
+            INSERT INTO job_tables (job_id, table_name, start_block, current_block, tip_hash,
+                                    files_count, total_size_bytes)
+            SELECT g, 'blocks', 0, %(files)s * %(bpf)s - 1,
+                   {hash_sql.format(i="(%(files)s - 1)")}, %(files)s,
+                   %(files)s * 110000000::numeric
+            FROM generate_series(%(first)s::bigint, %(last)s) AS g
+            WHERE mod(g, %(every)s) = 0
+            """,
+            params,
+        )
+        cur.execute(
+            f"""
+            INSERT INTO job_files (job_id, table_name, file_name, start_block, end_block,
+                                   size_bytes, block_hash, prev_hash)
+            SELECT g, 'blocks', 'blocks_' || lpad(i::text, 9, '0') || '.parquet',
+                   i * %(bpf)s, i * %(bpf)s + %(bpf)s - 1, 110000000,
+                   {hash_sql.format(i="i")},
+                   CASE WHEN i > 0 THEN {hash_sql.format(i="(i - 1)")} END
+            FROM generate_series(%(first)s::bigint, %(last)s) AS g,
+                 generate_series(0, %(files)s - 1) AS i
+            WHERE mod(g, %(every)s) = 0
+            """,
+            params,
+        )
 
 
 def vacuum_analyze(conn) -> None:

@@ -1,0 +1,48 @@
+"""The service through PgBouncer: the list and get throughput with its
+DATABASE_URL pointing at a local PgBouncer in transaction pooling mode, in
+front of the same PostgreSQL, over the same table as the direct figures
+(Bench.throughput) of the same run.
+
+PgBouncer is Debian's package (`make bench` installs it when missing). It
+is started by devpgbouncer.LocalPgBouncer, or, until that lands on main, by
+the stand-in local_pgbouncer.py with the same interface.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from console import say
+
+try:
+    from devpgbouncer import LocalPgBouncer
+except ImportError:  # until devpgbouncer.py lands on main
+    from local_pgbouncer import LocalPgBouncer
+
+if TYPE_CHECKING:
+    from run import Bench
+
+POOL_MODE = "transaction"
+
+
+def through_pgbouncer(bench: Bench) -> None:
+    """Fill ``bench.pgbouncer_loads``: endpoint -> wrk result through PgBouncer."""
+    if bench.service is None:
+        return
+    bouncer = LocalPgBouncer(bench.pg.url, str(bench.workdir / "pgbouncer"), POOL_MODE)
+    url = bouncer.start()
+    bench.stack.callback(bouncer.stop)  # registered first, so stopped after the service
+    say(f"PgBouncer ({POOL_MODE} pooling) at {url}")
+    server = bench.serve("service-pgbouncer", bench.service_launch(workers=2), database_url=url)
+    try:
+        for endpoint in bench.throughput_endpoints():
+            load = bench.wrk_endpoint("pgbouncer", server, endpoint)
+            bench.pgbouncer_loads[endpoint] = load
+            if load.errors:
+                bench.notes.append(
+                    f"Through PgBouncer, {load.errors} of {load.requests} requests to {endpoint}"
+                    " failed: its ratio to the direct figure reads n/a."
+                )
+    finally:
+        server.stop()
+        bouncer.stop()
