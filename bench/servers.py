@@ -1,12 +1,14 @@
 """The processes under test: the throwaway PostgreSQL and the apps under gunicorn.
 
 The floors (constant_app.py, naive_app.py) get the service's own worker
-settings: sync workers, the same count.
+settings, read from gunicorn.conf.py: its worker class (gevent), keep-alive,
+and the same worker count, so that the ratios compare request handling alone.
 """
 
 from __future__ import annotations
 
 import os
+import runpy
 import socket
 import subprocess
 import sys
@@ -81,7 +83,7 @@ class Launch:
 
 
 def floor_launch(module: str, workers: int) -> Launch:
-    # The service's own settings for the floors: sync workers, same count.
+    production = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
     port = free_port()
     return Launch(
         [
@@ -91,7 +93,11 @@ def floor_launch(module: str, workers: int) -> Launch:
             "--workers",
             str(workers),
             "--worker-class",
-            "sync",
+            production["worker_class"],
+            "--keep-alive",
+            str(production["keepalive"]),
+            "--worker-connections",
+            str(production["worker_connections"]),
             "--bind",
             f"127.0.0.1:{port}",
             f"{module}:app",
