@@ -18,7 +18,13 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 run: venv
 	$(BIN)/python devdb.py serve --datadir .pgdata -- $(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
+# PgBouncer (Debian's package) is installed when missing and root: the tests run the
+# service through it. Where it cannot be, those tests skip, or fail when CI=true.
 test: venv
+	@test -x /usr/sbin/pgbouncer || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		apt-get install -y -qq pgbouncer >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq pgbouncer >/dev/null) || \
+		echo "make test: could not install pgbouncer: its tests will say so"
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: venv
