@@ -15,8 +15,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import devpgbouncer  # noqa: E402
 from app import create_app  # noqa: E402
 from devdb import LocalPostgres  # noqa: E402
+from devpgbouncer import LocalPgBouncer  # noqa: E402
 
 TABLES = "jobs, job_events, job_tables, job_files"
 
@@ -87,3 +89,37 @@ def db_conn(_schema):
     conn.autocommit = True
     yield conn
     conn.close()
+
+
+# ---- PgBouncer in front of the session's PostgreSQL ----------------------------
+
+
+def require_pgbouncer() -> None:
+    """Skip (fail under CI=true) when Debian's pgbouncer is not installed."""
+    if devpgbouncer.available():
+        return
+    reason = (
+        f"PgBouncer is not installed ({devpgbouncer.BINARY}): `make test` installs it "
+        "as root (apt-get install pgbouncer); the tests through PgBouncer did not run"
+    )
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_factory():
+    """Start PgBouncers (stock settings, a pool mode each) in front of a PostgreSQL URL."""
+    bouncers = []
+
+    def make(upstream_url: str, pool_mode: str = "transaction") -> LocalPgBouncer:
+        require_pgbouncer()
+        workdir = tempfile.mkdtemp(prefix=f"jobs-test-pgbouncer-{pool_mode}-")
+        bouncer = LocalPgBouncer(upstream_url, workdir, pool_mode)
+        bouncers.append(bouncer)
+        bouncer.start()
+        return bouncer
+
+    yield make
+    for bouncer in bouncers:
+        bouncer.destroy()

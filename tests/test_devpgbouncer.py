@@ -1,0 +1,34 @@
+"""The local PgBouncer the tests run the service through (devpgbouncer.py)."""
+
+import psycopg2
+import pytest
+
+
+def query(url, sql, **kwargs):
+    conn = psycopg2.connect(url, connect_timeout=5, **kwargs)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            return cur.fetchone()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("pool_mode", ["transaction", "session"])
+def test_stock_pgbouncer_in_front_of_postgres(pg_factory, pgbouncer_factory, pool_mode):
+    pg = pg_factory()
+    bouncer = pgbouncer_factory(pg.url, pool_mode)
+    assert query(bouncer.url, "SELECT 41 + 1") == (42,)
+    # Stock settings: libpq `options` are refused, as by production's PgBouncer.
+    with pytest.raises(psycopg2.OperationalError, match="unsupported startup parameter: options"):
+        query(bouncer.url, "SELECT 1", options="-c statement_timeout=100")
+    # A restart keeps the URL; stopping twice is harmless.
+    url = bouncer.url
+    bouncer.stop()
+    bouncer.stop()
+    with pytest.raises(psycopg2.OperationalError):
+        query(url, "SELECT 1")
+    bouncer.start()
+    assert bouncer.url == url
+    assert query(url, "SELECT 1") == (1,)
