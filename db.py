@@ -27,6 +27,7 @@ def get_pool() -> pool.ConnectionPool:
             cfg["DATABASE_URL"],
             max_size=cfg["DB_POOL_SIZE"],
             wait_timeout=cfg["DB_POOL_TIMEOUT_S"],
+            statement_timeout_ms=cfg["STATEMENT_TIMEOUT_MS"],
             **connect_options(cfg),
         )
         current_app.extensions["jobs_db_pool"] = current
@@ -37,11 +38,8 @@ def connect_options(cfg) -> dict:
     return {
         "connect_timeout": cfg["DB_CONNECT_TIMEOUT_S"],
         "application_name": "jobs-service",
-        # Generic plans for the prepared statements (pool.Prepared): each one's
-        # plan is chosen for it, and re-planning per call is what preparing
-        # saves. Plain SQL is planned per call whatever this says.
-        "options": f"-c statement_timeout={int(cfg['STATEMENT_TIMEOUT_MS'])}"
-        " -c plan_cache_mode=force_generic_plan",
+        # No startup `options`: PgBouncer refuses them. The statement timeout
+        # (and, directly, plan_cache_mode) is set by pool.Connection.configure.
         # A peer that vanishes (no RST) must fail requests in seconds, not minutes.
         "keepalives": 1,
         "keepalives_idle": 10,
@@ -78,9 +76,11 @@ def transaction(timeout_ms: int | None = None):
     """
     conn = get_db()
     with conn, conn.cursor() as cur:
-        if timeout_ms is not None:
-            cur.execute("SET LOCAL statement_timeout = %s", (int(timeout_ms),))
-        yield cur
+        if timeout_ms is None:
+            yield cur
+        else:
+            with conn.time_limit(cur, timeout_ms):
+                yield cur
 
 
 def apply_schema(database_url: str, connect_timeout: int) -> None:
