@@ -2,6 +2,11 @@
 
 The database is real PostgreSQL: DATABASE_URL when it is set, otherwise a
 throwaway server started here for the session and removed afterwards.
+
+JOBS_TEST_DATABASE_VIA=pgbouncer-transaction (or pgbouncer-session) puts a
+stock PgBouncer in that pool mode between every test's app and that database
+(``database_url``); `make test` runs the API and race tests that way too.
+``postgres_url`` is always the database itself.
 """
 
 import os
@@ -39,10 +44,28 @@ def pg_factory():
 
 
 @pytest.fixture(scope="session")
-def database_url(pg_factory):
+def postgres_url(pg_factory):
+    """The session's PostgreSQL, reached directly."""
     if os.environ.get("DATABASE_URL"):
         return os.environ["DATABASE_URL"]
     return pg_factory().url
+
+
+VIA_POOL_MODES = {
+    "direct": None,
+    "pgbouncer-transaction": "transaction",
+    "pgbouncer-session": "session",
+}
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres_url, pgbouncer_factory):
+    """What the apps under test connect to: see JOBS_TEST_DATABASE_VIA above."""
+    via = os.environ.get("JOBS_TEST_DATABASE_VIA") or "direct"
+    if via not in VIA_POOL_MODES:
+        raise pytest.UsageError(f"JOBS_TEST_DATABASE_VIA must be one of {sorted(VIA_POOL_MODES)}")
+    pool_mode = VIA_POOL_MODES[via]
+    return postgres_url if pool_mode is None else pgbouncer_factory(postgres_url, pool_mode).url
 
 
 @pytest.fixture(scope="session")

@@ -306,37 +306,95 @@ def postgres_pids(pg) -> list[int]:
     return [postmaster, *sorted(worker_pids(postmaster))]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="known gap: libpq has no client-side read timeout, so a query on a pooled "
-    "connection to a server that still ACKs but never answers (SIGSTOPped, wedged) waits "
-    "forever; statement_timeout is enforced by that same server, keepalives and "
-    "tcp_user_timeout see a healthy peer. Under gunicorn the worker is killed at its "
-    "30 s timeout and the client gets no answer at all.",
-)
+@contextlib.contextmanager
+def frozen(pg):
+    """Every process of ``pg`` stopped (SIGSTOP): connections are accepted, nothing answers."""
+    pids = postgres_pids(pg)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
 def test_a_frozen_database_fails_a_pooled_request_in_seconds(restart_pg):
     pg = restart_pg
     app = create_app({"TESTING": True, "DATABASE_URL": pg.url, "STATEMENT_TIMEOUT_MS": 1000})
     call = flask_caller(app)
     assert call("GET", "/jobs")[0] == 200  # a pooled connection now exists
-    frozen = postgres_pids(pg)
     answer = {}
 
     def request():
         answer["it"] = timed(call, "GET", "/jobs")
 
     thread = threading.Thread(target=request, daemon=True)
-    for pid in frozen:
-        os.kill(pid, signal.SIGSTOP)
-    try:
+    with frozen(pg):
         thread.start()
-        thread.join(3.5)
-    finally:
-        for pid in frozen:
-            os.kill(pid, signal.SIGCONT)
+        thread.join(6)
     thread.join(10)
-    app.extensions["jobs_db_pool"].drop_idle()
     status, parsed, elapsed = answer["it"]
-    assert elapsed < 3.5, f"hung for {elapsed:.1f}s"
     assert (status, parsed["error_code"]) == (500, "LIST_JOBS_ERROR")
+    assert elapsed < 1 + 3, f"hung for {elapsed:.1f}s"  # STATEMENT_TIMEOUT_MS + a few s
+    assert call("GET", "/jobs")[0] == 200
+    app.extensions["jobs_db_pool"].drop_idle()
+
+
+@pytest.mark.parametrize("via", ["direct", "pgbouncer-transaction"])
+def test_a_frozen_database_under_gunicorn(restart_pg, pgbouncer_factory, via):
+    """CONTRACT.md §9: frozen, every API request answers its *_ERROR in seconds, no worker dies.
+
+    A pooled connection's query gives up at STATEMENT_TIMEOUT_MS plus a
+    second, a new connection at DB_CONNECT_TIMEOUT_S; then the service
+    recovers by itself when the database thaws.
+    """
+    pg = restart_pg
+    url = pg.url if via == "direct" else pgbouncer_factory(pg.url, "transaction").url
+    timeout_s = 1.0
+    env = {"STATEMENT_TIMEOUT_MS": str(int(timeout_s * 1000)), "DB_CONNECT_TIMEOUT_S": "2"}
+    server = Server(url, workers=2, env=env).start()
+    try:
+        call = server.caller(timeout=30)
+        master = server.process.pid
+        workers = wait_for_workers(master, 2)
+        a, b = seed(call)
+        check_up(call, a, b, rounds=2)  # both workers hold pooled connections
+        answers = []
+
+        def ask(plan):
+            for method, path, body, _, code in plan:
+                answers.append((method, path, code, timed(call, method, path, body)))
+
+        plan = route_plan(a, b)
+        # Two clients at once, as many as there are (sync) workers: each request
+        # is served as soon as it arrives, so its time is its own.
+        askers = [threading.Thread(target=ask, args=(plan[i::2],)) for i in range(2)]
+        with frozen(pg):
+            for asker in askers:
+                asker.start()
+            for asker in askers:
+                asker.join(60)
+            assert len(answers) == len(plan)
+            for method, path, code, (status, parsed, elapsed) in answers:
+                assert (status, parsed) == (
+                    500,
+                    {
+                        "error_code": code,
+                        "error_message": "database error; the request was not completed",
+                    },
+                ), (method, path)
+                assert elapsed < timeout_s + 3, (method, path, elapsed)
+            status, parsed, elapsed = timed(call, "GET", "/readyz")
+            assert (status, parsed["status"]) == (503, "unavailable")
+            assert elapsed < SLOW, elapsed
+            status, parsed, elapsed = timed(call, "GET", "/jobs/abc")
+            assert (status, parsed["error_code"]) == (400, "INVALID_JOB_ID")
+            assert elapsed < SLOW, elapsed
+            assert call("GET", "/healthz") == (200, {"status": "ok"})
+        check_up(call, a, b, rounds=2)
+        assert worker_pids(master) == workers, "a worker died or was replaced"
+        assert_clean_log(server)
+    finally:
+        server.stop()
+        server.cleanup()

@@ -1,0 +1,237 @@
+"""The service behind PgBouncer (transaction and session pooling) and directly.
+
+A stock PgBouncer (Debian's, stock settings: see devpgbouncer.py) sits
+between the app and the session's PostgreSQL. Each test runs once per way in:
+``direct``, ``session``, ``transaction``. What is checked: every route and
+init-db work; many concurrent requests over few server connections do too
+(session state such as prepared statements would leak between clients in
+transaction mode); STATEMENT_TIMEOUT_MS and the bulk-delete budget are
+enforced by the server in every mode; and nothing the service sets outlives
+its own transaction on a server connection that PgBouncer shares.
+
+`make test` also runs the API and race suites through PgBouncer in
+transaction mode (JOBS_TEST_DATABASE_VIA, see conftest.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import threading
+
+import psycopg2
+import psycopg2.errors
+import pytest
+
+from app import create_app
+
+MODES = ["direct", "session", "transaction"]
+_names = itertools.count()
+
+
+@pytest.fixture(scope="module", params=MODES)
+def via(request, postgres_url, _schema, pgbouncer_factory):
+    """(mode, URL the app connects to): PostgreSQL itself or a PgBouncer in front of it."""
+    if request.param == "direct":
+        return request.param, postgres_url
+    return request.param, pgbouncer_factory(postgres_url, request.param).url
+
+
+@pytest.fixture
+def make_app(via, postgres_url):
+    """Apps on ``via``'s URL, on an emptied database; their pools are closed afterwards."""
+    truncate_all(postgres_url)
+    apps = []
+
+    def make(**config):
+        app = create_app({"TESTING": True, "DATABASE_URL": via[1], **config})
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        pool = app.extensions.get("jobs_db_pool")
+        if pool is not None:
+            pool.drop_idle()
+
+
+def truncate_all(url: str) -> None:
+    conn = psycopg2.connect(url)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("TRUNCATE jobs, job_events, job_tables, job_files RESTART IDENTITY CASCADE")
+    finally:
+        conn.close()
+
+
+def flask_caller(app):
+    client = app.test_client()
+
+    def call(method, path, body=None):
+        response = client.open(path, method=method, json=body)
+        return response.status_code, response.get_json(silent=True)
+
+    return call
+
+
+def seed(call) -> tuple[int, int]:
+    ids = []
+    for node in ("via-a", "via-b"):
+        status, job = call("POST", "/jobs", {"node_id": node})
+        assert status == 201, job
+        ids.append(job["id"])
+    return ids[0], ids[1]
+
+
+def route_plan(a: int, b: int):
+    """(method, path, body, status when up, error code when the database fails)."""
+    n = next(_names)
+    a_file = {"file_name": f"v{n}", "start_block": n, "end_block": n, "size_bytes": 1}
+    return [
+        ("GET", "/jobs?status=all", None, 200, "LIST_JOBS_ERROR"),
+        ("GET", "/jobs?status=all&limit=7", None, 200, "LIST_JOBS_ERROR"),
+        ("POST", "/jobs", {"node_id": "via-w"}, 201, "CREATE_JOB_ERROR"),
+        ("GET", f"/jobs/{a}", None, 200, "GET_JOB_ERROR"),
+        ("GET", f"/jobs/{a}/progress", None, 200, "GET_JOB_ERROR"),
+        ("GET", f"/jobs/{a}/events", None, 200, "GET_JOB_EVENTS_ERROR"),
+        ("PUT", f"/jobs/{a}/stop", None, 200, "STOP_JOB_ERROR"),
+        ("POST", f"/jobs/{a}/stop", None, 200, "STOP_JOB_ERROR"),
+        ("PUT", f"/jobs/{b}/status", {"status": "RUNNING"}, 200, "UPDATE_JOB_STATUS_ERROR"),
+        ("POST", f"/jobs/{b}/tables/blocks/files", a_file, 201, "REGISTER_FILES_ERROR"),
+        ("DELETE", "/jobs/987654321", None, 204, "DELETE_JOB_ERROR"),
+        ("DELETE", "/jobs?status=terminal", None, 204, "DELETE_JOBS_BY_STATUS_ERROR"),
+        ("DELETE", "/jobs", {"job_ids": [987654321]}, 204, "DELETE_JOBS_ERROR"),
+    ]
+
+
+def check_every_route(call, a, b):
+    for method, path, body, expected, _ in route_plan(a, b):
+        status, parsed = call(method, path, body)
+        assert status == expected, (method, path, status, parsed)
+    assert call("GET", "/readyz") == (200, {"status": "ok"})
+
+
+def test_init_db_is_idempotent_through_every_mode(make_app):
+    runner = make_app().test_cli_runner()
+    for _ in range(2):
+        result = runner.invoke(args=["init-db"])
+        assert result.exit_code == 0, result.output
+
+
+def test_every_route(make_app):
+    call = flask_caller(make_app())
+    a, b = seed(call)
+    for _ in range(3):  # the hot reads are prepared on first use where allowed
+        check_every_route(call, a, b)
+    assert call("GET", f"/jobs/{a}")[1]["status"] == "STOP_REQUESTED"
+    assert call("GET", f"/jobs/{b}")[1]["status"] == "RUNNING"
+
+
+def test_many_concurrent_requests(via, make_app):
+    """In transaction mode PgBouncer's stock pool (20 server connections) serves 40 clients.
+
+    In session mode each client connection holds its server connection until
+    it closes, and the service's pools keep theirs open: the sum of
+    DB_POOL_SIZE over all processes must stay within PgBouncer's pool size.
+    """
+    threads_count = 16 if via[0] == "session" else 40
+    app = make_app(DB_POOL_SIZE=threads_count)
+    a, b = seed(flask_caller(app))
+    barrier = threading.Barrier(threads_count)
+    failures = []
+
+    def run(i):
+        call = flask_caller(app)
+        barrier.wait()
+        for _ in range(5):
+            for path in (f"/jobs/{a}", "/jobs?status=all", f"/jobs/{b}/progress"):
+                status, parsed = call("GET", path)
+                if status != 200:
+                    failures.append((i, path, status, parsed))
+            status, parsed = call("POST", "/jobs", {"node_id": f"many-{i}"})
+            if status != 201:
+                failures.append((i, "POST /jobs", status, parsed))
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(threads_count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not failures, failures[:5]
+    listed = flask_caller(app)("GET", "/jobs?status=all&limit=500")[1]["jobs"]
+    assert len(listed) == 2 + threads_count * 5
+
+
+def test_nothing_outlives_the_services_transactions(via, make_app):
+    """Through PgBouncer the server connections are shared: no session settings, no PREPARE."""
+    mode, url = via
+    call = flask_caller(make_app(STATEMENT_TIMEOUT_MS=1234))
+    a, b = seed(call)
+    check_every_route(call, a, b)
+    if mode == "direct":
+        return
+    # A plain client of the same PgBouncer lands on the server connections the
+    # app just used: they carry none of its settings or statements.
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SHOW statement_timeout")
+            assert cur.fetchone() == ("0",)
+            cur.execute("SHOW plan_cache_mode")
+            assert cur.fetchone() == ("auto",)
+            cur.execute("SELECT count(*) FROM pg_prepared_statements")
+            assert cur.fetchone() == (0,)
+    finally:
+        conn.close()
+
+
+# ---- Time limits: the server's statement_timeout in every mode -----------------------
+
+
+@contextlib.contextmanager
+def table_locked(url: str, table: str = "jobs"):
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        yield conn
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+def test_statement_timeout_bounds_every_route(make_app, postgres_url, caplog):
+    """Blocked by a lock, every route fails with the server's QueryCanceled: its own timeout."""
+    app = make_app(STATEMENT_TIMEOUT_MS=150, BULK_DELETE_TIMEOUT_MS=400)
+    call = flask_caller(app)
+    a, b = seed(call)
+    with table_locked(postgres_url), caplog.at_level(logging.ERROR, logger="jobs"):
+        for method, path, body, _, code in route_plan(a, b):
+            caplog.clear()
+            status, parsed = call(method, path, body)
+            assert (status, parsed["error_code"]) == (500, code), (method, path, parsed)
+            errors = [r.fields["error"] for r in caplog.records if hasattr(r, "fields")]
+            assert errors == ["QueryCanceled"], (method, path, errors)
+    check_every_route(call, a, b)
+
+
+def test_statement_timeout_and_bulk_budget_bound_queries(make_app):
+    """Measured on the app's own connection: each query, and a bulk delete's, in any mode."""
+    app = make_app(STATEMENT_TIMEOUT_MS=200, BULK_DELETE_TIMEOUT_MS=1000)
+    import app as service
+
+    with app.app_context():
+        for _ in range(2):  # once on a new connection, once on the pooled one
+            with pytest.raises(psycopg2.errors.QueryCanceled):
+                service.query_one("SELECT pg_sleep(0.6)")
+            assert service.query_one("SELECT 1") == (1,)
+        with service.bulk_delete() as cur:
+            cur.execute("SELECT pg_sleep(0.5)")  # beyond the statement timeout, within the budget
+        with pytest.raises(psycopg2.errors.QueryCanceled), service.bulk_delete() as cur:
+            cur.execute("SELECT pg_sleep(1.6)")
+        # And the budget ended with its transaction.
+        with pytest.raises(psycopg2.errors.QueryCanceled):
+            service.query_one("SELECT pg_sleep(0.6)")
+        service.release_db()
