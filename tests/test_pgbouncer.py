@@ -24,6 +24,7 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
+import db
 from app import create_app
 
 MODES = ["direct", "session", "transaction"]
@@ -218,20 +219,28 @@ def test_statement_timeout_bounds_every_route(make_app, postgres_url, caplog):
 
 
 def test_statement_timeout_and_bulk_budget_bound_queries(make_app):
-    """Measured on the app's own connection: each query, and a bulk delete's, in any mode."""
+    """Measured on the app's own connection: each query, and a bulk transaction's, in any mode."""
     app = make_app(STATEMENT_TIMEOUT_MS=200, BULK_DELETE_TIMEOUT_MS=1000)
-    import app as service
+
+    def fetch(sql):
+        with db.cursor() as cur:
+            cur.execute(sql)
+            return cur.fetchone()
 
     with app.app_context():
         for _ in range(2):  # once on a new connection, once on the pooled one
             with pytest.raises(psycopg2.errors.QueryCanceled):
-                service.query_one("SELECT pg_sleep(0.6)")
-            assert service.query_one("SELECT 1") == (1,)
-        with service.bulk_delete() as cur:
+                fetch("SELECT pg_sleep(0.6)")
+            assert fetch("SELECT 1") == (1,)
+        with db.transaction(1000) as cur:
             cur.execute("SELECT pg_sleep(0.5)")  # beyond the statement timeout, within the budget
-        with pytest.raises(psycopg2.errors.QueryCanceled), service.bulk_delete() as cur:
+            cur.execute("SELECT pg_sleep(0.5)")  # each statement has the whole budget
+        with pytest.raises(psycopg2.errors.QueryCanceled), db.transaction(1000) as cur:
             cur.execute("SELECT pg_sleep(1.6)")
+        # A transaction without a limit of its own has the usual one.
+        with pytest.raises(psycopg2.errors.QueryCanceled), db.transaction() as cur:
+            cur.execute("SELECT pg_sleep(0.6)")
         # And the budget ended with its transaction.
         with pytest.raises(psycopg2.errors.QueryCanceled):
-            service.query_one("SELECT pg_sleep(0.6)")
-        service.release_db()
+            fetch("SELECT pg_sleep(0.6)")
+        assert fetch("SELECT 1") == (1,)
