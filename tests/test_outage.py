@@ -367,8 +367,8 @@ def test_a_frozen_database_under_gunicorn(restart_pg, pgbouncer_factory, via):
                 answers.append((method, path, code, timed(call, method, path, body)))
 
         plan = route_plan(a, b)
-        # Two clients at once, as many as there are (sync) workers: each request
-        # is served as soon as it arrives, so its time is its own.
+        # Two clients at once: each request's time is its own (no queue behind
+        # another request's wait), whatever the worker class.
         askers = [threading.Thread(target=ask, args=(plan[i::2],)) for i in range(2)]
         with frozen(pg):
             for asker in askers:
