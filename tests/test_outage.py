@@ -343,7 +343,7 @@ def test_a_frozen_database_fails_a_pooled_request_in_seconds(restart_pg):
 
 @pytest.mark.parametrize("via", ["direct", "pgbouncer-transaction"])
 def test_a_frozen_database_under_gunicorn(restart_pg, pgbouncer_factory, via):
-    """CONTRACT.md §9: frozen, every API request answers its *_ERROR in seconds, no worker dies.
+    """Frozen: every API request answers its *_ERROR in seconds, and no worker dies.
 
     A pooled connection's query gives up at STATEMENT_TIMEOUT_MS plus a
     second, a new connection at DB_CONNECT_TIMEOUT_S; then the service
