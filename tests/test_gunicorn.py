@@ -437,7 +437,9 @@ def test_the_image_copies_every_module_the_server_imports():
     ours = {
         Path(path).resolve().relative_to(ROOT)
         for path in out.splitlines()  # (the start-up warning is a JSON line)
-        if path.startswith("/") and Path(path).resolve().is_relative_to(ROOT) and ".venv" not in Path(path).parts
+        if path.startswith("/")
+        and Path(path).resolve().is_relative_to(ROOT)
+        and ".venv" not in Path(path).parts
     }
     assert ours, out
     missing = {str(p) for p in ours if str(p) not in copied and str(p.parts[0]) not in copied}
