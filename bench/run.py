@@ -41,7 +41,7 @@ harness: load.py (wrk, single-client probes, pgbench), servers.py
 (PostgreSQL and the apps under gunicorn), plans.py (auto_explain capture and
 plan analysis), report.py (tables, verdicts, summary line), seed.py (the
 tables), through_pgbouncer.py and growth.py (those two scenarios),
-local_pgbouncer.py (a stand-in for devpgbouncer.py), console.py (progress).
+console.py (progress).
 
 Everything shares two cores: wrk runs one thread, and numbers are only
 compared within the same run.

@@ -3,9 +3,8 @@ DATABASE_URL pointing at a local PgBouncer in transaction pooling mode, in
 front of the same PostgreSQL, over the same table as the direct figures
 (Bench.throughput) of the same run.
 
-PgBouncer is Debian's package (`make bench` installs it when missing). It
-is started by devpgbouncer.LocalPgBouncer, or, until that lands on main, by
-the stand-in local_pgbouncer.py with the same interface.
+PgBouncer is Debian's package (`make bench` installs it when missing),
+started by devpgbouncer.LocalPgBouncer as the tests start it.
 """
 
 from __future__ import annotations
@@ -14,10 +13,7 @@ from typing import TYPE_CHECKING
 
 from console import say
 
-try:
-    from devpgbouncer import LocalPgBouncer
-except ImportError:  # until devpgbouncer.py lands on main
-    from local_pgbouncer import LocalPgBouncer
+from devpgbouncer import LocalPgBouncer
 
 if TYPE_CHECKING:
     from run import Bench
