@@ -402,6 +402,19 @@ def serving(database_url: str, count: int = 1, **kwargs):
             server.cleanup()
 
 
+@contextlib.contextmanager
+def table_locked(url: str, table: str = "jobs"):
+    """Hold an ACCESS EXCLUSIVE lock on ``table`` from another connection inside the block."""
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        yield conn
+    finally:
+        conn.rollback()
+        conn.close()
+
+
 def worker_pids(master_pid: int) -> set[int]:
     """The children of ``master_pid`` (gunicorn's workers, PostgreSQL's backends), from /proc."""
     pids = set()

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import Server, free_port, http_caller
+from helpers import Server, free_port, http_caller, wait_for_workers, worker_pids
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app
@@ -28,36 +28,12 @@ DRIBBLING = 10
 ANSWER_WITHIN = 5.0
 
 
-def worker_pids(master_pid: int) -> set[int]:
-    """The master's children, from /proc (gunicorn replaces a killed worker with a new pid)."""
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            line = (entry / "stat").read_text()
-            # pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
-            if int(line.rsplit(")", 1)[1].split()[1]) == master_pid:
-                pids.add(int(entry.name))
-    return pids
-
-
-def wait_for_workers(server: Server, count: int, timeout: float = 15) -> set[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pids = worker_pids(server.process.pid)
-        if len(pids) == count:
-            return pids
-        time.sleep(0.05)
-    raise AssertionError(f"expected {count} workers, found {worker_pids(server.process.pid)}")
-
-
 @pytest.fixture(scope="module")
 def server(_schema):
     instance = Server(_schema, workers=2)
     try:
         instance.start()
-        wait_for_workers(instance, 2)
+        wait_for_workers(instance.process.pid, 2)
         yield instance
     finally:
         instance.stop()

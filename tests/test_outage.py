@@ -15,7 +15,15 @@ import time
 
 import psycopg2
 import pytest
-from helpers import Blackhole, Server, flask_caller, init_db, wait_for_workers, worker_pids
+from helpers import (
+    Blackhole,
+    Server,
+    flask_caller,
+    init_db,
+    table_locked,
+    wait_for_workers,
+    worker_pids,
+)
 
 from app import create_app
 from schemas import JOB_ID_RULE
@@ -198,18 +206,6 @@ def test_a_blackholed_database_never_hangs_a_route():
 
 
 # ---- statement_timeout ---------------------------------------------------------
-
-
-@contextlib.contextmanager
-def table_locked(url: str, table: str = "jobs"):
-    conn = psycopg2.connect(url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
-        yield conn
-    finally:
-        conn.rollback()
-        conn.close()
 
 
 BULK_DELETE_CODES = {"DELETE_JOBS_BY_STATUS_ERROR", "DELETE_JOBS_ERROR"}

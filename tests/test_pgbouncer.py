@@ -15,7 +15,6 @@ transaction mode (JOBS_TEST_DATABASE_VIA, see conftest.py).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import threading
@@ -23,6 +22,7 @@ import threading
 import psycopg2
 import psycopg2.errors
 import pytest
+from helpers import table_locked
 
 import db
 from app import create_app
@@ -189,18 +189,6 @@ def test_nothing_outlives_the_services_transactions(via, make_app):
 
 
 # ---- Time limits: the server's statement_timeout in every mode -----------------------
-
-
-@contextlib.contextmanager
-def table_locked(url: str, table: str = "jobs"):
-    conn = psycopg2.connect(url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
-        yield conn
-    finally:
-        conn.rollback()
-        conn.close()
 
 
 def test_statement_timeout_bounds_every_route(make_app, postgres_url, caplog):
