@@ -39,6 +39,24 @@ LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 
+# Who deleted the history: DELETE /jobs?status= ("api"), the JOB_RETENTION
+# chore ("retention"), flask prune ("prune"; counted in the command's own
+# process, so only visible when it shares PROMETHEUS_MULTIPROC_DIR). A fixed
+# set, each series created at zero.
+PRUNED_VIA = ("api", "retention", "prune")
+PRUNED = Counter(
+    "jobs_pruned_total",
+    "Terminal jobs deleted in bulk (with their events, tables and files), by who deleted them.",
+    ["via"],
+)
+_pruned = {via: PRUNED.labels(via) for via in PRUNED_VIA}
+
+
+def count_pruned(via: str, jobs: int) -> None:
+    if jobs:
+        _pruned[via].inc(jobs)
+
+
 access_log = logging.getLogger("jobs.access")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")

@@ -68,6 +68,16 @@ $$;
 -- the index alone and only the page's rows are read from the table.
 CREATE INDEX IF NOT EXISTS jobs_status_newest ON jobs (status, (-id)) INCLUDE (id);
 
+-- Terminal jobs, oldest change first: the order in which history is deleted
+-- (DELETE /jobs?status=, retention, flask prune; store/jobs.py DELETE_BATCH).
+-- Each batch reads its candidates from here and stops at the first younger
+-- one, so retention finding nothing to do costs one index descent instead of
+-- a scan of every job, and the next batch resumes after the previous one
+-- instead of stepping over the entries it left dead. Only terminal rows are
+-- in it; a job enters it once, when it finishes.
+CREATE INDEX IF NOT EXISTS jobs_terminal_age ON jobs (updated_at, id)
+    WHERE status IN ('COMPLETED', 'STOPPED', 'FAILED');
+
 -- One row per status change (and per creation), oldest first by id.
 CREATE TABLE IF NOT EXISTS job_events (
     id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

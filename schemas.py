@@ -230,6 +230,24 @@ class HealthSchema(Schema):
     error_message = fields.String()
 
 
+class BulkDeleteProgressSchema(StrictSchema):
+    """DELETE /jobs?status= when its time budget ran out before every matching job was gone."""
+
+    deleted = fields.Integer(
+        required=True,
+        validate=validate.Range(min=0),
+        metadata={"description": "jobs this request deleted (each with its events, tables, files)"},
+    )
+    more = fields.Boolean(
+        required=True,
+        validate=validate.OneOf([True]),
+        metadata={
+            "description": "always true: matching jobs may remain; repeat the request "
+            "until it answers 204"
+        },
+    )
+
+
 # ---- Requests --------------------------------------------------------------
 
 

@@ -384,6 +384,20 @@ def test_real_responses_conform_to_the_document(app, doc):
     exercise_auth(check, tokened.test_client(), job.get_json()["id"])
     tokened.extensions["jobs_db_pool"].drop_idle()
 
+    # A delete by status whose time budget runs out after one batch of one job.
+    budgeted = create_app(
+        {"TESTING": True, "DATABASE_URL": url, "BULK_DELETE_BUDGET_MS": 0, "BULK_DELETE_BATCH": 1}
+    )
+    c = budgeted.test_client()
+    for _ in range(2):
+        job_id = check(c, "POST", "/jobs", 201, json={"node_id": "old"}).get_json()["id"]
+        check(c, "PUT", f"/jobs/{job_id}/status", 200, json={"status": "FAILED"})
+    answer = check(c, "DELETE", "/jobs?status=terminal", 200).get_json()
+    assert answer == {"deleted": 1, "more": True}
+    check(c, "DELETE", "/jobs?status=terminal", 200)
+    check(c, "DELETE", "/jobs?status=terminal", 204)
+    budgeted.extensions["jobs_db_pool"].drop_idle()
+
     broken = create_app({"TESTING": True, "DATABASE_URL": closed_database_url()}).test_client()
     for method, path, kwargs in DB_ROUTES:
         check(broken, method, path, 500, **kwargs)

@@ -244,7 +244,7 @@ def test_statement_timeout_in_process(app):
             "TESTING": True,
             "DATABASE_URL": url,
             "STATEMENT_TIMEOUT_MS": 150,
-            "BULK_DELETE_TIMEOUT_MS": 600,
+            "BULK_DELETE_BUDGET_MS": 600,
         }
     )
     call = flask_caller(timed_app)
