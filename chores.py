@@ -57,6 +57,11 @@ def chore(name: str, interval_s: float, enabled: Callable | None = None):
     return register
 
 
+def named(name: str) -> Chore:
+    """The chore declared as ``name`` (for run_claimed outside the after-response path)."""
+    return _chores[name]
+
+
 def due(now: float | None = None) -> list[Chore]:
     now = time.monotonic() if now is None else now
     config = current_app.config

@@ -22,10 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
+import click
+import psycopg2
 from flask import current_app
+from flask.cli import with_appcontext
 
+import chores
 import db
 import observability
+from schemas import DELETE_STATUS_TOKENS, TERMINAL_STATUSES, parse_status_tokens
 from store import jobs as job_store
 
 # ---- Durations (JOB_RETENTION, prune --older-than) ---------------------------------
@@ -169,5 +174,144 @@ def delete_by_status(statuses: tuple[str, ...]) -> Pruned:
     )
 
 
+# ---- Retention: a chore ------------------------------------------------------------------
+
+# One batch of at most RETENTION_BATCH jobs every RETENTION_INTERVAL_S across
+# all replicas: up to 100 jobs/s (8.6 million a day) of retention, each run a
+# few milliseconds of one worker after a response. A backlog larger than
+# that (retention just turned on) is what flask prune is for.
+RETENTION_INTERVAL_S = 5.0
+RETENTION_BATCH = 500
+# Kept per process across runs: a run is a single batch, so the size it
+# settles on must outlive it. Smaller target than a request's batches: the
+# worker that runs it serves nobody meanwhile.
+_retention_sizer = BatchSizer(RETENTION_BATCH, target_s=0.025, start=50)
+
+
+@chores.chore(
+    "retention",
+    RETENTION_INTERVAL_S,
+    enabled=lambda config: config.get("JOB_RETENTION") is not None,
+)
+def prune_expired(cur, config) -> None:
+    """Delete one batch of terminal jobs older than JOB_RETENTION (in the chore's transaction)."""
+    # A bulk delete or a prune running right now is already deleting: skip
+    # rather than make this worker wait for its batch.
+    if not job_store.lock_bulk_deletes(cur, wait=False):
+        return
+    started = time.monotonic()
+    batch = job_store.delete_batch(
+        cur,
+        TERMINAL_STATUSES,
+        config["JOB_RETENTION"].total_seconds(),
+        job_store.START,
+        _retention_sizer.size,
+    )
+    _retention_sizer.update(time.monotonic() - started)
+    observability.count_pruned("retention", batch.deleted)
+
+
+# ---- flask --app app prune ---------------------------------------------------------------
+
+# A batch of the command is limited to a minute: no request waits for it,
+# but a batch stuck on a lock should still end.
+PRUNE_BATCH_TIMEOUT_MS = 60_000
+PROGRESS_EVERY_S = 5.0
+
+
+class DurationParam(click.ParamType):
+    name = "duration"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, timedelta):
+            return value
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class StatusesParam(click.ParamType):
+    name = "status"
+
+    def convert(self, value, param, ctx):
+        statuses = parse_status_tokens(value, DELETE_STATUS_TOKENS)
+        if not statuses:
+            self.fail(
+                f"{value!r}: expected terminal, completed, stopped, failed (or error)", param, ctx
+            )
+        return statuses
+
+
+@click.command("prune")
+@click.option(
+    "--older-than",
+    type=DurationParam(),
+    default=None,
+    help="Only jobs whose last change is older than this (30d, 12h, 90m, 45s). Default: any age.",
+)
+@click.option(
+    "--status",
+    "status_groups",
+    type=StatusesParam(),
+    multiple=True,
+    help="terminal (default), completed, stopped, failed (or error); repeat or "
+    "comma-separate for several.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 100_000),
+    default=None,
+    help="At most this many jobs per transaction (default: BULK_DELETE_BATCH).",
+)
+@with_appcontext
+def prune_command(older_than, status_groups, batch_size):
+    """Delete terminal jobs (with their events, tables and files) in batches, until none is left."""
+    wanted = {s for group in status_groups for s in group} or set(TERMINAL_STATUSES)
+    statuses = tuple(s for s in TERMINAL_STATUSES if s in wanted)
+    config = current_app.config
+    what = ", ".join(statuses) + (
+        f" older than {format_duration(older_than)}" if older_than else " of any age"
+    )
+    click.echo(f"pruning {what}")
+    started = time.monotonic()
+    shown = {"at": started, "deleted": 0}
+
+    def progress(deleted: int, batches: int) -> None:
+        now = time.monotonic()
+        shown["deleted"] = deleted
+        if batches == 1 or now - shown["at"] >= PROGRESS_EVERY_S:
+            shown["at"] = now
+            click.echo(
+                f"  {deleted:,} jobs deleted so far ({_batches(batches)}), "
+                f"{deleted / max(now - started, 1e-6):,.0f} jobs/s"
+            )
+
+    try:
+        pruned = delete_in_batches(
+            statuses,
+            None if older_than is None else older_than.total_seconds(),
+            batch_max=batch_size or config["BULK_DELETE_BATCH"],
+            timeout_ms=PRUNE_BATCH_TIMEOUT_MS,
+            via="prune",
+            on_batch=progress,
+        )
+    except psycopg2.Error as exc:
+        # Batches that finished stay deleted; running the command again resumes.
+        raise click.ClickException(
+            f"database error ({type(exc).__name__}) after {shown['deleted']:,} jobs were "
+            "deleted; they stay deleted, run the command again to continue"
+        ) from None
+    seconds = time.monotonic() - started
+    click.echo(
+        f"pruned {pruned.deleted:,} jobs ({what}) in {seconds:.1f} s "
+        f"({_batches(pruned.batches)}), {pruned.deleted / max(seconds, 1e-6):,.0f} jobs/s"
+    )
+
+
+def _batches(count: int) -> str:
+    return f"{count:,} batch" if count == 1 else f"{count:,} batches"
+
+
 def init_app(app) -> None:
-    pass
+    app.cli.add_command(prune_command)
