@@ -447,8 +447,9 @@ def create_app(test_config=None):
         # the budget: 20 s with 10 s, below gunicorn's 30 s worker timeout.
         BULK_DELETE_BUDGET_MS=_env_int("BULK_DELETE_BUDGET_MS", 10000),
         # The most jobs one batch deletes (history.BatchSizer shrinks batches
-        # whose jobs carry many files). 1000 jobs with 2 events each: 10-15 ms,
-        # ~100k jobs/s; 5000 gained ~15% for 5x longer locks (BENCHMARKS.md).
+        # whose jobs carry many files). 1000 jobs with 2 events each: 10-30 ms,
+        # 60-100k jobs/s; larger caps gained nothing beyond the shared box's
+        # noise and hold their locks longer (BENCHMARKS.md, Deleting history).
         BULK_DELETE_BATCH=_env_int("BULK_DELETE_BATCH", 1000),
         # Delete terminal jobs whose last change is older than this (30d, 12h,
         # 90m, 45s), continuously, as a chore (history.py). Unset: off.
