@@ -183,8 +183,9 @@ def delete_by_status(statuses: tuple[str, ...]) -> Pruned:
 RETENTION_INTERVAL_S = 5.0
 RETENTION_BATCH = 500
 # Kept per process across runs: a run is a single batch, so the size it
-# settles on must outlive it. Smaller target than a request's batches: the
-# worker that runs it serves nobody meanwhile.
+# settles on must outlive it. A smaller target than a request's batches: it
+# runs on a worker's time (its connection, its share of the CPU) that no
+# request asked for.
 _retention_sizer = BatchSizer(RETENTION_BATCH, target_s=0.025, start=50)
 
 
