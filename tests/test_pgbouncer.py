@@ -193,7 +193,7 @@ def test_nothing_outlives_the_services_transactions(via, make_app):
 
 def test_statement_timeout_bounds_every_route(make_app, postgres_url, caplog):
     """Blocked by a lock, every route fails with the server's QueryCanceled: its own timeout."""
-    app = make_app(STATEMENT_TIMEOUT_MS=150, BULK_DELETE_TIMEOUT_MS=400)
+    app = make_app(STATEMENT_TIMEOUT_MS=150, BULK_DELETE_BUDGET_MS=400)
     call = flask_caller(app)
     a, b = seed(call)
     with table_locked(postgres_url), caplog.at_level(logging.ERROR, logger="jobs"):
@@ -208,7 +208,7 @@ def test_statement_timeout_bounds_every_route(make_app, postgres_url, caplog):
 
 def test_statement_timeout_and_bulk_budget_bound_queries(make_app):
     """Measured on the app's own connection: each query, and a bulk transaction's, in any mode."""
-    app = make_app(STATEMENT_TIMEOUT_MS=200, BULK_DELETE_TIMEOUT_MS=1000)
+    app = make_app(STATEMENT_TIMEOUT_MS=200, BULK_DELETE_BUDGET_MS=1000)
 
     def fetch(sql):
         with db.cursor() as cur:
