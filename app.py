@@ -20,18 +20,22 @@ import chores
 import db
 import errors
 import history
+import leases  # noqa: F401 (declares the lease sweep chore)
 import observability
 import openapi
 import pool
 from errors import ApiError
 from parse import (
     cursor_from_query,
+    event_id_from_path,
     has_body,
     job_id_from_path,
     limit_from_query,
     load_body,
+    node_id_from_query,
     statuses_from_query,
     table_from_path,
+    worker_id_from_path,
 )
 from registry import EndpointRegistry
 from responses import json_response, json_with_fragments, no_content
@@ -41,6 +45,7 @@ from schemas import (
     LIST_STATUS_TOKENS,
     MAX_BATCH,
     MAX_JOB_ID,
+    NODE_ID_PATTERN,
     BulkDeleteProgressSchema,
     BulkDeleteSchema,
     CreateJobSchema,
@@ -49,14 +54,20 @@ from schemas import (
     FileBatchSchema,
     FilesRegisteredSchema,
     HealthSchema,
+    HeartbeatSchema,
+    JobEventSchema,
     JobListSchema,
     JobSchema,
     ListJobsQuerySchema,
     ProgressSchema,
+    RegisterWorkerSchema,
     StatusReportSchema,
+    WorkerListSchema,
+    WorkerSchema,
 )
 from store import files as file_store
 from store import jobs as job_store
+from store import workers as worker_store
 from store.files import FileConflict
 from store.outcomes import Blocked, Moved, NotFound, Refused
 
@@ -72,6 +83,13 @@ JOB_ID_PARAM = {
     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_JOB_ID},
 }
 JOB_ERRORS = {400: "INVALID_JOB_ID", 404: "JOB_NOT_FOUND"}
+EVENT_ID_PARAM = {**JOB_ID_PARAM, "name": "event_id"}
+NODE_ID_PARAM = {
+    "in": "path",
+    "name": "node_id",
+    "required": True,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": NODE_ID_PATTERN},
+}
 
 
 def job_not_found(job_id: int) -> ApiError:
@@ -86,7 +104,7 @@ def job_not_found(job_id: int) -> ApiError:
     "GET",
     access="read",
     error_code="LIST_JOBS_ERROR",
-    summary="List jobs, newest first, with cursor paging and a status filter",
+    summary="List jobs, newest first, with cursor paging and status and node filters",
     query=ListJobsQuerySchema,
     responses={200: JobListSchema},
     errors={400: ("INVALID_QUERY_PARAMETERS", "LIMIT_INVALID", "LIMIT_TOO_LARGE")},
@@ -95,6 +113,7 @@ def list_jobs():
     args = request.args
     limit = limit_from_query(args.get("limit"))
     max_id = cursor_from_query(args.get("last_job_id"))
+    node_id = node_id_from_query(args.get("node_id"))
     statuses = ACTIVE_STATUSES
     if "status" in args:
         statuses = statuses_from_query(
@@ -103,7 +122,7 @@ def list_jobs():
             "INVALID_QUERY_PARAMETERS",
             "status must be comma-separated tokens among: " + ", ".join(LIST_STATUS_TOKENS),
         )
-    page = job_store.list_page(statuses, MAX_JOB_ID if max_id is None else max_id, limit)
+    page = job_store.list_page(statuses, MAX_JOB_ID if max_id is None else max_id, limit, node_id)
     cursor = "null" if page.next_cursor is None else str(page.next_cursor)
     return json_with_fragments({}, jobs=f"[{','.join(page.jobs_json)}]", next_cursor=cursor)
 
@@ -179,6 +198,28 @@ def get_events(job_id):
     if events is None:
         raise job_not_found(job_id)
     return json_with_fragments({"job_id": job_id}, events=events)
+
+
+@endpoint(
+    "/jobs/<job_id>/events/<event_id>",
+    "GET",
+    access="read",
+    error_code="GET_JOB_EVENT_ERROR",
+    summary="One event of the job's history",
+    params=[JOB_ID_PARAM, EVENT_ID_PARAM],
+    responses={200: JobEventSchema},
+    errors={400: "INVALID_JOB_ID", 404: ("JOB_NOT_FOUND", "EVENT_NOT_FOUND")},
+)
+def get_event(job_id, event_id):
+    job_id = job_id_from_path(job_id)
+    event_id = event_id_from_path(event_id)
+    match job_store.get_event(job_id, event_id):
+        case NotFound():
+            raise job_not_found(job_id)
+        case job_store.NoSuchEvent():
+            raise ApiError(404, "EVENT_NOT_FOUND", f"job {job_id} has no event {event_id}")
+        case found:
+            return json_response(found.event_json)
 
 
 # ---- Moves through the status machine ---------------------------------------
@@ -354,6 +395,92 @@ def delete_listed_jobs(timeout_ms: int):
     return no_content()
 
 
+# ---- Workers ---------------------------------------------------------------------
+
+WORKER_ERRORS = {400: "INVALID_WORKER_ID", 404: "WORKER_NOT_FOUND"}
+
+
+def worker_not_found(node_id: str) -> ApiError:
+    return ApiError(404, "WORKER_NOT_FOUND", f"worker {node_id!r} is not registered")
+
+
+def lost_after_s() -> float:
+    return current_app.config["WORKER_LOST_AFTER_S"]
+
+
+@endpoint(
+    "/workers/<node_id>",
+    "PUT",
+    access="worker",
+    error_code="REGISTER_WORKER_ERROR",
+    summary="Register or re-register a worker (sets registered_at and heartbeat_at)",
+    params=[NODE_ID_PARAM],
+    body=RegisterWorkerSchema,
+    body_required=False,
+    responses={200: WorkerSchema},
+    errors={400: "INVALID_WORKER_ID"},
+)
+def register_worker(node_id):
+    node_id = worker_id_from_path(node_id)
+    info = load_body(RegisterWorkerSchema())["info"] if has_body() else {}
+    return json_response(worker_store.register(node_id, info, lost_after_s()))
+
+
+@endpoint(
+    "/workers/<node_id>/heartbeat",
+    "POST",
+    access="worker",
+    error_code="WORKER_HEARTBEAT_ERROR",
+    summary="A worker is alive: its SCHEDULED and STOP_REQUESTED jobs, oldest first",
+    params=[NODE_ID_PARAM],
+    responses={200: HeartbeatSchema},
+    errors=WORKER_ERRORS,
+)
+def heartbeat(node_id):
+    node_id = worker_id_from_path(node_id)
+    beat = worker_store.heartbeat(node_id)
+    if isinstance(beat, NotFound):
+        raise worker_not_found(node_id)
+    return json_response(
+        {
+            "node_id": node_id,
+            "heartbeat_at": beat.heartbeat_at,
+            "scheduled": beat.scheduled,
+            "stop_requested": beat.stop_requested,
+        }
+    )
+
+
+@endpoint(
+    "/workers",
+    "GET",
+    access="read",
+    error_code="SCHEDULER_LIST_WORKERS_ERROR",
+    summary="Registered workers, most recently registered first",
+    responses={200: WorkerListSchema},
+)
+def list_workers():
+    return json_with_fragments({}, workers=worker_store.list_workers(lost_after_s()))
+
+
+@endpoint(
+    "/workers/<node_id>",
+    "GET",
+    access="read",
+    error_code="SCHEDULER_GET_WORKER_ERROR",
+    summary="One worker, with its build info and status",
+    params=[NODE_ID_PARAM],
+    responses={200: WorkerSchema},
+    errors=WORKER_ERRORS,
+)
+def get_worker(node_id):
+    node_id = worker_id_from_path(node_id)
+    worker_json = worker_store.get_worker(node_id, lost_after_s())
+    if worker_json is None:
+        raise worker_not_found(node_id)
+    return json_response(worker_json)
+
+
 # ---- Operations ----------------------------------------------------------------
 
 
@@ -400,8 +527,27 @@ def readyz():
     responses={200: {"text/plain": {"schema": {"type": "string"}}}},
 )
 def metrics():
-    body, content_type = observability.render_metrics()
+    body, content_type = observability.render_metrics(*worker_gauges())
     return current_app.response_class(body, 200, content_type=content_type)
+
+
+def worker_gauges() -> list:
+    """Workers by status, counted now on a connection of its own that gives up after
+    READY_TIMEOUT_S: /metrics answers at once whatever the database does, without
+    this family while the database does not answer."""
+    cfg = current_app.config
+    try:
+        ((alive, lost),) = pool.query_once(
+            cfg["DATABASE_URL"],
+            cfg["READY_TIMEOUT_S"],
+            worker_store.COUNT_WORKERS,
+            {"lost_after_s": cfg["WORKER_LOST_AFTER_S"]},
+            application_name="jobs-metrics",
+        )
+    except psycopg2.Error as exc:
+        log.warning("metrics: workers not counted", extra={"fields": {"error": type(exc).__name__}})
+        return []
+    return [observability.worker_gauge(alive, lost)]
 
 
 @endpoint(
@@ -425,6 +571,14 @@ def check_access():
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, "")
     return int(value) if value.strip() else default
+
+
+def _env_seconds(name: str, default: float) -> float:
+    value = os.environ.get(name, "")
+    seconds = float(value) if value.strip() else default
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"{name} must be a positive number of seconds")
+    return seconds
 
 
 def create_app(test_config=None):
@@ -457,6 +611,9 @@ def create_app(test_config=None):
         DB_CONNECT_TIMEOUT_S=_env_int("DB_CONNECT_TIMEOUT_S", 3),
         DB_POOL_SIZE=_env_int("DB_POOL_SIZE", 4),
         DB_POOL_TIMEOUT_S=_env_int("DB_POOL_TIMEOUT_S", 5),
+        # A registered worker without a heartbeat for this long is LOST and its
+        # leases expire (leases.py).
+        WORKER_LOST_AFTER_S=_env_seconds("WORKER_LOST_AFTER_S", 30),
         READY_TIMEOUT_S=1.0,
         MAX_CONTENT_LENGTH=1024 * 1024,
     )

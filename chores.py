@@ -38,17 +38,21 @@ RETURNING true
 @dataclass
 class Chore:
     name: str
-    interval_s: float
+    interval_s: float | Callable  # seconds, or interval_s(config) -> seconds
     run: Callable  # run(cursor, config) -> None, inside one transaction
     enabled: Callable = lambda config: True
     next_check: float = 0.0  # this process's monotonic time of its next look
+
+    def interval(self, config) -> float:
+        return self.interval_s(config) if callable(self.interval_s) else self.interval_s
 
 
 _chores: dict[str, Chore] = {}
 
 
-def chore(name: str, interval_s: float, enabled: Callable | None = None):
-    """Declare ``run(cursor, config)`` a chore taken every ``interval_s`` seconds."""
+def chore(name: str, interval_s: float | Callable, enabled: Callable | None = None):
+    """Declare ``run(cursor, config)`` a chore taken every ``interval_s`` seconds
+    (a number, or a function of the app's config that returns one)."""
 
     def register(run):
         _chores[name] = Chore(name, interval_s, run, enabled or (lambda config: True))
@@ -72,7 +76,7 @@ def run_due() -> None:
     """Claim and run every due chore (in an app context, after the response)."""
     now = time.monotonic()
     for current in due(now):
-        current.next_check = now + current.interval_s
+        current.next_check = now + current.interval(current_app.config)
         run_claimed(current)
 
 
@@ -82,7 +86,8 @@ def run_claimed(current: Chore) -> bool:
     broken = False
     try:
         with conn, conn.cursor() as cur:
-            cur.execute(CLAIM, {"name": current.name, "interval_s": current.interval_s})
+            interval_s = current.interval(current_app.config)
+            cur.execute(CLAIM, {"name": current.name, "interval_s": interval_s})
             if cur.fetchone() is None:
                 return False
             current.run(cur, current_app.config)

@@ -26,11 +26,19 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 REQUESTS = Counter(
     "jobs_http_requests_total",
     "HTTP requests answered, by method, route template and status code.",
     ["method", "route", "status"],
+)
+# Incremented by the process whose lease sweep moved the jobs (summed over the
+# instance's processes like every counter here; sum() across replicas).
+LEASES_EXPIRED = Counter(
+    "jobs_leases_expired_total",
+    "Jobs moved because their worker was LOST, by the status they moved to.",
+    ["status"],
 )
 LATENCY = Histogram(
     "jobs_http_request_duration_seconds",
@@ -161,13 +169,43 @@ def init_app(app) -> None:
     app.after_request(finish)
 
 
-def render_metrics() -> tuple[bytes, str]:
+def render_metrics(*families: Metric) -> tuple[bytes, str]:
+    """The exposition of every process's metrics, then ``families`` computed for this scrape."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     else:
         registry = REGISTRY
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+    body = generate_latest(registry)
+    if families:
+        body += generate_latest(_Families(families))
+    return body, CONTENT_TYPE_LATEST
+
+
+class _Families:
+    """A collector of ready-made metric families (for generate_latest)."""
+
+    def __init__(self, families):
+        self.families = families
+
+    def collect(self):
+        return iter(self.families)
+
+
+def worker_gauge(alive: int, lost: int) -> Metric:
+    """Registered workers by status, counted in the database at scrape time.
+
+    At scrape time rather than a gauge the lease sweep sets: the sweep runs in
+    one process of one replica per interval, so every other process and
+    replica would export a stale value; a count of the workers table is the
+    same from whichever replica Prometheus asks.
+    """
+    gauge = GaugeMetricFamily(
+        "jobs_workers", "Registered workers, by status (ALIVE or LOST).", labels=["status"]
+    )
+    gauge.add_metric(["ALIVE"], alive)
+    gauge.add_metric(["LOST"], lost)
+    return gauge
 
 
 class JsonFormatter(logging.Formatter):

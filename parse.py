@@ -19,7 +19,9 @@ from schemas import (
     DEFAULT_PAGE_SIZE,
     JOB_ID_RULE,
     MAX_PAGE_SIZE,
+    NODE_ID_RULE,
     TABLE_PATTERN,
+    is_node_id,
     is_table_name,
     parse_job_id,
     parse_status_tokens,
@@ -35,6 +37,28 @@ def job_id_from_path(text: str) -> int:
     if job_id is None:
         raise ApiError(400, "INVALID_JOB_ID", f"job id must be {JOB_ID_RULE}")
     return job_id
+
+
+def event_id_from_path(text: str) -> int:
+    """An event ID follows the job ID rule (and answers the same code, as the reference does)."""
+    event_id = parse_job_id(text)
+    if event_id is None:
+        raise ApiError(400, "INVALID_JOB_ID", f"event id must be {JOB_ID_RULE}")
+    return event_id
+
+
+def worker_id_from_path(text: str) -> str:
+    if not is_node_id(text):
+        raise ApiError(400, "INVALID_WORKER_ID", f"worker id must be {NODE_ID_RULE}")
+    return text
+
+
+def node_id_from_query(text: str | None) -> str | None:
+    if text is None:
+        return None
+    if not is_node_id(text):
+        raise ApiError(400, "INVALID_QUERY_PARAMETERS", f"node_id must be {NODE_ID_RULE}")
+    return text
 
 
 def table_from_path(text: str) -> str:

@@ -254,14 +254,20 @@ def ping(dsn: str, timeout: float, **connect_kwargs) -> None:
     Uses psycopg2's asynchronous mode so the deadline holds even against an
     address that drops packets (libpq's own connect_timeout cannot go below 2 s).
     """
+    query_once(dsn, timeout, "SELECT 1", **connect_kwargs)
+
+
+def query_once(dsn: str, timeout: float, sql: str, params=None, **connect_kwargs) -> list[tuple]:
+    """Run one query on a connection of its own within ``timeout`` seconds, or raise
+    (for what must answer fast whatever the database does: /readyz, /metrics)."""
     deadline = time.monotonic() + timeout
     conn = psycopg2.connect(dsn, async_=True, **connect_kwargs)
     try:
         _wait(conn, deadline)
         cur = conn.cursor()
-        cur.execute("SELECT 1")
+        cur.execute(sql, params)
         _wait(conn, deadline)
-        cur.fetchone()
+        return cur.fetchall()
     finally:
         _close_quietly(conn)
 

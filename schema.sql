@@ -131,3 +131,24 @@ CREATE TABLE IF NOT EXISTS service_chores (
     name   text        PRIMARY KEY,
     ran_at timestamptz NOT NULL
 );
+
+-- Jobs of one node, newest first within a status: GET /jobs?node_id= (one
+-- range scan per wanted status, like jobs_status_newest), the heartbeat's
+-- SCHEDULED/STOP_REQUESTED lists and the lease sweep's search for a lost
+-- worker's active jobs, each reading only that node's jobs in that status
+-- however many finished jobs the node (or the table) has.
+CREATE INDEX IF NOT EXISTS jobs_node_status_newest ON jobs (node_id, status, (-id)) INCLUDE (id);
+
+-- Workers that registered (PUT /workers/{node_id}) and their heartbeats: a
+-- worker whose heartbeat_at is older than WORKER_LOST_AFTER_S is LOST and
+-- its leases expire (store/workers.py). Jobs of a node_id with no row here
+-- are never expired.
+CREATE TABLE IF NOT EXISTS workers (
+    node_id       text        PRIMARY KEY,
+    info          jsonb       NOT NULL DEFAULT '{}'::jsonb,
+    created_at    timestamptz NOT NULL,
+    registered_at timestamptz NOT NULL,
+    heartbeat_at  timestamptz NOT NULL
+);
+-- The sweep looks for workers whose heartbeat is older than a cutoff.
+CREATE INDEX IF NOT EXISTS workers_heartbeat ON workers (heartbeat_at);

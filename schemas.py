@@ -45,6 +45,20 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "STOP_REQUESTED": frozenset({"SCHEDULED", "RUNNING"}),
 }
 REPORTABLE_STATUSES = tuple(s for s in STATUSES if s in TRANSITIONS and s != "STOP_REQUESTED")
+# Reporting the status a job already has is a no-op, except in these statuses
+# when the report names another node_id: the job moves to that node (docs/API.md,
+# "Moving a job to another worker").
+REASSIGNABLE_STATUSES = frozenset({"SCHEDULED"})
+
+# The moves a lease expiry makes when a registered worker is LOST, to-status ->
+# from-statuses (docs/API.md, "Leases"). Not worker-reportable moves: a worker
+# may not report STOP_REQUESTED -> STOPPED itself. SCHEDULED jobs stay.
+LEASE_EXPIRY: dict[str, frozenset[str]] = {
+    "FAILED": frozenset({"RUNNING"}),
+    "STOPPED": frozenset({"STOP_REQUESTED", "STOPPING"}),
+}
+LEASED_STATUSES = tuple(s for s in STATUSES if any(s in f for f in LEASE_EXPIRY.values()))
+WORKER_STATUSES = ("ALIVE", "LOST")
 
 # Filter tokens of GET /jobs?status= and DELETE /jobs?status= (case-insensitive).
 LIST_STATUS_TOKENS: dict[str, tuple[str, ...]] = {
@@ -67,6 +81,7 @@ MAX_BLOCK = 2**63 - 1
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
 MAX_BATCH = 1000
+MAX_NODE_ID_LENGTH = 128
 NODE_ID_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]*$"
 TABLE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
 HASH_PATTERN = r"^0x[0-9a-fA-F]{64}$"
@@ -76,6 +91,8 @@ TIMESTAMP_PATTERN = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$"
 _JOB_ID = re.compile(r"[1-9][0-9]{0,18}")
 JOB_ID_RULE = f"an integer in 1..{MAX_JOB_ID}, written without leading zeros"
 _TABLE = re.compile(TABLE_PATTERN)
+_NODE_ID = re.compile(NODE_ID_PATTERN)
+NODE_ID_RULE = f"1..{MAX_NODE_ID_LENGTH} characters matching {NODE_ID_PATTERN}"
 
 
 def parse_job_id(text: str) -> int | None:
@@ -88,6 +105,10 @@ def parse_job_id(text: str) -> int | None:
 
 def is_table_name(text: str) -> bool:
     return _TABLE.fullmatch(text) is not None
+
+
+def is_node_id(text: str) -> bool:
+    return len(text) <= MAX_NODE_ID_LENGTH and _NODE_ID.fullmatch(text) is not None
 
 
 def parse_status_tokens(text: str, tokens: dict[str, tuple[str, ...]]) -> tuple[str, ...] | None:
@@ -214,6 +235,68 @@ class EventListSchema(Schema):
     events = fields.List(fields.Nested(EventSchema), required=True)
 
 
+class JobEventSchema(Schema):
+    """One event, with its job: GET /jobs/{job_id}/events/{event_id}."""
+
+    id = fields.Integer(required=True)
+    job_id = fields.Integer(required=True)
+    created_at = fields.String(required=True, validate=validate.Regexp(TIMESTAMP_PATTERN))
+    node_id = fields.String(required=True, allow_none=True)
+    event_type = fields.String(required=True, validate=validate.OneOf(STATUSES))
+    detail = fields.Dict(required=True, allow_none=True)
+
+
+def _info_field(description: str) -> fields.String:
+    return fields.String(validate=no_nul, metadata={"description": description})
+
+
+class WorkerInfoSchema(StrictSchema):
+    """What a worker says about its build (each field optional; stored as given)."""
+
+    version = _info_field("e.g. v1.4.2 or git describe output")
+    commit_sha = _info_field("the commit it was built from")
+    commit_timestamp = _info_field("when that commit was made (RFC 3339 suggested)")
+    build_date = _info_field("when it was built (RFC 3339 suggested)")
+
+
+class WorkerSchema(Schema):
+    node_id = fields.String(required=True)
+    info = fields.Nested(WorkerInfoSchema, required=True)
+    created_at = fields.String(required=True, validate=validate.Regexp(TIMESTAMP_PATTERN))
+    registered_at = fields.String(required=True, validate=validate.Regexp(TIMESTAMP_PATTERN))
+    heartbeat_at = fields.String(required=True, validate=validate.Regexp(TIMESTAMP_PATTERN))
+    status = fields.String(required=True, validate=validate.OneOf(WORKER_STATUSES))
+
+
+class WorkerSummarySchema(Schema):
+    node_id = fields.String(required=True)
+    heartbeat_at = fields.String(required=True, validate=validate.Regexp(TIMESTAMP_PATTERN))
+    status = fields.String(required=True, validate=validate.OneOf(WORKER_STATUSES))
+
+
+class WorkerListSchema(Schema):
+    workers = fields.List(
+        fields.Nested(WorkerSummarySchema),
+        required=True,
+        metadata={"description": "most recently registered first"},
+    )
+
+
+class HeartbeatSchema(Schema):
+    node_id = fields.String(required=True)
+    heartbeat_at = fields.String(required=True, validate=validate.Regexp(TIMESTAMP_PATTERN))
+    scheduled = fields.List(
+        fields.Integer(),
+        required=True,
+        metadata={"description": "the worker's SCHEDULED jobs, oldest first, at most 1000"},
+    )
+    stop_requested = fields.List(
+        fields.Integer(),
+        required=True,
+        metadata={"description": "the worker's STOP_REQUESTED jobs, oldest first, at most 1000"},
+    )
+
+
 class FilesRegisteredSchema(Schema):
     job_id = fields.Integer(required=True)
     table = fields.String(required=True)
@@ -265,6 +348,10 @@ class ListJobsQuerySchema(StrictSchema):
             "description": "comma-separated, case-insensitive: a status name, active "
             "(default), terminal, all, or error (= FAILED)"
         }
+    )
+    node_id = fields.String(
+        validate=[validate.Length(1, MAX_NODE_ID_LENGTH), FullMatch(NODE_ID_PATTERN)],
+        metadata={"description": "only jobs of this node"},
     )
 
 
@@ -351,6 +438,10 @@ class FileBatchSchema(StrictSchema):
             if file["file_name"] in seen:
                 raise ValidationError(f"file_name {file['file_name']!r} appears twice.", "files")
             seen.add(file["file_name"])
+
+
+class RegisterWorkerSchema(StrictSchema):
+    info = fields.Nested(WorkerInfoSchema, load_default=dict)
 
 
 class BulkDeleteSchema(StrictSchema):

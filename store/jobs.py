@@ -7,7 +7,13 @@ from dataclasses import dataclass
 
 import db
 import pool
-from schemas import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, TERMINAL_STATUSES, TRANSITIONS
+from schemas import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    REASSIGNABLE_STATUSES,
+    TERMINAL_STATUSES,
+    TRANSITIONS,
+)
 from store.outcomes import NOT_FOUND, Blocked, Deleted, Moved, NotFound, Refused
 from store.sql import as_jsonb, fetch_all, fetch_one
 
@@ -26,14 +32,16 @@ def get_job(job_id: int) -> str | None:
 
 # One range scan of jobs_status_newest per wanted status, merged: at most
 # (limit + 1) index entries per status whatever the table's skew. The extra
-# row tells whether a next page exists.
+# row tells whether a next page exists. With ?node_id= the scans are of
+# jobs_node_status_newest instead (the {node_filter} below), so a node with
+# 10 active jobs among a million finished ones reads 10 index entries.
 LIST_JOBS = """
 WITH page AS (
     SELECT j.id
     FROM unnest(%(statuses)s::text[]) AS wanted(status)
     CROSS JOIN LATERAL (
         SELECT id FROM jobs
-        WHERE jobs.status = wanted.status AND -jobs.id >= -%(max_id)s
+        WHERE {node_filter}jobs.status = wanted.status AND -jobs.id >= -%(max_id)s
         -- -id, not id DESC: only jobs_status_newest yields this order, so the
         -- planner cannot pick a primary-key scan that filters its way through
         -- every finished job when few match.
@@ -49,6 +57,7 @@ WITH page AS (
 -- PostgreSQL more than joining 51 strings costs Python.
 SELECT page.id, jobs.job_json FROM page JOIN jobs ON jobs.id = page.id ORDER BY page.id DESC
 """
+NODE_FILTER = "jobs.node_id = %(node_id)s AND "
 
 # Prepared once per page size, so that its generic plan knows the LIMIT: with
 # the limit as a parameter the planner assumes a tenth of the rows and scans
@@ -60,9 +69,14 @@ PREPARED_PAGE_SIZES = frozenset(
 
 
 @functools.cache
-def list_statement(limit: int) -> pool.Prepared | str:
+def list_statement(limit: int, by_node: bool = False) -> pool.Prepared | str:
     sql = LIST_JOBS.replace("%(limit)s", str(int(limit)))
+    sql = sql.replace("{node_filter}", NODE_FILTER if by_node else "")
     if limit in PREPARED_PAGE_SIZES:
+        if by_node:
+            return pool.Prepared(
+                f"list_node_jobs_{limit}", sql, statuses="text[]", max_id="bigint", node_id="text"
+            )
         return pool.Prepared(f"list_jobs_{limit}", sql, statuses="text[]", max_id="bigint")
     return sql
 
@@ -73,9 +87,12 @@ class Page:
     next_cursor: int | None
 
 
-def list_page(statuses: tuple[str, ...], max_id: int, limit: int) -> Page:
-    """Jobs in ``statuses`` with id <= max_id, newest first, ``limit`` of them."""
-    rows = fetch_all(list_statement(limit), {"statuses": list(statuses), "max_id": max_id})
+def list_page(
+    statuses: tuple[str, ...], max_id: int, limit: int, node_id: str | None = None
+) -> Page:
+    """Jobs in ``statuses`` (of ``node_id``, if given) with id <= max_id, newest first."""
+    params = {"statuses": list(statuses), "max_id": max_id, "node_id": node_id}
+    rows = fetch_all(list_statement(limit, node_id is not None), params)
     page = rows[:limit]
     # One row more than the page tells whether there is a next page.
     cursor = page[-1][0] if len(rows) > limit else None
@@ -119,7 +136,9 @@ def create_job(node_id: str, descriptor: dict, idempotency_key: str | None) -> C
 
 # The state guard: lock the job, move it only from an allowed status, record
 # the event, and tell "not found" / "not allowed from X" / "moved" apart.
-# A reschedule (SCHEDULED -> SCHEDULED with another node_id) is a move too.
+# A reschedule (a SCHEDULED job reported SCHEDULED with another node_id) is
+# a move too: %(reassign)s is true only for such a report, and the job moves
+# only when the node it names is not the job's node already.
 CHANGE_STATUS = """
 WITH target AS (
     SELECT * FROM jobs WHERE id = %(job_id)s FOR UPDATE
@@ -128,7 +147,9 @@ WITH target AS (
     SET status = %(to)s, updated_at = clock_timestamp(),
         node_id = coalesce(%(node_id)s, jobs.node_id)
     FROM target
-    WHERE jobs.id = target.id AND target.status = ANY(%(from)s)
+    WHERE jobs.id = target.id
+      AND (target.status = ANY(%(from)s)
+           OR (%(reassign)s AND target.status = %(to)s AND target.node_id <> %(node_id)s))
     RETURNING jobs.*
 ), event AS (
     INSERT INTO job_events (job_id, created_at, event_type, node_id, detail)
@@ -142,7 +163,7 @@ FROM target LEFT JOIN moved ON true
 def change_status(
     job_id: int, to: str, node_id: str | None = None, detail: dict | None = None
 ) -> Moved | Refused | NotFound:
-    """Apply one move of TRANSITIONS atomically, with its event."""
+    """Apply one move of TRANSITIONS (or a reschedule) atomically, with its event."""
     row = fetch_one(
         CHANGE_STATUS,
         {
@@ -150,6 +171,7 @@ def change_status(
             "to": to,
             "from": sorted(TRANSITIONS[to]),
             "node_id": node_id,
+            "reassign": node_id is not None and to in REASSIGNABLE_STATUSES,
             "detail": as_jsonb(detail),
         },
     )
@@ -318,3 +340,30 @@ def get_events(job_id: int) -> str | None:
     """The job's events as a JSON array (oldest first), or None when there is no job."""
     row = fetch_one(GET_EVENTS, {"job_id": job_id})
     return None if row is None else row[0]
+
+
+GET_EVENT = """
+SELECT (SELECT json_build_object(
+            'id', e.id, 'job_id', e.job_id, 'created_at', jobs_timestamp(e.created_at),
+            'node_id', e.node_id, 'event_type', e.event_type, 'detail', e.detail)::text
+        FROM job_events e WHERE e.id = %(event_id)s AND e.job_id = j.id)
+FROM jobs j
+WHERE j.id = %(job_id)s
+"""
+
+
+@dataclass(frozen=True)
+class Event:
+    event_json: str
+
+
+@dataclass(frozen=True)
+class NoSuchEvent:
+    """The job exists but has no event with that id (another job's event included)."""
+
+
+def get_event(job_id: int, event_id: int) -> Event | NoSuchEvent | NotFound:
+    row = fetch_one(GET_EVENT, {"job_id": job_id, "event_id": event_id})
+    if row is None:
+        return NOT_FOUND
+    return NoSuchEvent() if row[0] is None else Event(row[0])

@@ -25,7 +25,7 @@ from app import create_app  # noqa: E402
 from devdb import LocalPostgres  # noqa: E402
 from devpgbouncer import LocalPgBouncer  # noqa: E402
 
-TABLES = "jobs, job_events, job_tables, job_files"
+TABLES = "jobs, job_events, job_tables, job_files, workers"
 
 
 @pytest.fixture(scope="session")
