@@ -34,7 +34,9 @@ def get_job(job_id: int) -> str | None:
 # (limit + 1) index entries per status whatever the table's skew. The extra
 # row tells whether a next page exists. With ?node_id= the scans are of
 # jobs_node_status_newest instead (the {node_filter} below), so a node with
-# 10 active jobs among a million finished ones reads 10 index entries.
+# 10 active jobs among a million finished ones reads 10 index entries:
+# 0.03 ms (generic plan) to 0.06 ms (custom plan), against 0.10 ms for the
+# unfiltered active listing of the same 1.4M-job table (EXPLAIN ANALYZE).
 LIST_JOBS = """
 WITH page AS (
     SELECT j.id
