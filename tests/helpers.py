@@ -5,7 +5,10 @@ Test modules import from here and never from each other. What is here, in order:
 - Values and bodies: ``MAX_ID``, ``block_hash``, ``file_entry``, ``expected_progress``.
 - Answers: ``assert_error`` (the error shape of every 4xx/5xx; returns the message).
 - The status machine, written out from the API reference: ``STATUSES``, ``ACTIVE``,
-  ``TERMINAL``, ``REPORTABLE``, ``WORKER_MOVES``, ``STOPPABLE``, ``LEGAL_MOVES``.
+  ``TERMINAL``, ``REPORTABLE``, ``WORKER_MOVES``, ``STOPPABLE``, ``LEGAL_MOVES``,
+  ``LEASE_MOVES`` (what a lost worker's lease expiry does).
+- Workers: ``lose_worker`` (its heartbeat pushed into the past), ``sweep_leases``
+  (the lease chore, run once in process).
 - The canonical chain recomputed from its definition: ``reference_progress``.
 - Databases that fail on purpose: ``closed_database_url``, ``Refuser``, ``Blackhole``;
   ``init_db`` for a database of a test's own.
@@ -46,6 +49,8 @@ from pathlib import Path
 
 import psycopg2
 
+import db
+import leases
 from app import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,6 +138,8 @@ STOPPABLE = {"SCHEDULED", "RUNNING"}
 LEGAL_MOVES = {(f, t) for f, tos in WORKER_MOVES.items() for t in tos} | {
     (f, "STOP_REQUESTED") for f in STOPPABLE
 }
+# The moves a lease expiry makes when the job's registered worker is LOST.
+LEASE_MOVES = {("RUNNING", "FAILED"), ("STOP_REQUESTED", "STOPPED"), ("STOPPING", "STOPPED")}
 
 
 # ---- The canonical chain, recomputed --------------------------------------------------
@@ -503,10 +510,12 @@ def events_of(call: Call, job_id: int) -> list[dict]:
     return body["events"]
 
 
-def history_problems(job_id: int, status: str, events: list[dict]) -> list[str]:
+def history_problems(
+    job_id: int, status: str, events: list[dict], moves: set = LEGAL_MOVES
+) -> list[str]:
     """What keeps ``events`` from being a legal path ending in ``status`` (none: legal).
 
-    A legal path: created SCHEDULED, legal moves only (no repeats), ending in
+    A legal path: created SCHEDULED, only ``moves`` (no repeats), ending in
     ``status``, event IDs and timestamps ascending.
     """
     types = [e["event_type"] for e in events]
@@ -516,7 +525,7 @@ def history_problems(job_id: int, status: str, events: list[dict]) -> list[str]:
     if types[0] != "SCHEDULED":
         problems.append(f"job {job_id} did not start SCHEDULED: {types}")
     for before, after in pairwise(types):
-        if (before, after) not in LEGAL_MOVES:
+        if (before, after) not in moves:
             problems.append(f"job {job_id}: illegal {before}->{after}: {types}")
     if types[-1] != status:
         problems.append(f"job {job_id} is {status} but its events end in {types[-1]}: {types}")
@@ -540,6 +549,30 @@ def illegal_histories(call: Call, statuses: dict[int, str]) -> list[str]:
 
 def _error_code(body) -> str | None:
     return body.get("error_code") if isinstance(body, dict) else None
+
+
+# ---- Workers and leases ------------------------------------------------------------------
+
+
+def lose_worker(database_url: str, node_id: str, seconds: float = 3600) -> None:
+    """Make a registered worker LOST at once: its last heartbeat ``seconds`` earlier."""
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                "UPDATE workers SET heartbeat_at = heartbeat_at - make_interval(secs => %s)"
+                " WHERE node_id = %s",
+                (seconds, node_id),
+            )
+            assert cur.rowcount == 1, f"worker {node_id} is not registered"
+    finally:
+        conn.close()
+
+
+def sweep_leases(app) -> dict[str, int]:
+    """Run the lease chore once in process, unclaimed: the jobs it moved, by new status."""
+    with app.app_context(), db.transaction() as cur:
+        return leases.expire_leases(cur, app.config)
 
 
 # ---- Racing requests -------------------------------------------------------------------
@@ -668,7 +701,7 @@ class Audit:
             out[job_id].append((op, old, new))
         return out
 
-    def problems(self, call: Call) -> list[str]:
+    def problems(self, call: Call, legal: set = LEGAL_MOVES) -> list[str]:
         """Where the record breaks a rule (none: it keeps them all).
 
         The rules: every status change a legal move, every deletion of a job that
@@ -679,13 +712,15 @@ class Audit:
         existing = job_statuses(call)
         problems = []
         for job_id, rows in self.history().items():
-            problem = self._job_problem(call, job_id, rows, existing)
+            problem = self._job_problem(call, job_id, rows, existing, legal)
             if problem:
                 problems.append(problem)
         return problems
 
     @staticmethod
-    def _job_problem(call: Call, job_id: int, rows: list, existing: dict[int, str]) -> str | None:
+    def _job_problem(
+        call: Call, job_id: int, rows: list, existing: dict[int, str], legal: set
+    ) -> str | None:
         if rows[0] != ("INSERT", None, "SCHEDULED"):
             return f"job {job_id} was not created SCHEDULED: {rows}"
         status: str | None = "SCHEDULED"
@@ -699,7 +734,7 @@ class Audit:
                 if old not in TERMINAL:
                     return f"job {job_id} was deleted while {old}: {rows}"
                 status = None
-            elif (old, new) not in LEGAL_MOVES:
+            elif (old, new) not in legal:
                 return f"job {job_id}: illegal {old}->{new}: {rows}"
             else:
                 moves.append(new)

@@ -1,0 +1,986 @@
+"""Workers and leases (docs/API.md, "Workers and leases"): the worker registry,
+heartbeats, the expiry of a LOST worker's jobs, moving a SCHEDULED job to
+another node, GET /jobs?node_id= and GET /jobs/{job_id}/events/{event_id}.
+
+Most tests make a worker LOST at once by pushing its heartbeat an hour into
+the past (``lose_worker``) and run the lease chore in process
+(``sweep_leases``): nothing waits for a clock. One test keeps a worker alive
+across several short lease periods in real time, and one runs the real
+service under gunicorn with WORKER_LOST_AFTER_S=4 and checks that a worker
+that stops heartbeating has its RUNNING job FAILED within 14 s while traffic
+goes on. Races run across two app instances on one database: each job ends in
+exactly one status, every status change is a legal move with one event, and
+no expiry is applied twice.
+"""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import re
+import threading
+import time
+
+import psycopg2
+import pytest
+from helpers import (
+    LEASE_MOVES,
+    LEGAL_MOVES,
+    MAX_ID,
+    assert_error,
+    audit_trail,
+    closed_database_url,
+    create_job,
+    events_of,
+    flask_caller,
+    history_problems,
+    lose_worker,
+    move_to,
+    race,
+    serving,
+    sweep_leases,
+    wait_until_blocked,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+import chores
+import leases
+from app import create_app
+from schemas import TRANSITIONS
+from store import jobs as job_store
+from store import workers as worker_store
+
+ADMIN = "workers-admin-token"
+WORKER = "workers-worker-token"
+TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"
+WORKER_FIELDS = {"node_id", "info", "created_at", "registered_at", "heartbeat_at", "status"}
+ALL_MOVES = LEGAL_MOVES | LEASE_MOVES | {("SCHEDULED", "SCHEDULED")}
+
+
+def register(client, node_id: str, body=None, **kwargs) -> dict:
+    kwargs = {"json": body} if body is not None else kwargs
+    response = client.put(f"/workers/{node_id}", **kwargs)
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def job_in(client, node_id: str, status: str) -> int:
+    """A job of ``node_id`` brought to ``status``."""
+    call = flask_caller(client.application)
+    job = create_job(call, node_id)
+    move_to(call, job["id"], status)
+    return job["id"]
+
+
+def status_of(client, job_id: int) -> str:
+    return client.get(f"/jobs/{job_id}").get_json()["status"]
+
+
+def lost_events(events: list[dict]) -> list[dict]:
+    return [e for e in events if (e["detail"] or {}).get("reason") == "worker_lost"]
+
+
+def parse_time(text: str) -> datetime.datetime:
+    moment = datetime.datetime.fromisoformat(text)
+    assert moment.tzinfo is not None, text
+    return moment
+
+
+# ---- The registry --------------------------------------------------------------------
+
+
+def test_register_creates_then_reregisters(client):
+    info = {
+        "version": "v0.0.22-15-g8b065bde",
+        "commit_sha": "8b065bde9c1a2f3e4d5c6b7a8e9f0a1b2c3d4e5f",
+        "commit_timestamp": "2025-01-15T14:30:00Z",
+        "build_date": "2025-01-15T15:45:30Z",
+    }
+    first = register(client, "worker-01", {"info": info})
+    assert set(first) == WORKER_FIELDS
+    assert first["node_id"] == "worker-01"
+    assert first["info"] == info
+    assert first["status"] == "ALIVE"
+    assert first["created_at"] == first["registered_at"] == first["heartbeat_at"]
+    for key in ("created_at", "registered_at", "heartbeat_at"):
+        assert re.fullmatch(TIMESTAMP, first[key]) and parse_time(first[key])
+    assert client.get("/workers/worker-01").get_json() == first
+
+    # Again, without a body: created_at stays, the rest is new, info replaced.
+    again = register(client, "worker-01")
+    assert again["created_at"] == first["created_at"]
+    assert again["registered_at"] > first["registered_at"]
+    assert again["heartbeat_at"] == again["registered_at"]
+    assert again["info"] == {}
+    partial = register(client, "worker-01", {"info": {"version": "2"}})
+    assert partial["info"] == {"version": "2"}
+    assert register(client, "worker-01", {})["info"] == {}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"info": {"version": 1}},
+        {"info": {"version": None}},
+        {"info": {"build_date": ["x"]}},
+        {"info": {"version": "1", "extra": "x"}},
+        {"info": "v1"},
+        {"info": None},
+        {"info": []},
+        {"version": "1"},
+        {"info": {}, "node_id": "worker-01"},
+        [],
+        "info",
+        {"info": {"version": "a\u0000b"}},
+    ],
+)
+def test_register_refuses_any_other_body(client, body):
+    response = client.put("/workers/worker-01", json=body)
+    assert_error(response, 400, "INVALID_PAYLOAD_FORMAT")
+    assert_error(client.get("/workers/worker-01"), 404, "WORKER_NOT_FOUND")
+
+
+def test_register_refuses_malformed_json(client):
+    assert_error(client.put("/workers/w", data=b'{"info": '), 400, "INVALID_PAYLOAD_FORMAT")
+    assert_error(client.put("/workers/w", data=b"null"), 400, "INVALID_PAYLOAD_FORMAT")
+    assert_error(client.get("/workers/w"), 404, "WORKER_NOT_FOUND")
+
+
+BAD_WORKER_IDS = ["1worker", "-w", "_w", "w%20x", "w+x", "w:1", "x" * 129, "%C3%A9t%C3%A9"]
+
+
+@pytest.mark.parametrize("node_id", BAD_WORKER_IDS)
+def test_malformed_worker_ids_are_refused(client, node_id):
+    for method, path in [
+        ("PUT", f"/workers/{node_id}"),
+        ("GET", f"/workers/{node_id}"),
+        ("POST", f"/workers/{node_id}/heartbeat"),
+    ]:
+        assert_error(client.open(path, method=method), 400, "INVALID_WORKER_ID")
+    assert client.get("/workers").get_json() == {"workers": []}
+
+
+def test_the_longest_and_oddest_valid_ids_work(client):
+    for node_id in ("x" * 128, "eu1.extractor_3", "W-01", "a"):
+        assert register(client, node_id)["node_id"] == node_id
+        assert client.post(f"/workers/{node_id}/heartbeat").status_code == 200
+
+
+def test_unknown_workers_are_not_found(client):
+    assert_error(client.get("/workers/ghost"), 404, "WORKER_NOT_FOUND")
+    assert_error(client.post("/workers/ghost/heartbeat"), 404, "WORKER_NOT_FOUND")
+    # A job's node_id does not register a worker.
+    create_job(flask_caller(client.application), "ghost")
+    assert_error(client.post("/workers/ghost/heartbeat"), 404, "WORKER_NOT_FOUND")
+    assert client.get("/workers").get_json() == {"workers": []}
+
+
+def test_heartbeat_lists_the_workers_jobs_to_start_and_stop(client):
+    register(client, "w1")
+    scheduled = [job_in(client, "w1", "SCHEDULED") for _ in range(3)]
+    stopping = [job_in(client, "w1", "STOP_REQUESTED") for _ in range(2)]
+    for status in ("RUNNING", "STOPPING", "COMPLETED", "FAILED", "STOPPED"):
+        job_in(client, "w1", status)
+    job_in(client, "w2", "SCHEDULED")
+    job_in(client, "w2", "STOP_REQUESTED")
+    before = client.get("/workers/w1").get_json()["heartbeat_at"]
+
+    beat = client.post("/workers/w1/heartbeat").get_json()
+    assert set(beat) == {"node_id", "heartbeat_at", "scheduled", "stop_requested"}
+    assert beat["node_id"] == "w1"
+    assert beat["scheduled"] == scheduled
+    assert beat["stop_requested"] == stopping
+    assert beat["heartbeat_at"] > before
+    assert client.get("/workers/w1").get_json()["heartbeat_at"] == beat["heartbeat_at"]
+    # A retry moved to w1 is listed too, in id order.
+    retried = job_in(client, "w2", "FAILED")
+    client.put(f"/jobs/{retried}/status", json={"status": "SCHEDULED", "node_id": "w1"})
+    assert client.post("/workers/w1/heartbeat").get_json()["scheduled"] == [*scheduled, retried]
+
+
+def test_heartbeat_lists_at_most_1000_oldest_first(client, db_conn):
+    register(client, "busy")
+    with db_conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO jobs (node_id, status) SELECT 'busy', s FROM generate_series(1, 1001),"
+            " unnest(ARRAY['SCHEDULED', 'STOP_REQUESTED']) s"
+        )
+        cur.execute("SELECT status, array_agg(id ORDER BY id) FROM jobs GROUP BY status")
+        ids = dict(cur.fetchall())
+    beat = client.post("/workers/busy/heartbeat").get_json()
+    assert beat["scheduled"] == ids["SCHEDULED"][:1000]
+    assert beat["stop_requested"] == ids["STOP_REQUESTED"][:1000]
+
+
+def test_list_workers_most_recently_registered_first(client, database_url):
+    for node_id in ("w-a", "w-b", "w-c"):
+        register(client, node_id)
+    register(client, "w-a")  # re-registered: first again
+    client.post("/workers/w-b/heartbeat")  # a heartbeat does not reorder
+    listing = client.get("/workers").get_json()
+    assert [w["node_id"] for w in listing["workers"]] == ["w-a", "w-c", "w-b"]
+    for worker in listing["workers"]:
+        assert set(worker) == {"node_id", "heartbeat_at", "status"}
+        assert worker["status"] == "ALIVE"
+        assert (
+            worker["heartbeat_at"]
+            == client.get(f"/workers/{worker['node_id']}").get_json()["heartbeat_at"]
+        )
+    lose_worker(database_url, "w-c")
+    statuses = {w["node_id"]: w["status"] for w in client.get("/workers").get_json()["workers"]}
+    assert statuses == {"w-a": "ALIVE", "w-b": "ALIVE", "w-c": "LOST"}
+    assert client.get("/workers/w-c").get_json()["status"] == "LOST"
+    # A heartbeat (or a registration) makes it ALIVE again.
+    client.post("/workers/w-c/heartbeat")
+    assert client.get("/workers/w-c").get_json()["status"] == "ALIVE"
+
+
+def test_lost_after_follows_the_setting(app, database_url):
+    slow = create_app({"TESTING": True, "DATABASE_URL": database_url, "WORKER_LOST_AFTER_S": 3600})
+    quick = create_app({"TESTING": True, "DATABASE_URL": database_url, "WORKER_LOST_AFTER_S": 60})
+    try:
+        register(slow.test_client(), "w")
+        lose_worker(database_url, "w", seconds=120)
+        assert slow.test_client().get("/workers/w").get_json()["status"] == "ALIVE"
+        assert quick.test_client().get("/workers/w").get_json()["status"] == "LOST"
+    finally:
+        for a in (slow, quick):
+            a.extensions["jobs_db_pool"].drop_idle()
+
+
+def test_lost_after_is_read_from_the_environment(monkeypatch, database_url):
+    monkeypatch.setenv("WORKER_LOST_AFTER_S", "4")
+    assert create_app({"DATABASE_URL": database_url}).config["WORKER_LOST_AFTER_S"] == 4
+    monkeypatch.delenv("WORKER_LOST_AFTER_S")
+    assert create_app({"DATABASE_URL": database_url}).config["WORKER_LOST_AFTER_S"] == 30
+    for bad in ("0", "-1", "soon", "inf"):
+        monkeypatch.setenv("WORKER_LOST_AFTER_S", bad)
+        with pytest.raises(ValueError):
+            create_app({"DATABASE_URL": database_url})
+
+
+def test_worker_routes_refuse_bodies_and_parameters_they_do_not_take(client):
+    register(client, "w")
+    assert_error(client.post("/workers/w/heartbeat", json={"x": 1}), 400, "INVALID_PAYLOAD_FORMAT")
+    assert client.post("/workers/w/heartbeat", data=b"{}").status_code == 200
+    assert_error(client.get("/workers", json={"x": 1}), 400, "INVALID_PAYLOAD_FORMAT")
+    for method, path in [
+        ("GET", "/workers?status=LOST"),
+        ("GET", "/workers/w?x=1"),
+        ("PUT", "/workers/w?force=1"),
+        ("POST", "/workers/w/heartbeat?x=1"),
+    ]:
+        assert_error(client.open(path, method=method), 400, "INVALID_QUERY_PARAMETERS")
+
+
+def test_tokens(app, database_url):
+    tokened = create_app(
+        {
+            "TESTING": True,
+            "DATABASE_URL": database_url,
+            "ADMIN_TOKEN": ADMIN,
+            "WORKER_TOKEN": WORKER,
+        }
+    )
+    client = tokened.test_client()
+    worker = {"Authorization": f"Bearer {WORKER}"}
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    try:
+        calls = [
+            ("PUT", "/workers/w"),
+            ("POST", "/workers/w/heartbeat"),
+            ("GET", "/workers"),
+            ("GET", "/workers/w"),
+            ("GET", "/jobs/1/events/1"),
+        ]
+        for method, path in calls:
+            assert_error(client.open(path, method=method), 401, "UNAUTHORIZED")
+            bad = {"Authorization": "Bearer nope"}
+            assert_error(client.open(path, method=method, headers=bad), 401, "UNAUTHORIZED")
+        # The worker token may register, heartbeat and read; so may the admin's.
+        for headers in (worker, admin):
+            for method, path in calls[:4]:
+                assert client.open(path, method=method, headers=headers).status_code == 200
+    finally:
+        tokened.extensions["jobs_db_pool"].drop_idle()
+
+
+def test_database_errors(client):
+    broken = create_app({"TESTING": True, "DATABASE_URL": closed_database_url()}).test_client()
+    for method, path, code in [
+        ("PUT", "/workers/w", "REGISTER_WORKER_ERROR"),
+        ("POST", "/workers/w/heartbeat", "WORKER_HEARTBEAT_ERROR"),
+        ("GET", "/workers", "SCHEDULER_LIST_WORKERS_ERROR"),
+        ("GET", "/workers/w", "SCHEDULER_GET_WORKER_ERROR"),
+        ("GET", "/jobs/1/events/1", "GET_JOB_EVENT_ERROR"),
+        ("GET", "/jobs?node_id=w", "LIST_JOBS_ERROR"),
+    ]:
+        message = assert_error(broken.open(path, method=method), 500, code)
+        assert message == "database error; the request was not completed"
+    # Invalid input is still refused before the database.
+    assert_error(broken.get("/workers/1w"), 400, "INVALID_WORKER_ID")
+    assert_error(broken.put("/workers/w", json={"info": 1}), 400, "INVALID_PAYLOAD_FORMAT")
+    # /metrics answers without the worker gauge.
+    response = broken.get("/metrics")
+    assert response.status_code == 200
+    assert "jobs_workers{" not in response.get_data(as_text=True)
+
+
+def test_answers_parse_with_the_python_clients_worker_models(client):
+    """amp-python's admin models (src/amp/admin/models.py): WorkersResponse holds
+    WorkerInfo {node_id, heartbeat_at: aware datetime}; WorkerDetailResponse has
+    node_id, created_at, registered_at, heartbeat_at (aware datetimes) and info
+    (WorkerMetadata: version, commit_sha, commit_timestamp, build_date, all
+    required, the last two aware datetimes). Written out here, not imported."""
+    register(
+        client,
+        "amp_worker.prod",
+        {
+            "info": {
+                "version": "v0.0.22",
+                "commit_sha": "8b065bde9c1a2f3e4d5c6b7a8e9f0a1b2c3d4e5f",
+                "commit_timestamp": "2025-01-15T09:30:00-05:00",
+                "build_date": "2025-01-15T15:45:30Z",
+            }
+        },
+    )
+    (summary,) = client.get("/workers").get_json()["workers"]
+    assert isinstance(summary["node_id"], str)
+    parse_time(summary["heartbeat_at"])
+    detail = client.get("/workers/amp_worker.prod").get_json()
+    for key in ("created_at", "registered_at", "heartbeat_at"):
+        parse_time(detail[key])
+    assert {"version", "commit_sha", "commit_timestamp", "build_date"} <= set(detail["info"])
+    parse_time(detail["info"]["commit_timestamp"])
+    parse_time(detail["info"]["build_date"])
+
+
+# ---- Moving a SCHEDULED job to another worker ------------------------------------------
+
+
+def test_a_scheduled_job_moves_to_another_node_with_one_event(client):
+    job = job_in(client, "worker-01", "SCHEDULED")
+    moved = client.put(f"/jobs/{job}/status", json={"status": "SCHEDULED", "node_id": "worker-02"})
+    assert moved.status_code == 200
+    body = moved.get_json()
+    assert (body["status"], body["node_id"]) == ("SCHEDULED", "worker-02")
+    events = events_of(flask_caller(client.application), job)
+    assert [(e["event_type"], e["node_id"]) for e in events] == [
+        ("SCHEDULED", "worker-01"),
+        ("SCHEDULED", "worker-02"),
+    ]
+    assert events[-1]["created_at"] == body["updated_at"]
+    # The same node again, or no node: a no-op without an event.
+    for report in ({"status": "SCHEDULED", "node_id": "worker-02"}, {"status": "SCHEDULED"}):
+        again = client.put(f"/jobs/{job}/status", json=report)
+        assert again.status_code == 200
+        assert again.get_json() == body
+    assert len(events_of(flask_caller(client.application), job)) == 2
+    assert client.get("/jobs?node_id=worker-02").get_json()["jobs"] == [body]
+    assert client.get("/jobs?node_id=worker-01").get_json()["jobs"] == []
+
+
+@pytest.mark.parametrize(
+    "status", ["RUNNING", "STOP_REQUESTED", "STOPPING", "COMPLETED", "STOPPED"]
+)
+def test_only_scheduled_and_failed_jobs_move_to_another_node(client, status):
+    job = job_in(client, "worker-01", status)
+    before = client.get(f"/jobs/{job}").get_json()
+    response = client.put(f"/jobs/{job}/status", json={"status": "SCHEDULED", "node_id": "w2"})
+    assert status in assert_error(response, 409, "INVALID_STATE_TRANSITION")
+    assert client.get(f"/jobs/{job}").get_json() == before
+
+
+def test_a_failed_job_is_retried_on_another_node(client):
+    job = job_in(client, "worker-01", "FAILED")
+    body = client.put(f"/jobs/{job}/status", json={"status": "SCHEDULED", "node_id": "w2"})
+    assert (body.get_json()["status"], body.get_json()["node_id"]) == ("SCHEDULED", "w2")
+
+
+# ---- GET /jobs?node_id= -------------------------------------------------------------------
+
+
+def test_list_by_node(client):
+    mine = {s: job_in(client, "worker-01", s) for s in ("SCHEDULED", "RUNNING", "COMPLETED")}
+    others = [job_in(client, "worker-02", s) for s in ("SCHEDULED", "RUNNING", "COMPLETED")]
+    mine["FAILED"] = job_in(client, "worker-01", "FAILED")
+
+    def ids(query):
+        response = client.get(f"/jobs?{query}")
+        assert response.status_code == 200, response.get_json()
+        return [j["id"] for j in response.get_json()["jobs"]]
+
+    assert ids("node_id=worker-01") == [mine["RUNNING"], mine["SCHEDULED"]]
+    assert ids("node_id=worker-01&status=terminal") == [mine["FAILED"], mine["COMPLETED"]]
+    assert ids("node_id=worker-01&status=all") == sorted(mine.values(), reverse=True)
+    assert ids("node_id=worker-02&status=completed,RUNNING") == [others[2], others[1]]
+    assert ids("node_id=nobody&status=all") == []
+    # Paging within the node.
+    page = client.get("/jobs?node_id=worker-01&status=all&limit=3").get_json()
+    assert [j["id"] for j in page["jobs"]] == sorted(mine.values(), reverse=True)[:3]
+    assert page["next_cursor"] == page["jobs"][-1]["id"]
+    rest = ids(f"node_id=worker-01&status=all&limit=3&last_job_id={page['next_cursor']}")
+    assert rest == [min(mine.values())]
+    last = client.get(f"/jobs?node_id=worker-01&status=all&last_job_id={min(mine.values())}")
+    assert last.get_json() == {"jobs": [], "next_cursor": None}
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["node_id=", "node_id=1w", "node_id=w%20x", "node_id=" + "x" * 129, "node_id=a&node_id=b"],
+)
+def test_list_by_node_refuses_malformed_node_ids(client, query):
+    assert_error(client.get(f"/jobs?{query}"), 400, "INVALID_QUERY_PARAMETERS")
+
+
+def test_the_node_filter_reads_the_nodes_index(client, db_conn):
+    """A node with 10 active jobs among 100,000 finished ones: its listing reads only its
+    own index entries (and no other node's), like a status filter."""
+    with db_conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO jobs (node_id, status) SELECT 'busy', 'COMPLETED'"
+            " FROM generate_series(1, 100000)"
+        )
+        cur.execute(
+            "INSERT INTO jobs (node_id, status) SELECT 'other', 'RUNNING'"
+            " FROM generate_series(1, 20000)"
+        )
+        cur.execute("INSERT INTO jobs (node_id) SELECT 'busy' FROM generate_series(1, 10)")
+        cur.execute("VACUUM ANALYZE jobs")
+    listing = client.get("/jobs?node_id=busy&limit=50").get_json()
+    assert len(listing["jobs"]) == 10 and listing["next_cursor"] is None
+    # The statement as the service runs it: prepared, with a generic plan.
+    statement = job_store.list_statement(50, by_node=True)
+    with db_conn.cursor() as cur:
+        cur.execute("SET plan_cache_mode = force_generic_plan")
+        cur.execute(statement.prepare_sql)
+        cur.execute(
+            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement.execute_sql,
+            {"statuses": ["SCHEDULED", "RUNNING"], "max_id": MAX_ID, "node_id": "busy"},
+        )
+        plan = cur.fetchone()[0][0]["Plan"]
+    # 10 index entries and 10 rows: a few dozen buffers, not the thousands a
+    # scan of the status index through the other node's 20,000 would touch.
+    assert plan["Shared Hit Blocks"] + plan.get("Shared Read Blocks", 0) < 200, plan
+
+
+# ---- GET /jobs/{job_id}/events/{event_id} ---------------------------------------------------
+
+
+def test_one_event(client):
+    a = job_in(client, "worker-01", "RUNNING")
+    b = job_in(client, "worker-02", "SCHEDULED")
+    call = flask_caller(client.application)
+    client.put(f"/jobs/{a}/status", json={"status": "FAILED", "detail": {"error": "oom"}})
+    for event in events_of(call, a):
+        one = client.get(f"/jobs/{a}/events/{event['id']}")
+        assert one.status_code == 200
+        assert list(one.get_json()) == [
+            "id",
+            "job_id",
+            "created_at",
+            "node_id",
+            "event_type",
+            "detail",
+        ]
+        assert one.get_json() == {"job_id": a, **event}
+    (b_event,) = events_of(call, b)
+    message = assert_error(client.get(f"/jobs/{a}/events/{b_event['id']}"), 404, "EVENT_NOT_FOUND")
+    assert str(b_event["id"]) in message
+    assert_error(client.get(f"/jobs/{a}/events/987654321"), 404, "EVENT_NOT_FOUND")
+    assert_error(client.get(f"/jobs/987654321/events/{b_event['id']}"), 404, "JOB_NOT_FOUND")
+    for bad in ("0", "-1", "abc", "1.5", "+1", "99999999999999999999", "0x1A"):
+        assert_error(client.get(f"/jobs/{a}/events/{bad}"), 400, "INVALID_JOB_ID")
+        assert_error(client.get(f"/jobs/{bad}/events/1"), 400, "INVALID_JOB_ID")
+    assert_error(client.get(f"/jobs/{a}/events/1?x=1"), 400, "INVALID_QUERY_PARAMETERS")
+
+
+# ---- Leases --------------------------------------------------------------------------------
+
+
+def test_a_lost_workers_active_jobs_expire(client, database_url):
+    register(client, "dying")
+    jobs = {s: job_in(client, "dying", s) for s in ("SCHEDULED", "RUNNING", "STOP_REQUESTED")}
+    jobs["STOPPING"] = job_in(client, "dying", "STOPPING")
+    done = {s: job_in(client, "dying", s) for s in ("COMPLETED", "FAILED", "STOPPED")}
+    # Nothing happens while it is alive.
+    assert sweep_leases(client.application) == {}
+    lose_worker(database_url, "dying")
+    last_heartbeat = client.get("/workers/dying").get_json()["heartbeat_at"]
+
+    assert sweep_leases(client.application) == {"FAILED": 1, "STOPPED": 2}
+    expected = {
+        "SCHEDULED": "SCHEDULED",
+        "RUNNING": "FAILED",
+        "STOP_REQUESTED": "STOPPED",
+        "STOPPING": "STOPPED",
+    }
+    call = flask_caller(client.application)
+    for before, job_id in jobs.items():
+        job = client.get(f"/jobs/{job_id}").get_json()
+        assert job["status"] == expected[before], before
+        events = events_of(call, job_id)
+        assert history_problems(job_id, job["status"], events, ALL_MOVES) == []
+        if before == "SCHEDULED":
+            assert lost_events(events) == []
+            continue
+        assert lost_events(events) == [events[-1]]
+        assert events[-1]["event_type"] == expected[before]
+        assert events[-1]["node_id"] == "dying"
+        assert events[-1]["detail"] == {"reason": "worker_lost", "heartbeat_at": last_heartbeat}
+        assert events[-1]["created_at"] == job["updated_at"]
+    for status, job_id in done.items():
+        assert status_of(client, job_id) == status
+        assert lost_events(events_of(call, job_id)) == []
+    # Expired once: the next sweeps find nothing.
+    assert sweep_leases(client.application) == {}
+    assert sweep_leases(client.application) == {}
+    # The SCHEDULED job is still listed by the heartbeat of the worker's return.
+    beat = client.post("/workers/dying/heartbeat").get_json()
+    assert beat["scheduled"] == [jobs["SCHEDULED"]]
+    assert beat["stop_requested"] == []
+
+
+@pytest.mark.parametrize(
+    ("status", "report"),
+    [
+        ("RUNNING", "COMPLETED"),
+        ("RUNNING", "FAILED"),
+        ("STOP_REQUESTED", "STOPPING"),
+        ("STOPPING", "STOPPED"),
+        ("STOPPING", "FAILED"),
+    ],
+)
+def test_a_late_report_from_an_expired_worker_is_refused(client, database_url, status, report):
+    register(client, "late")
+    job_id = job_in(client, "late", status)
+    lose_worker(database_url, "late")
+    assert sum(sweep_leases(client.application).values()) == 1
+    after = client.get(f"/jobs/{job_id}").get_json()
+    response = client.put(f"/jobs/{job_id}/status", json={"status": report})
+    if report == after["status"]:
+        # Reporting the status it has is the usual no-op.
+        assert response.status_code == 200
+    else:
+        assert after["status"] in assert_error(response, 409, "INVALID_STATE_TRANSITION")
+    assert client.get(f"/jobs/{job_id}").get_json() == after
+
+
+def test_jobs_of_a_node_that_never_registered_are_never_touched(client, database_url, db_conn):
+    register(client, "registered")
+    ghost = {s: job_in(client, "ghost", s) for s in ("RUNNING", "STOP_REQUESTED", "STOPPING")}
+    with db_conn.cursor() as cur:  # long untouched
+        cur.execute("UPDATE jobs SET updated_at = now() - interval '30 days'")
+    lose_worker(database_url, "registered")
+    assert sweep_leases(client.application) == {}
+    for status, job_id in ghost.items():
+        assert status_of(client, job_id) == status
+
+
+def test_a_job_moved_off_the_lost_worker_stays(client, database_url):
+    register(client, "dying")
+    job_id = job_in(client, "dying", "FAILED")
+    client.put(f"/jobs/{job_id}/status", json={"status": "SCHEDULED", "node_id": "healthy"})
+    client.put(f"/jobs/{job_id}/status", json={"status": "RUNNING"})
+    lose_worker(database_url, "dying")
+    assert sweep_leases(client.application) == {}
+    assert status_of(client, job_id) == "RUNNING"
+
+
+def test_one_sweep_is_bounded_and_the_next_takes_the_rest(client, database_url, db_conn):
+    register(client, "big")
+    with db_conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO jobs (node_id, status)"
+            " SELECT 'big', 'RUNNING' FROM generate_series(1, 700)"
+        )
+    lose_worker(database_url, "big")
+    assert sweep_leases(client.application) == {"FAILED": 500}
+    assert sweep_leases(client.application) == {"FAILED": 200}
+    assert sweep_leases(client.application) == {}
+    with db_conn.cursor() as cur:
+        cur.execute(
+            "SELECT count(*), count(DISTINCT job_id) FROM job_events"
+            " WHERE detail->>'reason' = 'worker_lost'"
+        )
+        assert cur.fetchone() == (700, 700)
+
+
+def test_a_heartbeating_worker_keeps_its_jobs_across_several_lease_periods(app, database_url):
+    """Real time: a lease of 1.5 s, heartbeats every 0.1 s and a sweep every 0.1 s for
+    5 s (over three lease periods). The worker that stopped heartbeating loses its job."""
+    lease = 1.5
+    short = create_app(
+        {"TESTING": True, "DATABASE_URL": database_url, "WORKER_LOST_AFTER_S": lease}
+    )
+    client = short.test_client()
+    try:
+        register(client, "steady")
+        register(client, "silent")
+        steady = [job_in(client, "steady", s) for s in ("RUNNING", "STOP_REQUESTED", "STOPPING")]
+        silent = job_in(client, "silent", "RUNNING")
+        started = time.monotonic()
+        while time.monotonic() - started < 5:
+            assert client.post("/workers/steady/heartbeat").status_code == 200
+            sweep_leases(short)
+            time.sleep(0.1)
+        assert [status_of(client, j) for j in steady] == ["RUNNING", "STOP_REQUESTED", "STOPPING"]
+        assert client.get("/workers/steady").get_json()["status"] == "ALIVE"
+        assert status_of(client, silent) == "FAILED"
+        assert client.get("/workers/silent").get_json()["status"] == "LOST"
+    finally:
+        short.extensions["jobs_db_pool"].drop_idle()
+
+
+def test_the_chore_runs_once_per_interval_whoever_claims_it(app, database_url, db_conn):
+    assert leases.sweep_interval({"WORKER_LOST_AFTER_S": 30}) == 5
+    assert leases.sweep_interval({"WORKER_LOST_AFTER_S": 4}) == 2
+    client = app.test_client()
+    register(client, "dying")
+    job_id = job_in(client, "dying", "RUNNING")
+    lose_worker(database_url, "dying")
+    with db_conn.cursor() as cur:
+        cur.execute("DELETE FROM service_chores WHERE name = 'lease_expiry'")
+    other = create_app({"TESTING": True, "DATABASE_URL": database_url})
+    try:
+        lease_chore = chores._chores["lease_expiry"]
+        with app.app_context():
+            assert chores.run_claimed(lease_chore) is True
+        # Claimed a moment ago: the other instance does not run it again.
+        with other.app_context():
+            assert chores.run_claimed(lease_chore) is False
+    finally:
+        other.extensions.get("jobs_db_pool") and other.extensions["jobs_db_pool"].drop_idle()
+    assert status_of(client, job_id) == "FAILED"
+
+
+def scrape(client) -> dict:
+    samples = {}
+    text = client.get("/metrics").get_data(as_text=True)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def test_metrics(client, database_url):
+    def expired(samples, status):
+        return samples.get(("jobs_leases_expired_total", (("status", status),)), 0)
+
+    before = scrape(client)
+    for node_id in ("a", "b", "c"):
+        register(client, node_id)
+    job_in(client, "c", "RUNNING")
+    job_in(client, "c", "STOPPING")
+    lose_worker(database_url, "c")
+    sweep_leases(client.application)
+    after = scrape(client)
+    assert after[("jobs_workers", (("status", "ALIVE"),))] == 2
+    assert after[("jobs_workers", (("status", "LOST"),))] == 1
+    assert expired(after, "FAILED") - expired(before, "FAILED") == 1
+    assert expired(after, "STOPPED") - expired(before, "STOPPED") == 1
+
+
+# ---- The guard, one interleaving at a time ------------------------------------------------
+# A transaction held open from outside stands for a request caught mid-way;
+# the sweep runs in a thread, waits on its lock, and must recheck what it
+# finds once the lock is released.
+
+
+def sweep_in_thread(app) -> tuple[threading.Thread, dict]:
+    result: dict = {}
+
+    def run():
+        result["moved"] = sweep_leases(app)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_a_heartbeat_committed_while_the_sweep_waits_keeps_the_jobs(client, database_url):
+    register(client, "w")
+    job_id = job_in(client, "w", "RUNNING")
+    lose_worker(database_url, "w")
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(worker_store.HEARTBEAT, {"node_id": "w"})  # not committed yet
+        thread, result = sweep_in_thread(client.application)
+        wait_until_blocked(database_url)
+        conn.commit()
+        thread.join(10)
+    finally:
+        conn.close()
+    assert result["moved"] == {}
+    assert status_of(client, job_id) == "RUNNING"
+
+
+def test_a_heartbeat_waits_for_a_sweep_that_took_the_worker(client, database_url):
+    register(client, "w")
+    job_id = job_in(client, "w", "RUNNING")
+    lose_worker(database_url, "w")
+    conn = psycopg2.connect(database_url)
+    answer: dict = {}
+    try:
+        with conn.cursor() as cur:
+            moved = worker_store.expire_leases(cur, 30, 500)  # not committed yet
+        assert moved == {"FAILED": 1}
+
+        def beat():
+            answer["it"] = client.application.test_client().post("/workers/w/heartbeat")
+
+        thread = threading.Thread(target=beat, daemon=True)
+        thread.start()
+        wait_until_blocked(database_url)
+        conn.commit()
+        thread.join(10)
+    finally:
+        conn.close()
+    assert answer["it"].status_code == 200
+    assert status_of(client, job_id) == "FAILED"
+    assert client.get("/workers/w").get_json()["status"] == "ALIVE"
+
+
+@pytest.mark.parametrize(
+    ("status", "report", "final"),
+    [
+        ("RUNNING", "COMPLETED", "COMPLETED"),
+        ("STOP_REQUESTED", "STOPPING", "STOPPING"),
+        ("STOPPING", "STOPPED", "STOPPED"),
+    ],
+)
+def test_a_report_committed_while_the_sweep_waits_wins(client, database_url, status, report, final):
+    register(client, "w")
+    job_id = job_in(client, "w", status)
+    lose_worker(database_url, "w")
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn.cursor() as cur:  # the report, caught before its commit
+            cur.execute(
+                job_store.CHANGE_STATUS,
+                {
+                    "job_id": job_id,
+                    "to": report,
+                    "from": sorted(TRANSITIONS[report]),
+                    "node_id": None,
+                    "reassign": False,
+                    "detail": None,
+                },
+            )
+        thread, result = sweep_in_thread(client.application)
+        wait_until_blocked(database_url)
+        conn.commit()
+        thread.join(10)
+    finally:
+        conn.close()
+    call = flask_caller(client.application)
+    events = events_of(call, job_id)
+    if final in ("STOPPING",):
+        # STOPPING is still leased: the sweep moved it on after the report.
+        assert result["moved"] == {"STOPPED": 1}
+        assert status_of(client, job_id) == "STOPPED"
+    else:
+        assert result["moved"] == {}
+        assert status_of(client, job_id) == final
+    assert history_problems(job_id, status_of(client, job_id), events, ALL_MOVES) == []
+
+
+# ---- Races across two instances -----------------------------------------------------------
+
+
+@pytest.fixture
+def two_apps(app, database_url):
+    apps = [
+        create_app({"TESTING": True, "DATABASE_URL": database_url, "DB_POOL_SIZE": 40})
+        for _ in range(2)
+    ]
+    yield apps
+    for a in apps:
+        pool = a.extensions.get("jobs_db_pool")
+        if pool is not None:
+            pool.drop_idle()
+
+
+@pytest.fixture
+def audit(two_apps, database_url):
+    """Every status change from here on, recorded by the database (jobs created too)."""
+    with audit_trail(database_url) as trail:
+        yield trail
+
+
+def alternating(apps):
+    counter = iter(range(10**9))
+    return lambda: flask_caller(apps[next(counter) % 2])
+
+
+def sweeper(app, delay: float = 0.0):
+    """A task running one sweep on ``app``, ``delay`` seconds after the start (so that
+    some racing requests come first and others after)."""
+
+    def task(call, barrier):
+        time.sleep(delay)
+        return "sweep", sweep_leases(app)
+
+    return task
+
+
+def test_expiry_races_completed_reports(two_apps, database_url, audit):
+    a, b = two_apps
+    client = a.test_client()
+    register(client, "racer")
+    jobs = [job_in(client, "racer", "RUNNING") for _ in range(30)]
+    lose_worker(database_url, "racer")
+    tasks = [sweeper(a, 0.01), sweeper(b, 0.02)]
+    for job_id in jobs:
+        tasks.append(
+            lambda call, barrier, j=job_id: (
+                j,
+                *call("PUT", f"/jobs/{j}/status", {"status": "COMPLETED"}),
+            )
+        )
+    results = race(alternating(two_apps), tasks)
+    call = flask_caller(a)
+    assert audit.problems(call, LEGAL_MOVES | LEASE_MOVES) == []
+    sweeps, reports = results[:2], results[2:]
+    expired = sum(moved.get("FAILED", 0) for _, moved in sweeps)
+    failed = 0
+    for job_id, code, body in reports:
+        status = status_of(client, job_id)
+        events = events_of(call, job_id)
+        assert [e["event_type"] for e in events] == ["SCHEDULED", "RUNNING", status]
+        if status == "COMPLETED":
+            assert code == 200 and lost_events(events) == []
+        else:
+            failed += 1
+            assert status == "FAILED"
+            assert (code, body["error_code"]) == (409, "INVALID_STATE_TRANSITION")
+            assert lost_events(events) == [events[-1]]
+    assert expired == failed  # no expiry applied twice, none lost
+
+
+def test_expiry_races_heartbeats(two_apps, database_url):
+    a, b = two_apps
+    client = a.test_client()
+    outcomes = []
+    for round_no in range(15):
+        node_id = f"hb-{round_no}"
+        register(client, node_id)
+        job_id = job_in(client, node_id, "RUNNING")
+        lose_worker(database_url, node_id)
+        results = race(
+            alternating(two_apps),
+            [
+                sweeper(a),
+                sweeper(b),
+                lambda call, barrier, n=node_id: call("POST", f"/workers/{n}/heartbeat"),
+            ],
+        )
+        (_, one), (_, two), (code, _) = results
+        assert code == 200
+        status = status_of(client, job_id)
+        events = events_of(flask_caller(a), job_id)
+        moved = one.get("FAILED", 0) + two.get("FAILED", 0)
+        if status == "FAILED":
+            assert moved == 1 and len(lost_events(events)) == 1
+        else:
+            assert status == "RUNNING" and moved == 0 and len(events) == 2
+        assert client.get(f"/workers/{node_id}").get_json()["status"] == "ALIVE"
+        outcomes.append(status)
+    # Which side won varies; every round ended in one of the two legal outcomes.
+    assert set(outcomes) <= {"FAILED", "RUNNING"}
+
+
+def test_expiry_races_stops_reports_and_deletes(two_apps, database_url, audit):
+    """Jobs of a lost worker in every active status; at once: two sweeps (one per
+    instance), a stop, a report and a delete of every job. Each job ends in one
+    status, by legal moves only, with one event per change; no expiry twice."""
+    a, b = two_apps
+    client = a.test_client()
+    register(client, "chaos")
+    plan = []
+    for status in ("SCHEDULED", "RUNNING", "STOP_REQUESTED", "STOPPING") * 6:
+        plan.append(job_in(client, "chaos", status))
+    lose_worker(database_url, "chaos")
+    reports = {0: "COMPLETED", 1: "STOPPING", 2: "STOPPED", 3: "FAILED"}
+    tasks = [sweeper(a), sweeper(b)]
+    for i, job_id in enumerate(plan):
+        tasks.append(lambda call, barrier, j=job_id: ("stop", *call("PUT", f"/jobs/{j}/stop")))
+        tasks.append(
+            lambda call, barrier, j=job_id, r=reports[i % 4]: (
+                "report",
+                *call("PUT", f"/jobs/{j}/status", {"status": r}),
+            )
+        )
+        tasks.append(lambda call, barrier, j=job_id: ("delete", *call("DELETE", f"/jobs/{j}")))
+    results = race(alternating(two_apps), tasks)
+    # What a sweep left STOP_REQUESTED (a stop after its snapshot) the next one takes.
+    late = sweep_leases(a)
+    call = flask_caller(a)
+    assert audit.problems(call, LEGAL_MOVES | LEASE_MOVES) == []
+    history = audit.history()
+    for _, code, body in results[2:]:
+        assert code in (200, 204, 404, 409), body  # 404: a report after the delete
+    expired = sum(sum(moved.values()) for _, moved in results[:2]) + sum(late.values())
+    lost_total = 0
+    for job_id in plan:
+        response = client.get(f"/jobs/{job_id}")
+        if response.status_code == 404:
+            assert history[job_id][-1][0] == "DELETE"
+            continue
+        job = response.get_json()
+        events = events_of(call, job_id)
+        assert history_problems(job_id, job["status"], events, ALL_MOVES) == []
+        assert len(lost_events(events)) <= 1
+        lost_total += len(lost_events(events))
+        assert job["status"] not in ("RUNNING", "STOP_REQUESTED", "STOPPING"), job
+    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM job_events WHERE detail->>'reason' = 'worker_lost'")
+        assert cur.fetchone()[0] == lost_total
+    # Deleted jobs took their events with them.
+    assert lost_total <= expired
+    moved_by_lease = sum(
+        1
+        for rows in history.values()
+        for op, old, new in rows
+        if op == "UPDATE" and (old, new) in LEASE_MOVES
+    )
+    # No report in this plan makes a lease move, so every one is a sweep's.
+    assert moved_by_lease == expired
+
+
+# ---- The real service ---------------------------------------------------------------------
+
+
+def test_under_gunicorn_a_silent_workers_job_fails_within_14_s(app, database_url):
+    with serving(database_url, env={"WORKER_LOST_AFTER_S": "4"}) as server:
+        call = server.caller()
+        assert call("PUT", "/workers/silent")[0] == 200
+        assert call("PUT", "/workers/steady")[0] == 200
+        last_heartbeat = time.monotonic()
+        silent = create_job(call, "silent")["id"]
+        steady = create_job(call, "steady")["id"]
+        for job_id in (silent, steady):
+            assert call("PUT", f"/jobs/{job_id}/status", {"status": "RUNNING"})[0] == 200
+        status = "RUNNING"
+        while time.monotonic() - last_heartbeat < 14:
+            # Traffic goes on: the other worker's heartbeats and a reader.
+            assert call("POST", "/workers/steady/heartbeat")[0] == 200
+            status = call("GET", f"/jobs/{silent}")[1]["status"]
+            if status == "FAILED":
+                break
+            time.sleep(0.5)
+        assert status == "FAILED", f"still {status} after 14 s"
+        code, events = call("GET", f"/jobs/{silent}/events")
+        assert events["events"][-1]["detail"]["reason"] == "worker_lost"
+        assert call("GET", f"/jobs/{steady}")[1]["status"] == "RUNNING"
+        workers = {w["node_id"]: w["status"] for w in call("GET", "/workers")[1]["workers"]}
+        assert workers == {"silent": "LOST", "steady": "ALIVE"}
+        code, late = call("PUT", f"/jobs/{silent}/status", {"status": "COMPLETED"})
+        assert (code, late["error_code"]) == (409, "INVALID_STATE_TRANSITION")
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        conn.close()
+        assert 'jobs_leases_expired_total{status="FAILED"} 1.0' in text
+        assert 'jobs_workers{status="LOST"} 1.0' in text
