@@ -321,6 +321,35 @@ def exercise_happy_and_client_errors(check, client):
     ]:
         check(c, method, path, 400, json={"force": True})
         check(c, method, path, 413, data=BIG)
+    # Workers
+    check(c, "PUT", "/workers/w-1", 200)
+    check(c, "PUT", "/workers/w-1", 200, json={"info": {"version": "v1", "build_date": "x"}})
+    check(c, "PUT", "/workers/w-1", 400, json={"info": {"version": 1}})
+    check(c, "PUT", "/workers/1w", 400)
+    check(c, "PUT", "/workers/w-1", 413, data=BIG)
+    check(c, "POST", "/workers/w-1/heartbeat", 200)
+    check(c, "POST", "/workers/ghost/heartbeat", 404)
+    check(c, "POST", "/workers/-w/heartbeat", 400)
+    check(c, "GET", "/workers", 200)
+    check(c, "GET", "/workers/w-1", 200)
+    check(c, "GET", "/workers/ghost", 404)
+    check(c, "GET", "/workers/w%20x", 400)
+    check(c, "GET", "/jobs?node_id=w-9&status=all", 200)
+    check(c, "GET", "/jobs?node_id=9", 400)
+    # One event
+    first_event = check(c, "GET", f"/jobs/{ids[4]}/events", 200).get_json()["events"][0]["id"]
+    check(c, "GET", f"/jobs/{ids[4]}/events/{first_event}", 200)
+    check(c, "GET", f"/jobs/{ids[4]}/events/987654321", 404)
+    check(c, "GET", f"/jobs/987654321/events/{first_event}", 404)
+    check(c, "GET", f"/jobs/{ids[4]}/events/x", 400)
+    for method, path in [
+        ("GET", f"/jobs/{ids[4]}/events/{first_event}"),
+        ("POST", "/workers/w-1/heartbeat"),
+        ("GET", "/workers"),
+        ("GET", "/workers/w-1"),
+    ]:
+        check(c, method, path, 400, json={"force": True})
+        check(c, method, path, 413, data=BIG)
     # Operations
     for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
         check(c, "GET", path, 200)
@@ -345,6 +374,11 @@ def exercise_auth(check, client, job_id):
         ("POST", f"/jobs/{job_id}/stop", {}),
         ("PUT", f"/jobs/{job_id}/status", {"json": {"status": "RUNNING"}}),
         ("POST", f"/jobs/{job_id}/tables/t/files", {"json": file_entry("a", 0, 1)}),
+        ("GET", f"/jobs/{job_id}/events/1", {}),
+        ("PUT", "/workers/w", {}),
+        ("POST", "/workers/w/heartbeat", {}),
+        ("GET", "/workers", {}),
+        ("GET", "/workers/w", {}),
     ]:
         check(client, method, path, 401, **kwargs)
         check(client, method, path, 401, headers={"Authorization": "Bearer nope"}, **kwargs)
@@ -366,6 +400,11 @@ DB_ROUTES = [
     ("POST", "/jobs/1/stop", {}),
     ("PUT", "/jobs/1/status", {"json": {"status": "RUNNING"}}),
     ("POST", "/jobs/1/tables/t/files", {"json": file_entry("a", 0, 1)}),
+    ("GET", "/jobs/1/events/1", {}),
+    ("PUT", "/workers/w", {}),
+    ("POST", "/workers/w/heartbeat", {}),
+    ("GET", "/workers", {}),
+    ("GET", "/workers/w", {}),
 ]
 
 

@@ -189,6 +189,10 @@ def test_readyz_503_within_2s_when_the_database_is_blackholed(blackhole):
 # ---- Auth --------------------------------------------------------------------
 
 
+# Job A's first event (its creation): the tables are emptied before each test.
+EVENT_OF_A = 1
+
+
 def seed_jobs(client, headers) -> tuple[int, int]:
     """Job A (stays active: read, stopped, files) and job B (status reports)."""
     a = client.post("/jobs", json={"node_id": "worker-a"}, headers=headers)
@@ -220,6 +224,11 @@ def route_calls(a: int, b: int):
         ("POST", f"/jobs/{a}/stop", {}, "admin", 200),
         ("PUT", f"/jobs/{b}/status", {"json": {"status": "RUNNING"}}, "worker", 200),
         ("POST", f"/jobs/{a}/tables/blocks/files", {"json_factory": a_file}, "worker", 201),
+        ("GET", f"/jobs/{a}/events/{EVENT_OF_A}", {}, "read", 200),
+        ("PUT", "/workers/worker-a", {"json": {"info": {"version": "1"}}}, "worker", 200),
+        ("POST", "/workers/worker-a/heartbeat", {}, "worker", 200),
+        ("GET", "/workers", {}, "read", 200),
+        ("GET", "/workers/worker-a", {}, "read", 200),
         ("GET", "/healthz", {}, "open", 200),
         ("GET", "/readyz", {}, "open", 200),
         ("GET", "/metrics", {}, "open", 200),
@@ -238,7 +247,13 @@ def route_templates(a: int, b: int) -> set[tuple[str, str]]:
     """``route_calls``' (method, rule) pairs, as the app's url_map spells them."""
     listed = {(m, p.split("?")[0]) for m, p, *_ in route_calls(a, b)}
     return {
-        (m, re.sub(r"/jobs/\d+", "/jobs/<job_id>", p).replace("/blocks/", "/<table>/"))
+        (
+            m,
+            re.sub(r"/jobs/\d+", "/jobs/<job_id>", p)
+            .replace("/blocks/", "/<table>/")
+            .replace(f"/events/{EVENT_OF_A}", "/events/<event_id>")
+            .replace("/workers/worker-a", "/workers/<node_id>"),
+        )
         for m, p in listed
     }
 
@@ -475,6 +490,12 @@ DB_ROUTES = [
     ("POST", "/jobs/1/stop", {}, "STOP_JOB_ERROR"),
     ("DELETE", "/jobs/1", {}, "DELETE_JOB_ERROR"),
     ("PUT", "/jobs/1/status", {"json": {"status": "RUNNING"}}, "UPDATE_JOB_STATUS_ERROR"),
+    ("GET", "/jobs/1/events/1", {}, "GET_JOB_EVENT_ERROR"),
+    ("GET", "/jobs?node_id=w1", {}, "LIST_JOBS_ERROR"),
+    ("PUT", "/workers/w1", {}, "REGISTER_WORKER_ERROR"),
+    ("POST", "/workers/w1/heartbeat", {}, "WORKER_HEARTBEAT_ERROR"),
+    ("GET", "/workers", {}, "SCHEDULER_LIST_WORKERS_ERROR"),
+    ("GET", "/workers/w1", {}, "SCHEDULER_GET_WORKER_ERROR"),
     (
         "POST",
         "/jobs/1/tables/blocks/files",
