@@ -625,10 +625,17 @@ def test_retry_to_another_node(client):
     assert evs[0]["node_id"] == "worker-01"
     assert evs[-1]["node_id"] == "worker-02"
     assert get_job(client, other["id"])["node_id"] == "worker-01"
-    # Retrying again (a no-op now) with yet another node changes nothing.
-    again = report(client, job["id"], "SCHEDULED", node_id="worker-03")
-    assert again == retried
+    # The same node again is a no-op without an event; yet another node moves the
+    # SCHEDULED job there, with one event (docs/API.md, moving a job to another worker).
+    assert report(client, job["id"], "SCHEDULED", node_id="worker-02") == retried
     assert len(events(client, job["id"])) == 3
+    again = report(client, job["id"], "SCHEDULED", node_id="worker-03")
+    assert (again["status"], again["node_id"]) == ("SCHEDULED", "worker-03")
+    evs = events(client, job["id"])
+    assert [(e["event_type"], e["node_id"]) for e in evs[2:]] == [
+        ("SCHEDULED", "worker-02"),
+        ("SCHEDULED", "worker-03"),
+    ]
 
 
 @pytest.mark.parametrize("source", [s for s in STATUSES if s not in ("FAILED", "SCHEDULED")])
