@@ -433,9 +433,11 @@ def test_list_by_node_refuses_malformed_node_ids(client, query):
     assert_error(client.get(f"/jobs?{query}"), 400, "INVALID_QUERY_PARAMETERS")
 
 
-def test_the_node_filter_reads_the_nodes_index(client, db_conn):
+def test_the_node_filter_reads_the_nodes_index(client, postgres_url):
     """A node with 10 active jobs among 100,000 finished ones: its listing reads only its
     own index entries (and no other node's), like a status filter."""
+    db_conn = psycopg2.connect(postgres_url)  # directly: PREPARE and SET, as the service does
+    db_conn.autocommit = True
     with db_conn.cursor() as cur:
         cur.execute(
             "INSERT INTO jobs (node_id, status) SELECT 'busy', 'COMPLETED'"
@@ -459,6 +461,7 @@ def test_the_node_filter_reads_the_nodes_index(client, db_conn):
             {"statuses": ["SCHEDULED", "RUNNING"], "max_id": MAX_ID, "node_id": "busy"},
         )
         plan = cur.fetchone()[0][0]["Plan"]
+    db_conn.close()
     # 10 index entries and 10 rows: a few dozen buffers, not the thousands a
     # scan of the status index through the other node's 20,000 would touch.
     assert plan["Shared Hit Blocks"] + plan.get("Shared Read Blocks", 0) < 200, plan
