@@ -40,8 +40,8 @@ RUN pip install --no-cache-dir -r requirements.txt
 # forgetting it fails loudly at start-up (ImportError), and test_gunicorn
 # checks the list against what wsgi.py imports.
 # Files stay root-owned: the runtime user can read the code but not change it.
-COPY app.py auth.py chain.py chores.py db.py errors.py history.py observability.py openapi.py \
-     parse.py pool.py registry.py responses.py schemas.py \
+COPY app.py auth.py chain.py chores.py db.py errors.py history.py leases.py observability.py \
+     openapi.py parse.py pool.py registry.py responses.py schemas.py \
      wsgi.py gunicorn.conf.py schema.sql ./
 COPY store/ ./store/
 RUN python -m compileall -q /app
