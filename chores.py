@@ -82,9 +82,12 @@ def run_due() -> None:
 
 def run_claimed(current: Chore) -> bool:
     """Run ``current`` if this process wins its claim; True when it ran."""
-    conn = db.get_pool().getconn()
+    conn = None
     broken = False
     try:
+        # Inside the try: no connection (the database away, frozen, or the pool
+        # busy) is a failed run like any other, a warning and not a traceback.
+        conn = db.get_pool().getconn()
         with conn, conn.cursor() as cur:
             interval_s = current.interval(current_app.config)
             cur.execute(CLAIM, {"name": current.name, "interval_s": interval_s})
@@ -99,7 +102,8 @@ def run_claimed(current: Chore) -> bool:
         )
         return False
     finally:
-        db.get_pool().putconn(conn, broken=broken)
+        if conn is not None:
+            db.get_pool().putconn(conn, broken=broken)
 
 
 def init_app(app) -> None:
