@@ -250,7 +250,7 @@ def _info_field(description: str) -> fields.String:
     return fields.String(validate=no_nul, metadata={"description": description})
 
 
-class WorkerInfoSchema(StrictSchema):
+class WorkerMetadataSchema(StrictSchema):
     """What a worker says about its build (each field optional; stored as given)."""
 
     version = _info_field("e.g. v1.4.2 or git describe output")
@@ -261,7 +261,7 @@ class WorkerInfoSchema(StrictSchema):
 
 class WorkerSchema(Schema):
     node_id = fields.String(required=True)
-    info = fields.Nested(WorkerInfoSchema, required=True)
+    info = fields.Nested(WorkerMetadataSchema, required=True)
     created_at = fields.String(required=True, validate=validate.Regexp(TIMESTAMP_PATTERN))
     registered_at = fields.String(required=True, validate=validate.Regexp(TIMESTAMP_PATTERN))
     heartbeat_at = fields.String(required=True, validate=validate.Regexp(TIMESTAMP_PATTERN))
@@ -441,7 +441,7 @@ class FileBatchSchema(StrictSchema):
 
 
 class RegisterWorkerSchema(StrictSchema):
-    info = fields.Nested(WorkerInfoSchema, load_default=dict)
+    info = fields.Nested(WorkerMetadataSchema, load_default=dict)
 
 
 class BulkDeleteSchema(StrictSchema):
