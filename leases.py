@@ -17,8 +17,8 @@ batch of 500 jobs takes 17 ms (6 ms of it re-rendering job_json, 2 ms the
 events' foreign-key checks), the next one the remaining 50 in 1.7 ms, and a
 sweep with nothing left to expire 0.2 ms (one EXISTS probe of
 jobs_node_status_newest per lost worker). The claim before it is a one-row
-upsert. The process that runs it has already sent its response: no request
-waits for it; the process takes its next request those few ms later.
+upsert. The worker process runs it after sending its response, in that
+request's greenlet (gevent workers): no request waits for it.
 """
 
 from __future__ import annotations
