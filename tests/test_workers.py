@@ -646,7 +646,7 @@ def test_the_chore_runs_once_per_interval_whoever_claims_it(app, database_url, d
         cur.execute("DELETE FROM service_chores WHERE name = 'lease_expiry'")
     other = create_app({"TESTING": True, "DATABASE_URL": database_url})
     try:
-        lease_chore = chores._chores["lease_expiry"]
+        lease_chore = chores.named("lease_expiry")
         with app.app_context():
             assert chores.run_claimed(lease_chore) is True
         # Claimed a moment ago: the other instance does not run it again.
