@@ -41,7 +41,7 @@ RUN pip install --no-cache-dir -r requirements.txt
 # checks the list against what wsgi.py imports.
 # Files stay root-owned: the runtime user can read the code but not change it.
 COPY app.py auth.py chain.py chores.py db.py errors.py history.py leases.py observability.py \
-     openapi.py parse.py pool.py registry.py responses.py schemas.py \
+     openapi.py parse.py pool.py registry.py responses.py schemas.py settings.py \
      wsgi.py gunicorn.conf.py schema.sql ./
 COPY store/ ./store/
 RUN python -m compileall -q /app

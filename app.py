@@ -9,8 +9,8 @@ openapi.py, observability.py (request IDs, logs, metrics).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 
 import psycopg2
 from flask import Blueprint, Flask, current_app, request
@@ -20,32 +20,30 @@ import chores
 import db
 import errors
 import history
-import leases  # noqa: F401 (declares the lease sweep chore)
+import leases
 import observability
 import openapi
 import pool
+import settings
 from errors import ApiError
 from parse import (
     cursor_from_query,
+    delete_statuses_from_query,
     event_id_from_path,
     has_body,
     job_id_from_path,
     limit_from_query,
+    list_statuses_from_query,
     load_body,
     node_id_from_query,
-    statuses_from_query,
     table_from_path,
     worker_id_from_path,
 )
 from registry import EndpointRegistry
 from responses import json_response, json_with_fragments, no_content
 from schemas import (
-    ACTIVE_STATUSES,
-    DELETE_STATUS_TOKENS,
-    LIST_STATUS_TOKENS,
     MAX_BATCH,
     MAX_JOB_ID,
-    NODE_ID_PATTERN,
     BulkDeleteProgressSchema,
     BulkDeleteSchema,
     CreateJobSchema,
@@ -76,20 +74,7 @@ log = logging.getLogger("jobs")
 api = Blueprint("api", __name__)
 endpoint = EndpointRegistry(api)
 
-JOB_ID_PARAM = {
-    "in": "path",
-    "name": "job_id",
-    "required": True,
-    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_JOB_ID},
-}
 JOB_ERRORS = {400: "INVALID_JOB_ID", 404: "JOB_NOT_FOUND"}
-EVENT_ID_PARAM = {**JOB_ID_PARAM, "name": "event_id"}
-NODE_ID_PARAM = {
-    "in": "path",
-    "name": "node_id",
-    "required": True,
-    "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": NODE_ID_PATTERN},
-}
 
 
 def job_not_found(job_id: int) -> ApiError:
@@ -114,14 +99,7 @@ def list_jobs():
     limit = limit_from_query(args.get("limit"))
     max_id = cursor_from_query(args.get("last_job_id"))
     node_id = node_id_from_query(args.get("node_id"))
-    statuses = ACTIVE_STATUSES
-    if "status" in args:
-        statuses = statuses_from_query(
-            args["status"],
-            LIST_STATUS_TOKENS,
-            "INVALID_QUERY_PARAMETERS",
-            "status must be comma-separated tokens among: " + ", ".join(LIST_STATUS_TOKENS),
-        )
+    statuses = list_statuses_from_query(args.get("status"))
     page = job_store.list_page(statuses, MAX_JOB_ID if max_id is None else max_id, limit, node_id)
     cursor = "null" if page.next_cursor is None else str(page.next_cursor)
     return json_with_fragments({}, jobs=f"[{','.join(page.jobs_json)}]", next_cursor=cursor)
@@ -150,7 +128,7 @@ def create_job():
     access="read",
     error_code="GET_JOB_ERROR",
     summary="Get one job",
-    params=[JOB_ID_PARAM],
+    params=[openapi.JOB_ID_PARAM],
     responses={200: JobSchema},
     errors=JOB_ERRORS,
 )
@@ -168,7 +146,7 @@ def get_job(job_id):
     access="read",
     error_code="GET_JOB_ERROR",
     summary="Per-table progress along each table's canonical chain of files",
-    params=[JOB_ID_PARAM],
+    params=[openapi.JOB_ID_PARAM],
     responses={200: ProgressSchema},
     errors=JOB_ERRORS,
 )
@@ -188,7 +166,7 @@ def get_progress(job_id):
     access="read",
     error_code="GET_JOB_EVENTS_ERROR",
     summary="The job's history of status changes, oldest first",
-    params=[JOB_ID_PARAM],
+    params=[openapi.JOB_ID_PARAM],
     responses={200: EventListSchema},
     errors=JOB_ERRORS,
 )
@@ -206,7 +184,7 @@ def get_events(job_id):
     access="read",
     error_code="GET_JOB_EVENT_ERROR",
     summary="One event of the job's history",
-    params=[JOB_ID_PARAM, EVENT_ID_PARAM],
+    params=[openapi.JOB_ID_PARAM, openapi.EVENT_ID_PARAM],
     responses={200: JobEventSchema},
     errors={400: "INVALID_JOB_ID", 404: ("JOB_NOT_FOUND", "EVENT_NOT_FOUND")},
 )
@@ -231,7 +209,7 @@ def get_event(job_id, event_id):
     access="admin",
     error_code="STOP_JOB_ERROR",
     summary="Request a stop (idempotent): SCHEDULED/RUNNING become STOP_REQUESTED",
-    params=[JOB_ID_PARAM],
+    params=[openapi.JOB_ID_PARAM],
     responses={200: JobSchema},
     errors=JOB_ERRORS,
 )
@@ -252,7 +230,7 @@ def request_stop(job_id):
     access="worker",
     error_code="UPDATE_JOB_STATUS_ERROR",
     summary="A worker reports a status transition",
-    params=[JOB_ID_PARAM],
+    params=[openapi.JOB_ID_PARAM],
     body=StatusReportSchema,
     responses={200: JobSchema},
     errors={**JOB_ERRORS, 409: "INVALID_STATE_TRANSITION"},
@@ -282,7 +260,7 @@ def report_status(job_id):
     access="worker",
     error_code="REGISTER_FILES_ERROR",
     summary=f"A worker registers written files (one object, or an array of up to {MAX_BATCH})",
-    params=[JOB_ID_PARAM, openapi.TABLE_PARAM],
+    params=[openapi.JOB_ID_PARAM, openapi.TABLE_PARAM],
     body=FileBatchSchema,
     responses={201: FilesRegisteredSchema, 200: FilesRegisteredSchema},
     errors={**JOB_ERRORS, 409: ("JOB_CONFLICT", "FILE_CONFLICT")},
@@ -322,7 +300,7 @@ def register_files(job_id, table):
     access="admin",
     error_code="DELETE_JOB_ERROR",
     summary="Delete a terminal job (idempotent: 204 also when it does not exist)",
-    params=[JOB_ID_PARAM],
+    params=[openapi.JOB_ID_PARAM],
     responses={204: None},
     errors={400: "INVALID_JOB_ID", 409: "JOB_CONFLICT"},
 )
@@ -360,12 +338,7 @@ def delete_jobs():
         raise ApiError(
             400, "INVALID_QUERY_PARAM", "give either ?status= or a body with job_ids, not both"
         )
-    statuses = statuses_from_query(
-        request.args["status"],
-        DELETE_STATUS_TOKENS,
-        "INVALID_QUERY_PARAM",
-        "status must be one of terminal, completed, stopped, error (failed)",
-    )
+    statuses = delete_statuses_from_query(request.args["status"])
     # In batches, each its own transaction, for at most the request's budget
     # (history.py): any backlog gets an answer in time, and repeating continues.
     pruned = history.delete_by_status(statuses)
@@ -414,7 +387,7 @@ def lost_after_s() -> float:
     access="worker",
     error_code="REGISTER_WORKER_ERROR",
     summary="Register or re-register a worker (sets registered_at and heartbeat_at)",
-    params=[NODE_ID_PARAM],
+    params=[openapi.NODE_ID_PARAM],
     body=RegisterWorkerSchema,
     body_required=False,
     responses={200: WorkerSchema},
@@ -432,7 +405,7 @@ def register_worker(node_id):
     access="worker",
     error_code="WORKER_HEARTBEAT_ERROR",
     summary="A worker is alive: its SCHEDULED and STOP_REQUESTED jobs, oldest first",
-    params=[NODE_ID_PARAM],
+    params=[openapi.NODE_ID_PARAM],
     responses={200: HeartbeatSchema},
     errors=WORKER_ERRORS,
 )
@@ -441,14 +414,7 @@ def heartbeat(node_id):
     beat = worker_store.heartbeat(node_id)
     if isinstance(beat, NotFound):
         raise worker_not_found(node_id)
-    return json_response(
-        {
-            "node_id": node_id,
-            "heartbeat_at": beat.heartbeat_at,
-            "scheduled": beat.scheduled,
-            "stop_requested": beat.stop_requested,
-        }
-    )
+    return json_response({"node_id": node_id, **dataclasses.asdict(beat)})
 
 
 @endpoint(
@@ -469,7 +435,7 @@ def list_workers():
     access="read",
     error_code="SCHEDULER_GET_WORKER_ERROR",
     summary="One worker, with its build info and status",
-    params=[NODE_ID_PARAM],
+    params=[openapi.NODE_ID_PARAM],
     responses={200: WorkerSchema},
     errors=WORKER_ERRORS,
 )
@@ -527,27 +493,8 @@ def readyz():
     responses={200: {"text/plain": {"schema": {"type": "string"}}}},
 )
 def metrics():
-    body, content_type = observability.render_metrics(*worker_gauges())
+    body, content_type = observability.render_metrics(*leases.worker_gauges(current_app.config))
     return current_app.response_class(body, 200, content_type=content_type)
-
-
-def worker_gauges() -> list:
-    """Workers by status, counted now on a connection of its own that gives up after
-    READY_TIMEOUT_S: /metrics answers at once whatever the database does, without
-    this family while the database does not answer."""
-    cfg = current_app.config
-    try:
-        ((alive, lost),) = pool.query_once(
-            cfg["DATABASE_URL"],
-            cfg["READY_TIMEOUT_S"],
-            worker_store.COUNT_WORKERS,
-            {"lost_after_s": cfg["WORKER_LOST_AFTER_S"]},
-            application_name="jobs-metrics",
-        )
-    except psycopg2.Error as exc:
-        log.warning("metrics: workers not counted", extra={"fields": {"error": type(exc).__name__}})
-        return []
-    return [observability.worker_gauge(alive, lost)]
 
 
 @endpoint(
@@ -568,55 +515,10 @@ def check_access():
     return auth.refusal(endpoint.access_of(request.endpoint))
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "")
-    return int(value) if value.strip() else default
-
-
-def _env_seconds(name: str, default: float) -> float:
-    value = os.environ.get(name, "")
-    seconds = float(value) if value.strip() else default
-    if not 0 < seconds < float("inf"):
-        raise ValueError(f"{name} must be a positive number of seconds")
-    return seconds
-
-
 def create_app(test_config=None):
     # No static folder: an API serves no files (and every route is in /openapi.json).
     app = Flask(__name__, static_folder=None)
-    app.config.from_mapping(
-        DATABASE_URL=os.environ.get("DATABASE_URL", "postgresql:///jobs"),
-        ADMIN_TOKEN=os.environ.get("ADMIN_TOKEN") or None,
-        WORKER_TOKEN=os.environ.get("WORKER_TOKEN") or None,
-        STATEMENT_TIMEOUT_MS=_env_int("STATEMENT_TIMEOUT_MS", 5000),
-        # The time one DELETE /jobs request spends deleting. A per-request
-        # budget rather than one statement's timeout (the old
-        # BULK_DELETE_TIMEOUT_MS): a delete by status runs batches of
-        # BULK_DELETE_BATCH jobs, each its own short transaction, and starts
-        # none after the budget, answering 200 {"deleted", "more": true}; a
-        # statement timeout instead cut one huge statement, deleting nothing
-        # (a 500 at 25 s past ~1.4M jobs). The same value limits each
-        # statement (history.batch_timeout_ms), so the worst case, a batch
-        # stuck on a lock from the budget's last moment, ends within twice
-        # the budget: 20 s with 10 s, below gunicorn's 30 s worker timeout.
-        BULK_DELETE_BUDGET_MS=_env_int("BULK_DELETE_BUDGET_MS", 10000),
-        # The most jobs one batch deletes (history.BatchSizer shrinks batches
-        # whose jobs carry many files). 1000 jobs with 2 events each: 10-30 ms,
-        # 60-100k jobs/s; larger caps gained nothing beyond the shared box's
-        # noise and hold their locks longer (BENCHMARKS.md, Deleting history).
-        BULK_DELETE_BATCH=_env_int("BULK_DELETE_BATCH", 1000),
-        # Delete terminal jobs whose last change is older than this (30d, 12h,
-        # 90m, 45s), continuously, as a chore (history.py). Unset: off.
-        JOB_RETENTION=os.environ.get("JOB_RETENTION") or None,
-        DB_CONNECT_TIMEOUT_S=_env_int("DB_CONNECT_TIMEOUT_S", 3),
-        DB_POOL_SIZE=_env_int("DB_POOL_SIZE", 4),
-        DB_POOL_TIMEOUT_S=_env_int("DB_POOL_TIMEOUT_S", 5),
-        # A registered worker without a heartbeat for this long is LOST and its
-        # leases expire (leases.py).
-        WORKER_LOST_AFTER_S=_env_seconds("WORKER_LOST_AFTER_S", 30),
-        READY_TIMEOUT_S=1.0,
-        MAX_CONTENT_LENGTH=1024 * 1024,
-    )
+    app.config.from_mapping(settings.from_environment())
     if test_config is not None:
         app.config.update(test_config)
     # A bad value stops the start-up with a message naming it, not at the first run.

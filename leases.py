@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import logging
 
+import psycopg2
+
 import chores
 import observability
+import pool
 from store import workers as worker_store
 
 log = logging.getLogger("jobs")
@@ -47,3 +50,21 @@ def expire_leases(cur, config) -> dict[str, int]:
     if moved:
         log.info("leases expired", extra={"fields": {"moved": moved}})
     return moved
+
+
+def worker_gauges(cfg) -> list:
+    """Workers by status, counted now on a connection of its own that gives up after
+    READY_TIMEOUT_S: /metrics answers at once whatever the database does, without
+    this family while the database does not answer."""
+    try:
+        ((alive, lost),) = pool.query_once(
+            cfg["DATABASE_URL"],
+            cfg["READY_TIMEOUT_S"],
+            worker_store.COUNT_WORKERS,
+            {"lost_after_s": cfg["WORKER_LOST_AFTER_S"]},
+            application_name="jobs-metrics",
+        )
+    except psycopg2.Error as exc:
+        log.warning("metrics: workers not counted", extra={"fields": {"error": type(exc).__name__}})
+        return []
+    return [observability.worker_gauge(alive, lost)]

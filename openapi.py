@@ -9,7 +9,15 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 
 from registry import EndpointRegistry, Route
-from schemas import MAX_BATCH, MAX_JOB_ID, TABLE_PATTERN, ErrorSchema, FileSchema, JobId
+from schemas import (
+    MAX_BATCH,
+    MAX_JOB_ID,
+    NODE_ID_PATTERN,
+    TABLE_PATTERN,
+    ErrorSchema,
+    FileSchema,
+    JobId,
+)
 
 HTTP_REASONS = {
     200: "OK",
@@ -26,6 +34,19 @@ HTTP_REASONS = {
     503: "Service Unavailable",
 }
 
+JOB_ID_PARAM = {
+    "in": "path",
+    "name": "job_id",
+    "required": True,
+    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_JOB_ID},
+}
+EVENT_ID_PARAM = {**JOB_ID_PARAM, "name": "event_id"}
+NODE_ID_PARAM = {
+    "in": "path",
+    "name": "node_id",
+    "required": True,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": NODE_ID_PATTERN},
+}
 TABLE_PARAM = {
     "in": "path",
     "name": "table",

@@ -16,8 +16,11 @@ from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntity
 
 from errors import ApiError
 from schemas import (
+    ACTIVE_STATUSES,
     DEFAULT_PAGE_SIZE,
+    DELETE_STATUS_TOKENS,
     JOB_ID_RULE,
+    LIST_STATUS_TOKENS,
     MAX_PAGE_SIZE,
     NODE_ID_RULE,
     TABLE_PATTERN,
@@ -92,10 +95,30 @@ def cursor_from_query(text: str | None) -> int | None:
     return last_job_id - 1
 
 
-def statuses_from_query(text: str, tokens: dict, code: str, message: str) -> tuple[str, ...]:
-    statuses = parse_status_tokens(text, tokens)
+def list_statuses_from_query(text: str | None) -> tuple[str, ...]:
+    """GET /jobs?status=: a union of status tokens; active jobs when absent."""
+    if text is None:
+        return ACTIVE_STATUSES
+    statuses = parse_status_tokens(text, LIST_STATUS_TOKENS)
     if statuses is None:
-        raise ApiError(400, code, message)
+        tokens = ", ".join(LIST_STATUS_TOKENS)
+        raise ApiError(
+            400,
+            "INVALID_QUERY_PARAMETERS",
+            f"status must be comma-separated tokens among: {tokens}",
+        )
+    return statuses
+
+
+def delete_statuses_from_query(text: str) -> tuple[str, ...]:
+    """DELETE /jobs?status=: terminal statuses only."""
+    statuses = parse_status_tokens(text, DELETE_STATUS_TOKENS)
+    if statuses is None:
+        raise ApiError(
+            400,
+            "INVALID_QUERY_PARAM",
+            "status must be one of terminal, completed, stopped, error (failed)",
+        )
     return statuses
 
 

@@ -1,0 +1,58 @@
+"""Every setting of the service: an environment variable, its default, and why.
+
+create_app reads them once (``from_environment``); tests pass overrides as
+``create_app(test_config)``. docs/API.md, "Settings", lists them for operators.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def from_environment() -> dict:
+    return dict(
+        DATABASE_URL=os.environ.get("DATABASE_URL", "postgresql:///jobs"),
+        ADMIN_TOKEN=os.environ.get("ADMIN_TOKEN") or None,
+        WORKER_TOKEN=os.environ.get("WORKER_TOKEN") or None,
+        STATEMENT_TIMEOUT_MS=_env_int("STATEMENT_TIMEOUT_MS", 5000),
+        # The time one DELETE /jobs request spends deleting. A per-request
+        # budget rather than one statement's timeout (the old
+        # BULK_DELETE_TIMEOUT_MS): a delete by status runs batches of
+        # BULK_DELETE_BATCH jobs, each its own short transaction, and starts
+        # none after the budget, answering 200 {"deleted", "more": true}; a
+        # statement timeout instead cut one huge statement, deleting nothing
+        # (a 500 at 25 s past ~1.4M jobs). The same value limits each
+        # statement (history.batch_timeout_ms), so the worst case, a batch
+        # stuck on a lock from the budget's last moment, ends within twice
+        # the budget: 20 s with 10 s, below gunicorn's 30 s worker timeout.
+        BULK_DELETE_BUDGET_MS=_env_int("BULK_DELETE_BUDGET_MS", 10000),
+        # The most jobs one batch deletes (history.BatchSizer shrinks batches
+        # whose jobs carry many files). 1000 jobs with 2 events each: 10-30 ms,
+        # 60-100k jobs/s; larger caps gained nothing beyond the shared box's
+        # noise and hold their locks longer (BENCHMARKS.md, Deleting history).
+        BULK_DELETE_BATCH=_env_int("BULK_DELETE_BATCH", 1000),
+        # Delete terminal jobs whose last change is older than this (30d, 12h,
+        # 90m, 45s), continuously, as a chore (history.py). Unset: off.
+        JOB_RETENTION=os.environ.get("JOB_RETENTION") or None,
+        DB_CONNECT_TIMEOUT_S=_env_int("DB_CONNECT_TIMEOUT_S", 3),
+        DB_POOL_SIZE=_env_int("DB_POOL_SIZE", 4),
+        DB_POOL_TIMEOUT_S=_env_int("DB_POOL_TIMEOUT_S", 5),
+        # A registered worker without a heartbeat for this long is LOST and its
+        # leases expire (leases.py).
+        WORKER_LOST_AFTER_S=_env_seconds("WORKER_LOST_AFTER_S", 30),
+        READY_TIMEOUT_S=1.0,
+        MAX_CONTENT_LENGTH=1024 * 1024,
+    )
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.strip() else default
+
+
+def _env_seconds(name: str, default: float) -> float:
+    value = os.environ.get(name, "")
+    seconds = float(value) if value.strip() else default
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"{name} must be a positive number of seconds")
+    return seconds
