@@ -12,7 +12,9 @@ not a service.
 
 import json
 import os
+import sys
 from datetime import UTC
+from pathlib import Path
 
 import psycopg2
 from flask import Flask, Response, request
@@ -26,11 +28,27 @@ ALIASES = {"active": ACTIVE, "terminal": TERMINAL, "all": ACTIVE + TERMINAL, "er
 _conn = None
 
 
+# NAIVE_CLIENT_DEADLINE=1: the same app with the service's client-side
+# deadline (pool.wait, psycopg2's wait callback) on every query, so that
+# run.py measures what the deadline costs a bare round trip.
+DEADLINE = os.environ.get("NAIVE_CLIENT_DEADLINE") == "1"
+
+
 def db():
     # Opened lazily so that each gunicorn worker gets its own after the fork.
     global _conn
     if _conn is None or _conn.closed:
-        _conn = psycopg2.connect(os.environ["DATABASE_URL"])
+        if DEADLINE:
+            sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+            import pool
+
+            pool.install_wait_callback()
+            _conn = psycopg2.connect(
+                os.environ["DATABASE_URL"], connection_factory=pool.Connection
+            )
+            _conn.budget_s = 6.0  # the service's default: 5 s + DEADLINE_GRACE_S
+        else:
+            _conn = psycopg2.connect(os.environ["DATABASE_URL"])
         _conn.autocommit = True
     return _conn
 

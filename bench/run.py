@@ -138,6 +138,13 @@ class Bench:
         self.servers = {
             "constant": self.serve("constant", floor_launch("constant_app", 2)),
             "naive": self.serve("naive", floor_launch("naive_app", 2)),
+            # The naive GET again with the service's client-side deadline:
+            # what the deadline costs a bare round trip.
+            "naive+deadline": self.serve(
+                "naive+deadline",
+                floor_launch("naive_app", 2),
+                extra_env={"NAIVE_CLIENT_DEADLINE": "1"},
+            ),
         }
         service = self.service_launch(workers=2)
         if service is not None:
@@ -169,10 +176,16 @@ class Bench:
             env,
         )
 
-    def serve(self, name: str, launch: Launch, database_url: str | None = None) -> Server:
+    def serve(
+        self,
+        name: str,
+        launch: Launch,
+        database_url: str | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> Server:
         # /jobs/1: a path every app answers, with a database round trip where
         # there is a database, so the first measured request opens nothing.
-        env = {"DATABASE_URL": database_url or self.pg.url}
+        env = {"DATABASE_URL": database_url or self.pg.url, **(extra_env or {})}
         server = start_server(name, launch, env, self.workdir, "/jobs/1")
         self.stack.callback(server.stop)
         return server
@@ -240,7 +253,7 @@ class Bench:
     def throughput(self) -> None:
         for app, server in self.servers.items():
             for endpoint in self.throughput_endpoints():
-                if app == "constant" and endpoint != "GET /jobs/{id}":
+                if app in ("constant", "naive+deadline") and endpoint != "GET /jobs/{id}":
                     continue
                 self.loads[(app, endpoint)] = self.wrk_endpoint(app, server, endpoint)
 
