@@ -8,7 +8,7 @@ Without it (tests, `flask run`) the default in-process registry is used.
 
 from __future__ import annotations
 
-import datetime
+import functools
 import logging
 import os
 import re
@@ -116,12 +116,16 @@ def record_request(method, route, status, seconds, req_id) -> None:
 
 def _rfc3339(seconds: float | None = None) -> str:
     """A log line's timestamp: UTC, microseconds, Z; now unless ``seconds`` is given."""
-    moment = (
-        datetime.datetime.now(datetime.UTC)
-        if seconds is None
-        else datetime.datetime.fromtimestamp(seconds, datetime.UTC)
-    )
-    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    moment = time.time() if seconds is None else seconds
+    whole = int(moment)
+    return f"{_utc_second(whole)}.{int((moment - whole) * 1_000_000):06d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _utc_second(whole: int) -> str:
+    # Formatted once per second: datetime's isoformat on every request cost
+    # 12 us of the ~500 us a GET takes in the test client.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
 
 
 def _write_access_line(entry: dict) -> None:

@@ -128,6 +128,8 @@ def check_query(allowed: frozenset[str], code: str) -> None:
     A misspelt or repeated parameter silently ignored (or decided by its first
     value) answers something the caller did not ask for.
     """
+    if not request.environ.get("QUERY_STRING"):
+        return  # most requests: nothing to parse
     args = request.args
     for name in args:
         if name not in allowed:
@@ -168,9 +170,18 @@ def request_body() -> bytes:
 
 def check_no_body() -> None:
     """A route that takes no body refuses one that says something (empty, {} and null pass)."""
+    if not body_announced():
+        return  # a request without Content-Length or chunked encoding has no body
     raw = request_body().strip()
     if raw and raw not in (b"{}", b"null"):
         raise ApiError(400, INVALID_PAYLOAD, "this route takes no request body")
+
+
+def body_announced() -> bool:
+    environ = request.environ
+    return environ.get("CONTENT_LENGTH", "") not in ("", "0") or bool(
+        environ.get("HTTP_TRANSFER_ENCODING")
+    )
 
 
 def has_body() -> bool:

@@ -29,6 +29,7 @@ settings; otherwise the statement timeout is set per transaction.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import select
@@ -238,7 +239,9 @@ def _alive(conn) -> bool:
         return False
     # An idle connection has nothing to read; anything readable is the server
     # closing it (or an error for us), so it is no longer usable.
-    poller = select.poll()
+    # The unpatched poll: a zero timeout never waits, and under gevent the
+    # patched one cost 33 us a checkout instead of 0.6.
+    poller = _blocking_poll()()
     poller.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
     return not poller.poll(0)
 
@@ -317,21 +320,54 @@ def wait(conn) -> None:
         budget = _connect_timeout(conn.dsn)
     else:
         budget = getattr(conn, "budget_s", None)
-    deadline = None if budget is None else time.monotonic() + budget
+    now = time.monotonic()
+    deadline = None if budget is None else now + budget
+    # A hot read is answered within a millisecond: wait for that much
+    # without handing the worker to gevent's hub, whose switch there and back
+    # costs more than the wait itself; a slower answer is then awaited
+    # cooperatively, so other requests go on meanwhile.
+    spin_until = now + SPIN_S
     while True:
         state = conn.poll()
         if state == psycopg2.extensions.POLL_OK:
             return
+        readable = state == psycopg2.extensions.POLL_READ
+        now = time.monotonic()
+        if now < spin_until and _ready_now(conn.fileno(), readable, spin_until - now):
+            continue
         timeout = None
         if deadline is not None:
             timeout = deadline - time.monotonic()
             if timeout <= 0:
                 break
-        if not _wait_fd(conn.fileno(), state == psycopg2.extensions.POLL_READ, timeout):
+        if not _wait_fd(conn.fileno(), readable, timeout):
             break
     # psycopg2 closes the connection when this raises (its query may still be
     # running: it cannot be reused), and the request fails as a database error.
     raise DeadlineExceeded(f"the database did not answer within {budget:g} s")
+
+
+# How long a query's answer is awaited blocking the worker before yielding
+# (see wait). Measured under the gevent worker, GET /jobs/{id} with wrk -c4:
+# see BENCHMARKS.md (client-side deadline).
+SPIN_S = 0.001
+
+
+def _ready_now(fd: int, readable: bool, timeout: float) -> bool:
+    """Wait up to ``timeout`` for ``fd`` with the unpatched poll: no greenlet switch."""
+    poller = _blocking_poll()()
+    poller.register(fd, select.POLLIN if readable else select.POLLOUT)
+    return bool(poller.poll(timeout * 1000))
+
+
+@functools.cache
+def _blocking_poll():
+    """select.poll as the interpreter made it, also once gevent has patched it."""
+    try:
+        from gevent import monkey
+    except ImportError:
+        return select.poll
+    return monkey.get_original("select", "poll")
 
 
 def _wait_fd(fd: int, readable: bool, timeout: float | None) -> bool:

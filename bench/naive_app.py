@@ -34,6 +34,22 @@ _conn = None
 DEADLINE = os.environ.get("NAIVE_CLIENT_DEADLINE") == "1"
 
 
+if DEADLINE:
+    import threading
+
+    # Waits now yield to other requests of the worker, so the one connection
+    # must be theirs one at a time (gevent makes this lock cooperative).
+    _turn = threading.Lock()
+
+    @app.before_request
+    def _take_turn():
+        _turn.acquire()
+
+    @app.teardown_request
+    def _give_turn(exc=None):
+        _turn.release()
+
+
 def db():
     # Opened lazily so that each gunicorn worker gets its own after the fork.
     global _conn
