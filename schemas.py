@@ -335,7 +335,7 @@ class BulkDeleteProgressSchema(StrictSchema):
 
 
 class ListJobsQuerySchema(StrictSchema):
-    """Documents GET /jobs's query; app.py parses it with the coded errors §3 asks for."""
+    """Documents GET /jobs's query; parse.py parses it with the coded errors docs/API.md lists."""
 
     limit = fields.Integer(
         load_default=DEFAULT_PAGE_SIZE,

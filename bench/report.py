@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from console import STARTED
 from load import SINGLE_CLIENT_REQUESTS, Probe
+from slow_clients import DRIBBLING, IDLE
 
 if TYPE_CHECKING:
     from run import Bench
@@ -71,6 +72,22 @@ def machine() -> str:
     )
     memory = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
     return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, Linux {platform.release()}"
+
+
+def slow_clients_section(bench: Bench) -> tuple[list[str], float | None]:
+    """The table, and /healthz req/s while under attack: gevent over sync (n/a with errors)."""
+    loads = bench.slow_client_loads
+    if not loads:
+        return [], None
+    rows = [
+        [worker_class, endpoint, f"{load.rps:.0f}", fmt(load.p99_ms), str(load.errors)]
+        for (worker_class, endpoint), load in loads.items()
+    ]
+    lines = ["", f"## Slow and idle clients ({IDLE} idle, {DRIBBLING} sending headers at 1 byte/s)"]
+    lines += ["", table(["worker class", "endpoint", "req/s", "p99 ms", "errors"], rows)]
+    gevent, sync = loads.get(("gevent", "GET /healthz")), loads.get(("sync", "GET /healthz"))
+    clean = gevent is not None and sync is not None and not gevent.errors
+    return lines, ratio(gevent.rps, max(sync.rps, 1.0)) if clean else None
 
 
 def pgbouncer_section(bench: Bench) -> tuple[list[str], dict[str, float | None]]:
@@ -373,7 +390,8 @@ def report(bench: Bench) -> tuple[str, str]:
     ]
     pgbouncer_lines, via_pgbouncer = pgbouncer_section(bench)
     growth_lines, growth = growth_section(bench)
-    out += pgbouncer_lines + growth_lines
+    slow_lines, healthz_under_attack = slow_clients_section(bench)
+    out += pgbouncer_lines + slow_lines + growth_lines
     if bench.notes:
         out += ["", "## Notes", "", *(f"- {note}" for note in bench.notes)]
     plans = [(s, p) for s in bench.skews for p in s.plans]
@@ -390,6 +408,7 @@ def report(bench: Bench) -> tuple[str, str]:
         f" read_p99_during_delete_ms={fmt(delete_p99)} rss_growth_pct={fmt(rss_growth, 1)}"
         f" list_pgbouncer_vs_direct={fmt(via_pgbouncer['list'])}"
         f" get_pgbouncer_vs_direct={fmt(via_pgbouncer['get'])}"
+        f" healthz_under_slow_clients_gevent_vs_sync={fmt(healthz_under_attack)}"
         f" list_growth={fmt(growth['list'])} get_growth={fmt(growth['get'])}"
         f" prune_5m_s={fmt(growth['prune_s'], 1)}"
         f" read_p99_during_prune_ms={fmt(growth['prune_p99_ms'])}"

@@ -2,7 +2,8 @@
 
     python bench/run.py [--duration 10] [--connections 4] [--service auto|app|naive]
                         [--jobs 1000000] [--bulk-delete 500000] [--leak-requests 100000]
-                        [--no-pgbouncer] [--no-growth] [--growth-jobs 1000000 5000000]
+                        [--no-pgbouncer] [--no-slow-clients] [--no-growth]
+                        [--growth-jobs 1000000 5000000]
 
 One run starts a throwaway PostgreSQL (devdb.LocalPostgres, non-durable),
 applies schema.sql, seeds each scenario with SQL (seed.py), serves the
@@ -88,6 +89,7 @@ from servers import (
     start_postgres,
     start_server,
 )
+from slow_clients import slow_clients
 from through_pgbouncer import through_pgbouncer
 
 RESULTS = ROOT / "bench" / "results" / "latest.md"
@@ -133,6 +135,8 @@ class Bench:
         self.delete: dict[str, float | int] = {}
         self.rss: dict[str, int] = {}
         self.pgbouncer_loads: dict[str, Load] = {}  # endpoint -> wrk result via PgBouncer
+        # (worker class, endpoint) -> wrk result with idle and slow clients held open
+        self.slow_client_loads: dict[tuple[str, str], Load] = {}
         self.growth_stages: list[Stage] = []
         self.prune: Prune | None = None
         self.servers = {
@@ -441,6 +445,12 @@ def main() -> None:
         help="skip the service through PgBouncer (transaction pooling)",
     )
     parser.add_argument(
+        "--no-slow-clients",
+        dest="slow_clients",
+        action="store_false",
+        help="skip the service under sync and gevent workers with idle and slow clients held open",
+    )
+    parser.add_argument(
         "--no-growth",
         dest="growth",
         action="store_false",
@@ -484,6 +494,8 @@ def main() -> None:
             bench.throughput()
             if args.pgbouncer:
                 through_pgbouncer(bench)
+            if args.slow_clients:
+                slow_clients(bench)
             bench.pgbench_lists()
             bench.progress_and_reorg(progress_job)
             bench.leak(progress_job)

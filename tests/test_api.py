@@ -1,7 +1,7 @@
 """The Jobs API through the Flask test client: every route's success shapes,
 status codes and error codes of docs/API.md (Conventions to Events).
 
-Expected values come from the contract, written out by hand (the filter tokens
+Expected values come from docs/API.md, written out by hand (the filter tokens
 here, the transition table in helpers.py), never from the service's own
 constants, so a wrong constant in schemas.py fails these tests instead of
 being copied by them.
@@ -41,7 +41,7 @@ TABLE_KEYS = {"start_block", "current_block", "files_count", "total_size_bytes"}
 
 
 def _moves():
-    """(from, to, how) for every legal move: §4.2's table plus the stop request."""
+    """(from, to, how) for every legal move: the documented status machine plus the stop request."""
     moves = [(f, t, "status") for f, tos in WORKER_MOVES.items() for t in sorted(tos)]
     moves += [(f, "STOP_REQUESTED", "stop") for f in sorted(STOPPABLE)]
     return moves
@@ -213,7 +213,7 @@ def db_rows(db_conn, table: str, job_id: int) -> int:
         return cur.fetchone()[0]
 
 
-# ---- POST /jobs (§4.1) -------------------------------------------------------
+# ---- POST /jobs -------------------------------------------------------
 
 
 def test_create_job_201_with_location_and_the_job(client):
@@ -553,7 +553,7 @@ def test_pagination_walk(client, mixed_jobs, token, wanted, limit):
     assert pages == -(-len(expected) // limit)
 
 
-# ---- PUT /jobs/{id}/status (§4.2) ----------------------------------------------
+# ---- PUT /jobs/{id}/status ----------------------------------------------
 
 
 @pytest.mark.parametrize(("source", "target"), list(product(STATUSES, REPORTABLE)))
@@ -916,7 +916,7 @@ def test_delete_by_ids_is_all_or_nothing(client, db_conn, active):
         assert db_rows(db_conn, "job_events", job["id"]) == 1 + len(PATHS[job["status"]])
 
 
-# ---- POST /jobs/{id}/tables/{table}/files (§4.3) ---------------------------------
+# ---- POST /jobs/{id}/tables/{table}/files ---------------------------------
 
 
 def test_register_single_file(client):
@@ -1110,7 +1110,7 @@ def test_registration_does_not_change_the_job_or_its_events(client):
     assert events(client, job["id"]) == before_events
 
 
-# ---- GET /jobs/{id}/events (§4.4) --------------------------------------------------
+# ---- GET /jobs/{id}/events --------------------------------------------------
 
 
 def test_events_full_history(client):

@@ -1,14 +1,14 @@
 """The canonical chain (docs/API.md, Progress and the canonical chain) against a reference.
 
-``reference_progress`` (helpers.py) is written from the contract's words alone and is built
+``reference_progress`` (helpers.py) is written from docs/API.md's words alone and is built
 differently from ``chain.walk``: instead of one pass over sorted files it grows
 the chain greedily, each step choosing, among every file that starts right
 after the chain's tip and links to it by hash, the one registered last. (In
-the contract's walk, once the chain has moved past ``end + 1`` no later file
+the documented walk, once the chain has moved past ``end + 1`` no later file
 can link at that start, so the first linking file in walk order is exactly the
 most recently registered linking file with that start.)
 
-First the contract's hand-worked examples, through the reference and through
+First the reference's hand-worked examples, through the reference and through
 the API. Then three properties:
 - ``chain.walk`` over the files in walk order equals the reference;
 - resuming the walk from a stored summary, as ``chain.refresh_table`` does when
@@ -28,7 +28,7 @@ import chain
 
 
 def walk_order(files: list[dict]) -> list[dict]:
-    """The contract's step 1: by start_block, the most recently registered first."""
+    """Step 1 of the documented walk: by start_block, the most recently registered first."""
     order = sorted(range(len(files)), key=lambda i: (files[i]["start_block"], -i))
     return [files[i] for i in order]
 
@@ -51,7 +51,7 @@ def chain_as_progress(c: chain.Chain | None) -> dict:
 
 
 # Hand-worked cases: (files in registration order, the table's progress).
-CONTRACT_EXAMPLES = {
+DOCUMENTED_EXAMPLES = {
     "no_files": ([], expected_progress(None, None, 0, 0)),
     # A gap: 0-9, 20-29 -> only 0-9; filling 10-19 extends over 20-29.
     "gap": ([file_entry("a", 0, 9), file_entry("c", 20, 29)], expected_progress(0, 9, 1, 1)),
@@ -81,17 +81,17 @@ CONTRACT_EXAMPLES = {
 }
 
 
-def test_the_contract_examples_through_the_reference_and_the_api(client):
+def test_the_documented_examples_through_the_reference_and_the_api(client):
     """The reference agrees with the hand-worked cases before it judges anything, and so
     does the service, each case registered file by file into a table of its own."""
     job_id = new_job(client)
-    for table, (files, expected) in CONTRACT_EXAMPLES.items():
+    for table, (files, expected) in DOCUMENTED_EXAMPLES.items():
         assert reference_progress(files) == expected, table
         for file in files:
             response = client.post(f"/jobs/{job_id}/tables/{table}/files", json=file)
             assert response.status_code == 201, response.get_json()
     tables = client.get(f"/jobs/{job_id}/progress").get_json()["tables"]
-    assert tables == {t: expected for t, (files, expected) in CONTRACT_EXAMPLES.items() if files}
+    assert tables == {t: expected for t, (files, expected) in DOCUMENTED_EXAMPLES.items() if files}
 
 
 # ---- Strategies ------------------------------------------------------------------

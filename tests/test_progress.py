@@ -32,7 +32,7 @@ def tables(client, job_id) -> dict:
     assert response.status_code == 200
     body = response.get_json()
     assert body["job_id"] == job_id
-    # The contract's invariant: a table that has files never reports null/null/0/0.
+    # The documented invariant: a table that has files never reports null/null/0/0.
     for entry in body["tables"].values():
         assert entry != EMPTY
         assert entry["files_count"] >= 1

@@ -457,7 +457,7 @@ def test_empty_bodies_are_400(client, db_conn, targets, body):
     with unchanged(client, db_conn):
         for method, url in body_routes(targets):
             if method == "DELETE":
-                # DELETE /jobs without a body is "status is missing" (§3).
+                # DELETE /jobs without a body is "status is missing" (docs/API.md, DELETE /jobs).
                 message = refused(client, db_conn, method, url, body, None, "INVALID_QUERY_PARAM")
                 assert "status" in message
             else:
