@@ -13,6 +13,7 @@ failure is logged and the next interval tries again.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,7 +72,15 @@ def due(now: float | None = None) -> list[Chore]:
     if all(c.next_check > now for c in _chores.values()):
         return []  # the common case, without touching the app's config
     config = current_app.config
-    return [c for c in _chores.values() if c.next_check <= now and c.enabled(config)]
+    ready = []
+    for c in _chores.values():
+        if c.next_check > now:
+            continue
+        if c.enabled(config):
+            ready.append(c)
+        else:  # look again later, so that the common case stays the fast one
+            c.next_check = now + c.interval(config)
+    return ready
 
 
 def run_due() -> None:
@@ -85,36 +94,45 @@ def run_due() -> None:
 def run_claimed(current: Chore) -> bool:
     """Run ``current`` if this process wins its claim; True when it ran."""
     conn = None
-    broken = False
     try:
         # Inside the try: no connection (the database away, frozen, or the pool
         # busy) is a failed run like any other, a warning and not a traceback.
         conn = db.get_pool().getconn()
-        with conn, conn.cursor() as cur:
-            interval_s = current.interval(current_app.config)
-            cur.execute(CLAIM, {"name": current.name, "interval_s": interval_s})
+        config = current_app.config
+        # The claim commits on its own (autocommit), so the claim row is not
+        # held while the chore runs: other processes find it taken and move on.
+        with conn.cursor() as cur:
+            cur.execute(CLAIM, {"name": current.name, "interval_s": current.interval(config)})
             if cur.fetchone() is None:
                 return False
-            current.run(cur, current_app.config)
+        with conn, conn.cursor() as cur:
+            current.run(cur, config)
         return True
     except psycopg2.Error as exc:
-        broken = isinstance(exc, psycopg2.InterfaceError | psycopg2.OperationalError)
         log.warning(
             "chore failed", extra={"fields": {"chore": current.name, "error": type(exc).__name__}}
         )
         return False
     finally:
         if conn is not None:
-            db.get_pool().putconn(conn, broken=broken)
+            # Only a connection psycopg2 found broken is dropped (a statement
+            # timeout leaves it usable).
+            db.get_pool().putconn(conn, broken=bool(conn.closed))
 
 
 def init_app(app) -> None:
     def schedule(response):
         if due():
-            response.call_on_close(lambda: _run_in_context(app))
+            response.call_on_close(lambda: _start(app))
         return response
 
     app.after_request(schedule)
+
+
+def _start(app) -> None:
+    # Its own greenlet (a thread outside gevent): the next request on this
+    # keep-alive connection does not wait for the chore.
+    threading.Thread(target=_run_in_context, args=(app,), daemon=True).start()
 
 
 def _run_in_context(app) -> None:

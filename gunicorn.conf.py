@@ -19,8 +19,10 @@ service down:
   has not sent a complete request head within `keepalive` seconds (idle or
   dribbling alike) is closed, without holding anything another client needs.
 The workers monkey-patch the standard library before the app is imported
-(preload_app is off); psycopg2 is made cooperative by the database module's
-wait callback, which waits on the socket through the (patched) select module.
+(preload_app is off); psycopg2 is made cooperative by pool.py's wait
+callback: it waits up to 1 ms for an answer without yielding (a hot read
+answers within that, and a switch through gevent's hub costs more), then on
+the socket through the (patched) select module.
 """
 
 import contextlib

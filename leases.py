@@ -24,6 +24,8 @@ request's greenlet (gevent workers): no request waits for it.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import psycopg2
 
@@ -52,10 +54,21 @@ def expire_leases(cur, config) -> dict[str, int]:
     return moved
 
 
+# /metrics is open to anyone: each process counts workers at most once per
+# this many seconds and serves the last count meanwhile, so a flood of scrapes
+# cannot open a database connection each.
+WORKER_COUNT_TTL_S = 5.0
+_worker_count: dict = {"expires": 0.0, "families": []}
+_worker_count_lock = threading.Lock()
+
+
 def worker_gauges(cfg) -> list:
-    """Workers by status, counted now on a connection of its own that gives up after
+    """Workers by status, counted on a connection of its own that gives up after
     READY_TIMEOUT_S: /metrics answers at once whatever the database does, without
     this family while the database does not answer."""
+    now = time.monotonic()
+    if now < _worker_count["expires"] or not _worker_count_lock.acquire(blocking=False):
+        return _worker_count["families"]  # fresh enough, or another scrape is counting
     try:
         ((alive, lost),) = pool.query_once(
             cfg["DATABASE_URL"],
@@ -64,7 +77,11 @@ def worker_gauges(cfg) -> list:
             {"lost_after_s": cfg["WORKER_LOST_AFTER_S"]},
             application_name="jobs-metrics",
         )
+        families = [observability.worker_gauge(alive, lost)]
     except psycopg2.Error as exc:
         log.warning("metrics: workers not counted", extra={"fields": {"error": type(exc).__name__}})
-        return []
-    return [observability.worker_gauge(alive, lost)]
+        families = []
+    finally:
+        _worker_count_lock.release()
+    _worker_count.update(expires=time.monotonic() + WORKER_COUNT_TTL_S, families=families)
+    return families

@@ -138,8 +138,13 @@ def _write_access_line(entry: dict) -> None:
     line = orjson.dumps(entry).decode()
     for handler in _json_handlers(access_log):
         with handler.lock:
-            handler.stream.write(line + handler.terminator)
-            handler.flush()
+            try:
+                handler.stream.write(line + handler.terminator)
+                handler.flush()
+            except (OSError, ValueError):
+                # A closed or broken stdout (EPIPE) must not turn the answer
+                # into a 500; logging's own handlers swallow it the same way.
+                pass
 
 
 def _json_handlers(logger: logging.Logger):

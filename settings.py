@@ -16,15 +16,14 @@ def from_environment() -> dict:
         WORKER_TOKEN=os.environ.get("WORKER_TOKEN") or None,
         STATEMENT_TIMEOUT_MS=_env_int("STATEMENT_TIMEOUT_MS", 5000),
         # The time one DELETE /jobs request spends deleting. A per-request
-        # budget rather than one statement's timeout (the old
-        # BULK_DELETE_TIMEOUT_MS): a delete by status runs batches of
+        # budget rather than one statement's timeout: a delete by status runs batches of
         # BULK_DELETE_BATCH jobs, each its own short transaction, and starts
         # none after the budget, answering 200 {"deleted", "more": true}; a
         # statement timeout instead cut one huge statement, deleting nothing
-        # (a 500 at 25 s past ~1.4M jobs). The same value limits each
+        # (a 500 at 25 s past ~1.4M jobs). Half of it limits each batch
         # statement (history.batch_timeout_ms), so the worst case, a batch
         # stuck on a lock from the budget's last moment, ends within twice
-        # the budget: 20 s with 10 s, below gunicorn's 30 s worker timeout.
+        # the budget: 20 s with 10 s.
         BULK_DELETE_BUDGET_MS=_env_int("BULK_DELETE_BUDGET_MS", 10000),
         # The most jobs one batch deletes (history.BatchSizer shrinks batches
         # whose jobs carry many files). 1000 jobs with 2 events each: 10-30 ms,
@@ -46,8 +45,13 @@ def from_environment() -> dict:
 
 
 def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "")
-    return int(value) if value.strip() else default
+    """A positive whole number; anything else stops the start-up with a message naming it."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name} must be a positive whole number, not {value!r}")
+    return int(value)
 
 
 def _env_seconds(name: str, default: float) -> float:

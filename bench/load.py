@@ -174,9 +174,9 @@ def single_client(
     deadline = time.monotonic() + max_seconds
     for i in range(warmup + max_requests):
         started = time.perf_counter()
-        # gunicorn's sync workers close every connection after the response;
-        # http.client reconnects by itself, and the connect is part of what
-        # a client pays.
+        # A server may close the connection after a response (keep-alive
+        # runs out); http.client reconnects by itself, and the connect is
+        # part of what a client pays.
         conn.request("GET", paths[i % len(paths)])
         response = conn.getresponse()
         response.read()

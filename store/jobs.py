@@ -207,8 +207,12 @@ def delete_job(job_id: int) -> Deleted | Refused | NotFound:
 # Every bulk delete (by status, by IDs, retention, flask prune) runs under
 # this lock, taken first in its transaction: two bulk deletes locking their
 # rows in different orders (a batch in updated_at order, job_ids in id
-# order) would deadlock; nothing else locks more than one job. A batch holds
-# it for ~10-100 ms, so other bulk deletes take turns between batches.
+# order) would deadlock. The lease sweep (store/workers.py) also locks
+# several jobs, in id order, but only active ones, which no bulk delete
+# wants; a cycle would need a job retried between the two statements'
+# snapshots, and PostgreSQL would then cancel one of them (the sweep retries
+# at its next interval). A batch holds the lock for ~10-100 ms, so other bulk
+# deletes take turns between batches.
 BULK_DELETE_LOCK = "SELECT pg_advisory_xact_lock(hashtext('jobs-service bulk delete'))"
 TRY_BULK_DELETE_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext('jobs-service bulk delete'))"
 

@@ -300,7 +300,7 @@ def http_caller(
 
 
 class Server:
-    """One gunicorn instance of the service (a master and ``workers`` sync workers)."""
+    """One gunicorn instance of the service (a master and ``workers`` workers)."""
 
     def __init__(
         self,

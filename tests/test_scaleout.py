@@ -1,4 +1,4 @@
-"""Two real gunicorn instances, two sync workers each, against one database.
+"""Two real gunicorn instances, two workers each, against one database.
 
 docs/API.md (Production topology): the service scales out by running more processes; every guard
 is a statement in PostgreSQL, so the races of test_races.py must come out the
