@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import json
 import os
 import random
@@ -48,6 +49,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import psycopg2
+from prometheus_client.parser import text_string_to_metric_families
 
 import db
 import leases
@@ -1051,3 +1053,72 @@ def race_idempotent_creations(make_call: Callable[[], Call], rounds: int) -> lis
         ids = {body["id"] for _, code, body in answers if code in (200, 201)}
         out.append(CreationRound(payload, answers, {i: events_of(setup, i) for i in ids}))
     return out
+
+
+# ---- Every route once ----------------------------------------------------------------------
+
+_route_plan_names = itertools.count()
+
+
+def seed_two_jobs(call: Call) -> tuple[int, int]:
+    """Two new jobs, ``a`` and ``b``, for route_plan."""
+    ids = []
+    for node in ("plan-a", "plan-b"):
+        status, job = call("POST", "/jobs", {"node_id": node})
+        assert status == 201, job
+        ids.append(job["id"])
+    return ids[0], ids[1]
+
+
+def route_plan(a: int, b: int) -> list[tuple]:
+    """Every API route once, as (method, path, body, status while the database
+    answers, the route's *_ERROR when it does not). On the two jobs of
+    seed_two_jobs it stops ``a`` and starts ``b``; the file registration is
+    entry 8. Each call registers a file of a new name."""
+    n = next(_route_plan_names)
+    a_file = {"file_name": f"plan{n}", "start_block": n, "end_block": n, "size_bytes": 1}
+    return [
+        ("GET", "/jobs?status=all", None, 200, "LIST_JOBS_ERROR"),
+        ("POST", "/jobs", {"node_id": "plan-w"}, 201, "CREATE_JOB_ERROR"),
+        ("GET", f"/jobs/{a}", None, 200, "GET_JOB_ERROR"),
+        ("GET", f"/jobs/{a}/progress", None, 200, "GET_JOB_ERROR"),
+        ("GET", f"/jobs/{a}/events", None, 200, "GET_JOB_EVENTS_ERROR"),
+        ("PUT", f"/jobs/{a}/stop", None, 200, "STOP_JOB_ERROR"),
+        ("POST", f"/jobs/{a}/stop", None, 200, "STOP_JOB_ERROR"),
+        ("PUT", f"/jobs/{b}/status", {"status": "RUNNING"}, 200, "UPDATE_JOB_STATUS_ERROR"),
+        ("POST", f"/jobs/{a}/tables/blocks/files", a_file, 201, "REGISTER_FILES_ERROR"),
+        ("DELETE", "/jobs/987654321", None, 204, "DELETE_JOB_ERROR"),
+        ("DELETE", "/jobs?status=terminal", None, 204, "DELETE_JOBS_BY_STATUS_ERROR"),
+        ("DELETE", "/jobs", {"job_ids": [987654321]}, 204, "DELETE_JOBS_ERROR"),
+        # A page size that is not prepared: the same SQL, planned per request.
+        ("GET", "/jobs?status=all&limit=7", None, 200, "LIST_JOBS_ERROR"),
+        ("GET", f"/jobs/{a}/events/987654321", None, 404, "GET_JOB_EVENT_ERROR"),
+        ("PUT", "/workers/plan-w", None, 200, "REGISTER_WORKER_ERROR"),
+        ("POST", "/workers/plan-w/heartbeat", None, 200, "WORKER_HEARTBEAT_ERROR"),
+        ("GET", "/workers", None, 200, "SCHEDULER_LIST_WORKERS_ERROR"),
+        ("GET", "/workers/plan-w", None, 200, "SCHEDULER_GET_WORKER_ERROR"),
+    ]
+
+
+# ---- Apps and metrics ------------------------------------------------------------------------
+
+
+def make_app(database_url: str, **config):
+    """The app with test settings of its own over the environment's."""
+    return create_app({"TESTING": True, "DATABASE_URL": database_url, **config})
+
+
+def metric_samples(client) -> dict[tuple[str, frozenset], float]:
+    """/metrics through ``client``, as {(sample name, frozenset of labels): value}."""
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.content_type.startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.get_data(as_text=True)):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def metric_value(samples, name, **labels) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)

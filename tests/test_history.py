@@ -21,7 +21,14 @@ from datetime import timedelta
 
 import psycopg2
 import pytest
-from helpers import create_job, file_entry, flask_caller, move_to, wait_until_blocked
+from helpers import (
+    create_job,
+    file_entry,
+    flask_caller,
+    make_app,
+    move_to,
+    wait_until_blocked,
+)
 
 import chores
 from app import create_app
@@ -41,10 +48,6 @@ SELECT (SELECT count(*) FROM job_events e
         WHERE NOT EXISTS (SELECT FROM job_events e
                           WHERE e.job_id = j.id AND e.event_type = 'SCHEDULED'))
 """
-
-
-def make_app(database_url, **config):
-    return create_app({"TESTING": True, "DATABASE_URL": database_url, **config})
 
 
 @pytest.fixture

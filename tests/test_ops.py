@@ -15,13 +15,19 @@ import logging
 import re
 import time
 
+import helpers
 import orjson
 import pytest
-from helpers import Blackhole, Refuser, assert_error, closed_database_url
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import (
+    Blackhole,
+    Refuser,
+    assert_error,
+    closed_database_url,
+    metric_samples,
+    metric_value,
+)
 
 import observability
-from app import create_app
 
 ADMIN = "adm-7f3c9e1b5d2a4c68-secret"
 WORKER = "wrk-2b8d4f6a1c3e5g79-secret"
@@ -101,11 +107,8 @@ def service_log():
 
 
 def make_app(database_url: str, **config):
-    settings = {"TESTING": True, "DATABASE_URL": database_url}
-    settings.setdefault("ADMIN_TOKEN", None)
-    settings.setdefault("WORKER_TOKEN", None)
-    settings.update(config)
-    return create_app(settings)
+    """No tokens unless a test sets them, whatever the environment says."""
+    return helpers.make_app(database_url, **{"ADMIN_TOKEN": None, "WORKER_TOKEN": None, **config})
 
 
 def drop_pool(app) -> None:
@@ -590,34 +593,19 @@ def test_invalid_input_is_refused_before_the_database(refuser):
 # ---- /metrics ----------------------------------------------------------------
 
 
-def scrape(client) -> dict[tuple[str, frozenset], float]:
-    response = client.get("/metrics")
-    assert response.status_code == 200
-    assert response.content_type.startswith("text/plain")
-    samples = {}
-    for family in text_string_to_metric_families(response.get_data(as_text=True)):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def value(samples, name, **labels) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
 def test_metrics_count_requests_by_route_template_and_status(client):
     created = client.post("/jobs", json={"node_id": "w1"}).get_json()["id"]
-    before = scrape(client)
+    before = metric_samples(client)
     for i in range(7):
         assert client.get(f"/jobs/{900000 + i}").status_code == 404
     for _ in range(3):
         assert client.get(f"/jobs/{created}").status_code == 200
     assert client.get("/jobs/abc").status_code == 400
     assert client.head("/healthz").status_code == 200
-    after = scrape(client)
+    after = metric_samples(client)
 
     def delta(name, **labels):
-        return value(after, name, **labels) - value(before, name, **labels)
+        return metric_value(after, name, **labels) - metric_value(before, name, **labels)
 
     total = "jobs_http_requests_total"
     route = "/jobs/<job_id>"
@@ -644,10 +632,10 @@ def test_metrics_count_requests_by_route_template_and_status(client):
 
 def test_metrics_is_open_and_counts_the_unmatched(app):
     client = make_app(app.config["DATABASE_URL"], ADMIN_TOKEN=ADMIN).test_client()
-    before = scrape(client)
+    before = metric_samples(client)
     assert client.get("/definitely/not/here").status_code == 404
-    after = scrape(client)
+    after = metric_samples(client)
     labels = {"method": "GET", "route": "<unmatched>", "status": "404"}
-    assert value(after, "jobs_http_requests_total", **labels) == (
-        value(before, "jobs_http_requests_total", **labels) + 1
+    assert metric_value(after, "jobs_http_requests_total", **labels) == (
+        metric_value(before, "jobs_http_requests_total", **labels) + 1
     )

@@ -7,7 +7,6 @@ And a query blocked by a lock fails at STATEMENT_TIMEOUT_MS instead of hanging.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import signal
 import threading
@@ -20,6 +19,8 @@ from helpers import (
     Server,
     flask_caller,
     init_db,
+    route_plan,
+    seed_two_jobs,
     table_locked,
     wait_for_workers,
     worker_pids,
@@ -29,27 +30,6 @@ from app import create_app
 from schemas import JOB_ID_RULE
 
 SLOW = 3.0  # seconds: "within a few seconds"
-_names = itertools.count()
-
-
-def route_plan(a: int, b: int):
-    """(method, path, body, status when up, error code when the database fails)."""
-    n = next(_names)
-    a_file = {"file_name": f"o{n}", "start_block": n, "end_block": n, "size_bytes": 1}
-    return [
-        ("GET", "/jobs?status=all", None, 200, "LIST_JOBS_ERROR"),
-        ("POST", "/jobs", {"node_id": "outage-w"}, 201, "CREATE_JOB_ERROR"),
-        ("GET", f"/jobs/{a}", None, 200, "GET_JOB_ERROR"),
-        ("GET", f"/jobs/{a}/progress", None, 200, "GET_JOB_ERROR"),
-        ("GET", f"/jobs/{a}/events", None, 200, "GET_JOB_EVENTS_ERROR"),
-        ("PUT", f"/jobs/{a}/stop", None, 200, "STOP_JOB_ERROR"),
-        ("POST", f"/jobs/{a}/stop", None, 200, "STOP_JOB_ERROR"),
-        ("PUT", f"/jobs/{b}/status", {"status": "RUNNING"}, 200, "UPDATE_JOB_STATUS_ERROR"),
-        ("POST", f"/jobs/{a}/tables/blocks/files", a_file, 201, "REGISTER_FILES_ERROR"),
-        ("DELETE", "/jobs/987654321", None, 204, "DELETE_JOB_ERROR"),
-        ("DELETE", "/jobs?status=terminal", None, 204, "DELETE_JOBS_BY_STATUS_ERROR"),
-        ("DELETE", "/jobs", {"job_ids": [987654321]}, 204, "DELETE_JOBS_ERROR"),
-    ]
 
 
 OPEN_UP = [("/healthz", 200), ("/readyz", 200), ("/metrics", 200), ("/openapi.json", 200)]
@@ -60,15 +40,6 @@ def timed(call, method, path, body=None):
     started = time.monotonic()
     status, parsed = call(method, path, body)
     return status, parsed, time.monotonic() - started
-
-
-def seed(call) -> tuple[int, int]:
-    ids = []
-    for node in ("outage-a", "outage-b"):
-        status, job = call("POST", "/jobs", {"node_id": node})
-        assert status == 201, job
-        ids.append(job["id"])
-    return ids[0], ids[1]
 
 
 def check_up(call, a, b, rounds=1):
@@ -153,7 +124,7 @@ def test_outage_and_recovery_under_gunicorn(restart_pg, server):
     call = server.caller(timeout=15)
     master = server.process.pid
     workers = wait_for_workers(master, 2)
-    a, b = seed(call)
+    a, b = seed_two_jobs(call)
     # Several rounds, so both workers hold pooled connections.
     check_up(call, a, b, rounds=3)
 
@@ -179,7 +150,7 @@ def test_outage_and_recovery_in_process(restart_pg):
     pg = restart_pg
     app = create_app({"TESTING": True, "DATABASE_URL": pg.url, "DB_POOL_SIZE": 4})
     call = flask_caller(app)
-    a, b = seed(call)
+    a, b = seed_two_jobs(call)
     check_up(call, a, b, rounds=2)
     pool = app.extensions["jobs_db_pool"]
     assert pool._idle, "the pool keeps connections between requests"
@@ -229,7 +200,7 @@ def test_statement_timeout_under_gunicorn(server, pg):
     call = server.caller(timeout=15)
     master = server.process.pid
     workers = wait_for_workers(master, 2)
-    a, b = seed(call)
+    a, b = seed_two_jobs(call)
     check_up(call, a, b)
     with table_locked(pg.url):
         check_blocked(call, a, b, timeout_s=0.25, only=5)
@@ -248,7 +219,7 @@ def test_statement_timeout_in_process(app):
         }
     )
     call = flask_caller(timed_app)
-    a, b = seed(call)
+    a, b = seed_two_jobs(call)
     check_up(call, a, b)
     for table in ("jobs", "job_files"):
         with table_locked(url, table) as holder:
@@ -281,7 +252,7 @@ def test_no_connection_leaks_after_failures(restart_pg):
         }
     )
     call = flask_caller(app)
-    a, _ = seed(call)
+    a, _ = seed_two_jobs(call)
     with table_locked(pg.url):
         for _ in range(4):
             assert call("GET", f"/jobs/{a}")[1]["error_code"] == "GET_JOB_ERROR"
@@ -355,7 +326,7 @@ def test_a_frozen_database_under_gunicorn(restart_pg, pgbouncer_factory, via):
         call = server.caller(timeout=30)
         master = server.process.pid
         workers = wait_for_workers(master, 2)
-        a, b = seed(call)
+        a, b = seed_two_jobs(call)
         check_up(call, a, b, rounds=2)  # both workers hold pooled connections
         answers = []
 

@@ -15,20 +15,18 @@ transaction mode (JOBS_TEST_DATABASE_VIA, see conftest.py).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 
 import psycopg2
 import psycopg2.errors
 import pytest
-from helpers import table_locked
+from helpers import flask_caller, route_plan, seed_two_jobs, table_locked
 
 import db
 from app import create_app
 
 MODES = ["direct", "session", "transaction"]
-_names = itertools.count()
 
 
 @pytest.fixture(scope="module", params=MODES)
@@ -66,46 +64,6 @@ def truncate_all(url: str) -> None:
         conn.close()
 
 
-def flask_caller(app):
-    client = app.test_client()
-
-    def call(method, path, body=None):
-        response = client.open(path, method=method, json=body)
-        return response.status_code, response.get_json(silent=True)
-
-    return call
-
-
-def seed(call) -> tuple[int, int]:
-    ids = []
-    for node in ("via-a", "via-b"):
-        status, job = call("POST", "/jobs", {"node_id": node})
-        assert status == 201, job
-        ids.append(job["id"])
-    return ids[0], ids[1]
-
-
-def route_plan(a: int, b: int):
-    """(method, path, body, status when up, error code when the database fails)."""
-    n = next(_names)
-    a_file = {"file_name": f"v{n}", "start_block": n, "end_block": n, "size_bytes": 1}
-    return [
-        ("GET", "/jobs?status=all", None, 200, "LIST_JOBS_ERROR"),
-        ("GET", "/jobs?status=all&limit=7", None, 200, "LIST_JOBS_ERROR"),
-        ("POST", "/jobs", {"node_id": "via-w"}, 201, "CREATE_JOB_ERROR"),
-        ("GET", f"/jobs/{a}", None, 200, "GET_JOB_ERROR"),
-        ("GET", f"/jobs/{a}/progress", None, 200, "GET_JOB_ERROR"),
-        ("GET", f"/jobs/{a}/events", None, 200, "GET_JOB_EVENTS_ERROR"),
-        ("PUT", f"/jobs/{a}/stop", None, 200, "STOP_JOB_ERROR"),
-        ("POST", f"/jobs/{a}/stop", None, 200, "STOP_JOB_ERROR"),
-        ("PUT", f"/jobs/{b}/status", {"status": "RUNNING"}, 200, "UPDATE_JOB_STATUS_ERROR"),
-        ("POST", f"/jobs/{b}/tables/blocks/files", a_file, 201, "REGISTER_FILES_ERROR"),
-        ("DELETE", "/jobs/987654321", None, 204, "DELETE_JOB_ERROR"),
-        ("DELETE", "/jobs?status=terminal", None, 204, "DELETE_JOBS_BY_STATUS_ERROR"),
-        ("DELETE", "/jobs", {"job_ids": [987654321]}, 204, "DELETE_JOBS_ERROR"),
-    ]
-
-
 def check_every_route(call, a, b):
     for method, path, body, expected, _ in route_plan(a, b):
         status, parsed = call(method, path, body)
@@ -122,7 +80,7 @@ def test_init_db_is_idempotent_through_every_mode(make_app):
 
 def test_every_route(make_app):
     call = flask_caller(make_app())
-    a, b = seed(call)
+    a, b = seed_two_jobs(call)
     for _ in range(3):  # the hot reads are prepared on first use where allowed
         check_every_route(call, a, b)
     assert call("GET", f"/jobs/{a}")[1]["status"] == "STOP_REQUESTED"
@@ -138,7 +96,7 @@ def test_many_concurrent_requests(via, make_app):
     """
     threads_count = 16 if via[0] == "session" else 40
     app = make_app(DB_POOL_SIZE=threads_count)
-    a, b = seed(flask_caller(app))
+    a, b = seed_two_jobs(flask_caller(app))
     barrier = threading.Barrier(threads_count)
     failures = []
 
@@ -168,7 +126,7 @@ def test_nothing_outlives_the_services_transactions(via, make_app):
     """Through PgBouncer the server connections are shared: no session settings, no PREPARE."""
     mode, url = via
     call = flask_caller(make_app(STATEMENT_TIMEOUT_MS=1234))
-    a, b = seed(call)
+    a, b = seed_two_jobs(call)
     check_every_route(call, a, b)
     if mode == "direct":
         return
@@ -195,7 +153,7 @@ def test_statement_timeout_bounds_every_route(make_app, postgres_url, caplog):
     """Blocked by a lock, every route fails with the server's QueryCanceled: its own timeout."""
     app = make_app(STATEMENT_TIMEOUT_MS=150, BULK_DELETE_BUDGET_MS=400)
     call = flask_caller(app)
-    a, b = seed(call)
+    a, b = seed_two_jobs(call)
     with table_locked(postgres_url), caplog.at_level(logging.ERROR, logger="jobs"):
         for method, path, body, _, code in route_plan(a, b):
             caplog.clear()

@@ -35,13 +35,14 @@ from helpers import (
     flask_caller,
     history_problems,
     lose_worker,
+    metric_samples,
+    metric_value,
     move_to,
     race,
     serving,
     sweep_leases,
     wait_until_blocked,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
 import chores
 import leases
@@ -657,20 +658,11 @@ def test_the_chore_runs_once_per_interval_whoever_claims_it(app, database_url, d
     assert status_of(client, job_id) == "FAILED"
 
 
-def scrape(client) -> dict:
-    samples = {}
-    text = client.get("/metrics").get_data(as_text=True)
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
 def test_metrics(client, database_url):
     def expired(samples, status):
-        return samples.get(("jobs_leases_expired_total", (("status", status),)), 0)
+        return metric_value(samples, "jobs_leases_expired_total", status=status)
 
-    before = scrape(client)
+    before = metric_samples(client)
     for node_id in ("a", "b", "c"):
         register(client, node_id)
     job_in(client, "c", "RUNNING")
@@ -680,9 +672,9 @@ def test_metrics(client, database_url):
     # Each process counts workers at most every WORKER_COUNT_TTL_S (an open
     # route must not open a connection per scrape): let this scrape count anew.
     leases._worker_count["expires"] = 0.0
-    after = scrape(client)
-    assert after[("jobs_workers", (("status", "ALIVE"),))] == 2
-    assert after[("jobs_workers", (("status", "LOST"),))] == 1
+    after = metric_samples(client)
+    assert metric_value(after, "jobs_workers", status="ALIVE") == 2
+    assert metric_value(after, "jobs_workers", status="LOST") == 1
     assert expired(after, "FAILED") - expired(before, "FAILED") == 1
     assert expired(after, "STOPPED") - expired(before, "STOPPED") == 1
 
