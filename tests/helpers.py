@@ -412,12 +412,13 @@ def serving(database_url: str, count: int = 1, **kwargs):
 
 
 @contextlib.contextmanager
-def table_locked(url: str, table: str = "jobs"):
-    """Hold an ACCESS EXCLUSIVE lock on ``table`` from another connection inside the block."""
+def table_locked(url: str, *tables: str):
+    """Hold an ACCESS EXCLUSIVE lock on ``tables`` (default: jobs) from another
+    connection inside the block."""
     conn = psycopg2.connect(url)
     try:
         with conn.cursor() as cur:
-            cur.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            cur.execute(f"LOCK TABLE {', '.join(tables or ('jobs',))} IN ACCESS EXCLUSIVE MODE")
         yield conn
     finally:
         conn.rollback()

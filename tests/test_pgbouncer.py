@@ -154,7 +154,10 @@ def test_statement_timeout_bounds_every_route(make_app, postgres_url, caplog):
     app = make_app(STATEMENT_TIMEOUT_MS=150, BULK_DELETE_BUDGET_MS=400)
     call = flask_caller(app)
     a, b = seed_two_jobs(call)
-    with table_locked(postgres_url), caplog.at_level(logging.ERROR, logger="jobs"):
+    with (
+        table_locked(postgres_url, "jobs", "workers"),
+        caplog.at_level(logging.ERROR, logger="jobs"),
+    ):
         for method, path, body, _, code in route_plan(a, b):
             caplog.clear()
             status, parsed = call(method, path, body)
