@@ -1123,3 +1123,48 @@ def metric_samples(client) -> dict[tuple[str, frozenset], float]:
 
 def metric_value(samples, name, **labels) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+# ---- What a race's record must show (used by test_races and test_scaleout) -------------------
+
+
+def chaos_problems(setup: Call, rec) -> list[str]:
+    """Everything wrong with a run_chaos record, beside the answers no interleaving allows:
+    an active job deleted, a deleted job still listed, an illegal history, or a run that
+    never exercised the guards (only 404s)."""
+    existing = job_statuses(setup)
+    problems = [f"wrong answer: {wrong}" for wrong in wrong_chaos_answers(rec)]
+    problems += [
+        f"deleted although never terminal: {j}" for j in rec.never_terminal() - set(existing)
+    ]
+    problems += [f"still listed after a 204 delete: {j}" for j in rec.gone & set(existing)]
+    problems += [f"illegal history: {h}" for h in illegal_histories(setup, existing)]
+    outcomes = rec.outcomes()
+    for wanted in [("report", 200), ("report", 409), ("delete", 204), ("stop", 200)]:
+        if not outcomes[wanted]:
+            problems.append(f"never happened: {wanted} (outcomes {dict(outcomes)})")
+    return problems
+
+
+def idempotent_round_problems(round_) -> list[str]:
+    """One round of race_idempotent_creations: exactly one 201 and nineteen 200s, all
+    answering the same job, as sent, with its one SCHEDULED event."""
+    problems = []
+    codes = sorted(code for _, code, _ in round_.answers)
+    if codes != [200] * 19 + [201]:
+        problems.append(f"codes {codes}")
+    bodies = [body for _, _, body in round_.answers]
+    job = bodies[0]
+    if any(body != job for body in bodies):
+        problems.append(f"different answers {bodies}")
+    sent = round_.payload
+    if (job["status"], job["node_id"], job["descriptor"]) != (
+        "SCHEDULED",
+        sent["node_id"],
+        sent["descriptor"],
+    ):
+        problems.append(f"not the job sent: {job}")
+    events = [e["event_type"] for e in round_.events[job["id"]]]
+    if events != ["SCHEDULED"]:
+        problems.append(f"events {events}")
+    return problems
