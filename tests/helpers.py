@@ -1168,3 +1168,27 @@ def idempotent_round_problems(round_) -> list[str]:
     if events != ["SCHEDULED"]:
         problems.append(f"events {events}")
     return problems
+
+
+def one_winner_problems(round_) -> list[str]:
+    """One round of race_completed_against_failed: exactly one outcome won (200), every
+    other report got a 409 naming it, and the job has exactly the winner's event."""
+    won = {to for to, code, _ in round_.answers if code == 200}
+    if len(won) != 1:
+        return [f"winners {sorted(won)}: {round_.answers}"]
+    (winner,) = won
+    problems = []
+    for to, code, body in round_.answers:
+        if to == winner and (code, body.get("status")) != (200, winner):
+            problems.append(f"the winner's answer {code} {body}")
+        elif to != winner and (
+            (code, body.get("error_code")) != (409, "INVALID_STATE_TRANSITION")
+            or winner not in body["error_message"]
+        ):
+            problems.append(f"a loser's answer {code} {body}")
+    events = [e["event_type"] for e in round_.events]
+    if events != ["SCHEDULED", "RUNNING", winner] or round_.events[-1]["detail"] != {"w": winner}:
+        problems.append(f"events {round_.events}")
+    if round_.job["status"] != winner:
+        problems.append(f"job {round_.job}")
+    return problems
