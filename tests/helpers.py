@@ -1192,3 +1192,26 @@ def one_winner_problems(round_) -> list[str]:
     if round_.job["status"] != winner:
         problems.append(f"job {round_.job}")
     return problems
+
+
+def retry_race_problems(setup: Call, result) -> list[str]:
+    """A race_retries_against_deletes result: both sides won somewhere, no retried
+    (active again, for good) job was deleted or left in another status, and the
+    histories are legal."""
+    existing = job_statuses(setup)
+    problems = [f"wrong answer: {wrong}" for wrong in wrong_retry_race_answers(result)]
+    if not result.retried:
+        problems.append("no retry won against the deletes; the race did not happen")
+    if len(result.retried) >= len(result.jobs):
+        problems.append("no delete won against the retries")
+    problems += [f"a retried job was deleted: {j}" for j in result.retried - set(existing)]
+    survivors = set(existing) & set(result.jobs)
+    problems += [f"not retried yet not deleted: {j}" for j in survivors - result.retried]
+    problems += [
+        f"retried job {j} is {existing[j]}"
+        for j in result.retried & set(existing)
+        if existing[j] != "SCHEDULED"
+    ]
+    scheduled = {job_id: "SCHEDULED" for job_id in result.retried}
+    problems += [f"illegal history: {h}" for h in illegal_histories(setup, scheduled)]
+    return problems
