@@ -23,9 +23,10 @@ log = logging.getLogger("jobs")
 class ApiError(Exception):
     """An answer from the route's declared set of errors."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.headers = headers
 
 
 class DatabaseFailure(Exception):
@@ -60,7 +61,7 @@ HTTP_ERROR_CODES = {
 
 
 def handle_api_error(exc: ApiError):
-    return error_response(exc.status, exc.code, exc.message)
+    return error_response(exc.status, exc.code, exc.message, exc.headers)
 
 
 def handle_http_error(exc: HTTPException):

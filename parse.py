@@ -6,6 +6,7 @@ the same answer while the database is down.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 
@@ -142,12 +143,24 @@ def check_query(allowed: frozenset[str], code: str) -> None:
 
 
 def request_body() -> bytes:
-    """The raw body, refused when too large, truncated or malformed on the wire."""
+    """The raw body, refused when too large, truncated, malformed or too slow on the wire."""
     declared = request.content_length
     try:
-        raw = request.get_data(cache=True)
+        with body_deadline():
+            raw = request.get_data(cache=True)
+    except BodyTooSlow:
+        raise ApiError(
+            408,
+            "REQUEST_TIMEOUT",
+            f"request body not received within {current_app.config['BODY_READ_TIMEOUT_S']:g} s",
+            # The rest of the body may still be on its way: not a connection to keep.
+            {"Connection": "close"},
+        ) from None
     except ClientDisconnected:
-        raw = b""  # Werkzeug's word for a body cut short: answered below
+        # Werkzeug's word for a body cut short (chunked or not): never acted on
+        # as if it were complete, or empty.
+        cut = "is shorter than its Content-Length" if declared is not None else "was cut short"
+        raise ApiError(400, INVALID_PAYLOAD, f"request body {cut}") from None
     except HTTPException:
         raise
     except Exception:
@@ -166,6 +179,22 @@ def request_body() -> bytes:
         if more:
             raise RequestEntityTooLarge()
     return raw
+
+
+class BodyTooSlow(Exception):
+    """The body did not arrive within BODY_READ_TIMEOUT_S (settings.py)."""
+
+
+def body_deadline():
+    """A deadline on reading the body where gevent runs the server (a no-op elsewhere:
+    the test client's body is in memory)."""
+    try:
+        from gevent import Timeout, monkey
+    except ImportError:  # pragma: no cover - gevent is a dependency
+        return contextlib.nullcontext()
+    if not monkey.is_module_patched("socket"):
+        return contextlib.nullcontext()
+    return Timeout(current_app.config["BODY_READ_TIMEOUT_S"], BodyTooSlow)
 
 
 def check_no_body() -> None:

@@ -246,8 +246,16 @@ class JobEventSchema(Schema):
     detail = fields.Dict(required=True, allow_none=True)
 
 
+# What a build describes itself with fits in far less; without a bound a worker
+# token could store a megabyte per field for GET /workers/{id} to serve back.
+MAX_INFO_FIELD = 256
+
+
 def _info_field(description: str) -> fields.String:
-    return fields.String(validate=no_nul, metadata={"description": description})
+    return fields.String(
+        validate=[validate.Length(max=MAX_INFO_FIELD), no_nul],
+        metadata={"description": description},
+    )
 
 
 class WorkerMetadataSchema(StrictSchema):

@@ -33,6 +33,12 @@ def from_environment() -> dict:
         # Delete terminal jobs whose last change is older than this (30d, 12h,
         # 90m, 45s), continuously, as a chore (history.py). Unset: off.
         JOB_RETENTION=os.environ.get("JOB_RETENTION") or None,
+        # A body of at most 1 MiB arrives in well under this from any real
+        # client; one sent a byte at a time would otherwise hold its
+        # connection (and, by the thousand, a worker's WORKER_CONNECTIONS) for
+        # as long as it likes: 408 and the connection closed. The request
+        # line and headers have gunicorn's own deadline (KEEPALIVE_S).
+        BODY_READ_TIMEOUT_S=_env_seconds("BODY_READ_TIMEOUT_S", 10),
         DB_CONNECT_TIMEOUT_S=_env_int("DB_CONNECT_TIMEOUT_S", 3),
         DB_POOL_SIZE=_env_int("DB_POOL_SIZE", 4),
         DB_POOL_TIMEOUT_S=_env_int("DB_POOL_TIMEOUT_S", 5),

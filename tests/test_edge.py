@@ -369,3 +369,75 @@ def test_configured_metrics_directory_is_emptied_at_start_and_kept(_schema, priv
         instance.cleanup()
     # The operator's directory: kept (with this run's samples).
     assert ours.is_dir() and list(ours.glob("*.db"))
+
+
+# ---- Bodies cut short or sent too slowly -------------------------------------------------
+
+
+def half_closed_exchange(port: int, data: bytes) -> tuple[int, dict]:
+    """Send ``data``, close our side (a client that went away mid-body), read the answer."""
+    with connect(port) as sock:
+        sock.settimeout(10)
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def chunked(method: str, path: str, body: bytes) -> bytes:
+    return (
+        f"{method} {path} HTTP/1.1\r\nHost: edge\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        + body
+    )
+
+
+def test_a_chunked_body_cut_short_is_refused_and_acts_on_nothing(server):
+    """A chunk shorter than its size, then the client is gone: never read as empty or whole."""
+    call = server.caller()
+    assert call("PUT", "/workers/cut-w", {"info": {"version": "1.4.2"}})[0] == 200
+    before = call("GET", "/workers/cut-w")[1]
+    status, failed = call("POST", "/jobs", {"node_id": "cut-w"})
+    assert call("PUT", f"/jobs/{failed['id']}/status", {"status": "FAILED"})[0] == 200
+    for request in [
+        chunked("PUT", "/workers/cut-w", b'40\r\n{"info":{"version":"2.0"}}'),
+        chunked("POST", "/workers/cut-w/heartbeat", b"5\r\n"),
+        chunked("DELETE", "/jobs?status=failed", b'10\r\n{"job_ids":[1]}'),
+        chunked("DELETE", "/jobs?status=failed", b"20\r\n"),
+        chunked("POST", "/jobs", b'40\r\n{"node_id": "cut-x"}'),
+    ]:
+        status, body = half_closed_exchange(server.port, request)
+        assert (status, body["error_code"]) == (400, "INVALID_PAYLOAD_FORMAT"), (request, body)
+    assert call("GET", "/workers/cut-w")[1] == before  # info kept, no heartbeat
+    assert call("GET", f"/jobs/{failed['id']}")[0] == 200  # nothing deleted
+    assert [
+        j for j in call("GET", "/jobs?status=all&limit=1000")[1]["jobs"] if j["node_id"] == "cut-x"
+    ] == []
+
+
+def test_a_body_sent_a_byte_at_a_time_gets_408_and_the_connection_closed(_schema):
+    instance = Server(_schema, workers=1, env={"BODY_READ_TIMEOUT_S": "1"})
+    try:
+        instance.start()
+        with connect(instance.port) as sock:
+            sock.settimeout(15)
+            sock.sendall(
+                b"PUT /workers/slow-w HTTP/1.1\r\nHost: edge\r\nContent-Length: 100\r\n\r\n{"
+            )
+            received = b""
+            with contextlib.suppress(OSError):  # the server may close on us first
+                for byte in b'"info": {}':
+                    sock.sendall(bytes([byte]))
+                    time.sleep(0.3)
+            while chunk := sock.recv(65536):  # ends when the server closes it
+                received += chunk
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.split()[1] == b"408", received
+        assert json.loads(body)["error_code"] == "REQUEST_TIMEOUT"
+        assert instance.caller()("GET", "/workers/slow-w")[0] == 404  # nothing registered
+    finally:
+        instance.stop()
+        instance.cleanup()

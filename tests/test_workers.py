@@ -982,3 +982,13 @@ def test_under_gunicorn_a_silent_workers_job_fails_within_14_s(app, database_url
         conn.close()
         assert 'jobs_leases_expired_total{status="FAILED"} 1.0' in text
         assert 'jobs_workers{status="LOST"} 1.0' in text
+
+
+def test_info_fields_are_bounded(client):
+    """A build describes itself in far less than a megabyte: 256 characters a field."""
+    assert client.put("/workers/w", json={"info": {"version": "v" * 256}}).status_code == 200
+    response = client.put("/workers/w", json={"info": {"commit_sha": "c" * 257}})
+    assert response.status_code == 400
+    assert response.get_json()["error_code"] == "INVALID_PAYLOAD_FORMAT"
+    assert "info.commit_sha" in response.get_json()["error_message"]
+    assert client.get("/workers/w").get_json()["info"] == {"version": "v" * 256}
