@@ -33,17 +33,13 @@ WORKDIR /app
 COPY requirements.txt ./
 RUN pip install --no-cache-dir -r requirements.txt
 
-# Only what the server and `flask --app app init-db` need: the modules app.py
-# imports, the WSGI entry point, the gunicorn config and schema.sql (read by
-# init-db). Tests, bench, .venv and .pgdata stay out; .dockerignore keeps them
-# out of the build context too. A new top-level module must be added here —
-# forgetting it fails loudly at start-up (ImportError), and test_gunicorn
-# checks the list against what wsgi.py imports.
+# Only what the server and `flask --app app init-db` need: the factory
+# (app.py), the WSGI entry point, the gunicorn config, schema.sql (read by
+# init-db) and the package jobs/ as a whole. Tests, dev tools, bench, .venv
+# and .pgdata stay out; .dockerignore keeps them out of the build context too.
 # Files stay root-owned: the runtime user can read the code but not change it.
-COPY app.py auth.py chain.py chores.py db.py errors.py history.py leases.py observability.py \
-     openapi.py parse.py pool.py registry.py responses.py schemas.py settings.py \
-     wsgi.py gunicorn.conf.py schema.sql ./
-COPY store/ ./store/
+COPY app.py wsgi.py gunicorn.conf.py schema.sql ./
+COPY jobs/ ./jobs/
 RUN python -m compileall -q /app
 
 # The only place the runtime writes is PROMETHEUS_MULTIPROC_DIR, which

@@ -16,7 +16,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 # PostgreSQL: DATABASE_URL if set, else an embedded server with its data in .pgdata/.
 run: venv
-	$(BIN)/python devdb.py serve --datadir .pgdata -- $(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
+	$(BIN)/python -m dev.postgres serve --datadir .pgdata -- $(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
 # PgBouncer (Debian's package) is installed when missing and root: the tests run the
 # service through it. Where it cannot be, those tests skip, or fail when CI=true.
@@ -33,7 +33,7 @@ lint: venv
 # A throwaway PostgreSQL, 1M-job tables seeded with SQL, the service and its
 # floors under gunicorn, driven by wrk, the service again through PgBouncer
 # (wrk and pgbouncer are installed from Debian's packages when missing), then
-# the growth to 5M jobs. BENCH_ARGS passes options to bench/run.py
+# the growth to 5M jobs. BENCH_ARGS passes options to bench.run
 # (e.g. --duration 5 --no-growth).
 bench: venv
 	@command -v wrk >/dev/null || { command -v apt-get >/dev/null && \
@@ -45,7 +45,7 @@ bench: venv
 		(apt-get install -y -qq pgbouncer >/dev/null 2>&1 || \
 		 (apt-get update -qq && apt-get install -y -qq pgbouncer >/dev/null)); } || \
 		{ echo "make bench needs pgbouncer (Debian: apt-get install pgbouncer)"; exit 1; }
-	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 # Keeps .pgdata/ (the database of `make run`): remove it by hand to start afresh.
 clean:

@@ -141,10 +141,12 @@ GUNICORN_ERROR_CODES = {
 
 
 def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
+    # Imported here, in the worker after gevent patched it, not in the master.
+    from jobs.errors import error_body
+
     code = GUNICORN_ERROR_CODES.get(status_int) or reason.upper().replace(" ", "_")
     # mesg quotes the offending input (up to limit_request_line bytes): cut it.
-    error = {"error_code": code, "error_message": (mesg or reason)[:200]}
-    body = json.dumps(error, separators=(",", ":")).encode()
+    body = json.dumps(error_body(code, (mesg or reason)[:200]), separators=(",", ":")).encode()
     head = (
         f"HTTP/1.1 {status_int} {reason}\r\n"
         "Connection: close\r\n"

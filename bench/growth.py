@@ -31,10 +31,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import seed
-from console import say
-from load import Load, Probe, id_script, load_during, request, single_client
-from servers import connect
+from bench import seed
+from bench.console import say
+from bench.load import Load, Probe, id_script, load_during, request, single_client
+from bench.servers import connect
 
 PROGRESS_TABLES, PROGRESS_FILES = 10, 10_000
 # The progress job takes an id beyond any the growth seeds, so that the 1M

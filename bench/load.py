@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from console import say
+from bench.console import say
 
 LOAD_LUA = Path(__file__).resolve().parent / "load.lua"
 
@@ -226,7 +226,7 @@ def pgbench(
     ``prepared``: each statement is prepared once per connection, as the
     service does (-M prepared), rather than sent as text every time.
     """
-    import devdb
+    from dev import postgres as devdb
 
     script = workdir / "pgbench.sql"
     script.write_text("".join(s.strip().rstrip(";") + ";\n" for s in statements))

@@ -12,9 +12,7 @@ not a service.
 
 import json
 import os
-import sys
 from datetime import UTC
-from pathlib import Path
 
 import psycopg2
 from flask import Flask, Response, request
@@ -55,8 +53,7 @@ def db():
     global _conn
     if _conn is None or _conn.closed:
         if DEADLINE:
-            sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-            import pool
+            from jobs import pool
 
             pool.install_wait_callback()
             _conn = psycopg2.connect(

@@ -10,12 +10,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from console import STARTED
-from load import SINGLE_CLIENT_REQUESTS, Probe
-from slow_clients import DRIBBLING, IDLE
+from bench.console import STARTED
+from bench.load import SINGLE_CLIENT_REQUESTS, Probe
+from bench.slow_clients import DRIBBLING, IDLE
 
 if TYPE_CHECKING:
-    from run import Bench
+    from bench.run import Bench
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -210,7 +210,7 @@ def report(bench: Bench) -> tuple[str, str]:
         " 2 workers each",
         f"- Load: wrk -t1 -c{args.connections}, {args.duration} s per run after a warm-up;"
         f" single-client p50 over up to {SINGLE_CLIENT_REQUESTS} sequential requests",
-        f"- Reproduce: `make bench` (or `python bench/run.py --duration {args.duration}`)",
+        f"- Reproduce: `make bench` (or `python -m bench.run --duration {args.duration}`)",
         f"- Wall time: {(time.monotonic() - STARTED) / 60:.1f} min; seeding: "
         + ", ".join(f"{k} {v:.1f} s" for k, v in bench.seed_seconds.items()),
         "",

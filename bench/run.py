@@ -1,6 +1,6 @@
 """`make bench`: the Jobs service under load, measured against its floors in one run.
 
-    python bench/run.py [--duration 10] [--connections 4] [--service auto|app|naive]
+    python -m bench.run [--duration 10] [--connections 4] [--service auto|app|naive]
                         [--jobs 1000000] [--bulk-delete 500000] [--leak-requests 100000]
                         [--no-pgbouncer] [--no-slow-clients] [--no-growth]
                         [--growth-jobs 1000000 5000000]
@@ -60,10 +60,10 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import seed
-from console import say
-from growth import Prune, Stage, run_growth
-from load import (
+from bench import seed
+from bench.console import say
+from bench.growth import Prune, Stage, run_growth
+from bench.load import (
     Load,
     Probe,
     ensure_wrk,
@@ -76,9 +76,9 @@ from load import (
     run_wrk_until,
     single_client,
 )
-from plans import Plans, jobs_rows_read
-from report import fmt, report
-from servers import (
+from bench.plans import Plans, jobs_rows_read
+from bench.report import fmt, report
+from bench.servers import (
     ROOT,
     Launch,
     Server,
@@ -89,8 +89,8 @@ from servers import (
     start_postgres,
     start_server,
 )
-from slow_clients import slow_clients
-from through_pgbouncer import through_pgbouncer
+from bench.slow_clients import slow_clients
+from bench.through_pgbouncer import through_pgbouncer
 
 RESULTS = ROOT / "bench" / "results" / "latest.md"
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg2
-from load import request
+
+from bench.load import request
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path.insert(0, str(ROOT))  # for devdb.py, imported where used
 
 # The server is throwaway; these make it behave like a provisioned one
 # (not 128 MB of cache, no checkpoint storms while seeding) and let the
@@ -104,6 +104,8 @@ def floor_launch(module: str, workers: int) -> Launch:
         ],
         BENCH,
         port,
+        # naive_app imports jobs.pool (its deadline variant).
+        {"PYTHONPATH": str(ROOT)},
     )
 
 
@@ -145,7 +147,7 @@ def rss_kib(pid: int) -> int:
 
 
 def start_postgres(workdir: Path):
-    import devdb
+    from dev import postgres as devdb
 
     pg = devdb.LocalPostgres(str(workdir / "pgdata"), durable=False)
     pg.start()

@@ -16,12 +16,12 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from console import say
-from load import id_script, run_wrk
-from servers import Launch
+from bench.console import say
+from bench.load import id_script, run_wrk
+from bench.servers import Launch
 
 if TYPE_CHECKING:
-    from run import Bench
+    from bench.run import Bench
 
 IDLE = 50
 DRIBBLING = 10

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from console import say
-
-from devpgbouncer import LocalPgBouncer
+from bench.console import say
+from dev.pgbouncer import LocalPgBouncer
 
 if TYPE_CHECKING:
-    from run import Bench
+    from bench.run import Bench
 
 POOL_MODE = "transaction"
 

@@ -20,10 +20,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import devpgbouncer  # noqa: E402
 from app import create_app  # noqa: E402
-from devdb import LocalPostgres  # noqa: E402
-from devpgbouncer import LocalPgBouncer  # noqa: E402
+from dev import pgbouncer as devpgbouncer  # noqa: E402
+from dev.pgbouncer import LocalPgBouncer  # noqa: E402
+from dev.postgres import LocalPostgres  # noqa: E402
 
 TABLES = "jobs, job_events, job_tables, job_files, workers"
 

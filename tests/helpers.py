@@ -51,9 +51,9 @@ from pathlib import Path
 import psycopg2
 from prometheus_client.parser import text_string_to_metric_families
 
-import db
-import leases
 from app import create_app
+from jobs import db
+from jobs.chores import leases
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -24,7 +24,7 @@ from helpers import MAX_ID, block_hash, expected_progress, file_entry, reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import chain
+from jobs.store import chain
 
 
 def walk_order(files: list[dict]) -> list[dict]:

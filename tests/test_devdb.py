@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from devdb import LocalPostgres
+from dev.postgres import LocalPostgres
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,8 +103,8 @@ def test_serve_stops_the_command_then_the_database():
     )
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     serve = subprocess.Popen(
-        [sys.executable, "devdb.py", "serve", "--datadir", datadir, "--", sys.executable, "-c",
-         command],
+        [sys.executable, "-m", "dev.postgres", "serve", "--datadir", datadir, "--",
+         sys.executable, "-c", command],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -1,4 +1,4 @@
-"""The local PgBouncer the tests run the service through (devpgbouncer.py)."""
+"""The local PgBouncer the tests run the service through (dev/pgbouncer.py)."""
 
 import psycopg2
 import pytest

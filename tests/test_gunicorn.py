@@ -412,36 +412,3 @@ def test_container_healthcheck(server, pg_factory):
     finally:
         instance.stop()
         pg.destroy()
-
-
-def test_the_image_copies_every_module_the_server_imports():
-    """The Dockerfile lists its files one by one: a new module left out would be an
-    ImportError in production only."""
-    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
-    copied = set()
-    for line in re.findall(r"^COPY\s+(?!--from)(.*)$", text, re.MULTILINE):
-        copied.update(word.rstrip("/") for word in line.split()[:-1])
-    probe = (
-        "import sys, wsgi; print('\\n'.join(sorted(m.__file__ for m in list(sys.modules.values())"
-        " if getattr(m, '__file__', None))))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=ROOT,
-        env={**os.environ, "DATABASE_URL": "postgresql://127.0.0.1:1/none"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    ours = {
-        Path(path).resolve().relative_to(ROOT)
-        for path in out.splitlines()  # (the start-up warning is a JSON line)
-        if path.startswith("/")
-        and Path(path).resolve().is_relative_to(ROOT)
-        and ".venv" not in Path(path).parts
-    }
-    assert ours, out
-    missing = {str(p) for p in ours if str(p) not in copied and str(p.parts[0]) not in copied}
-    assert not missing, sorted(missing)
-    assert {"schema.sql", "gunicorn.conf.py", "wsgi.py"} <= copied

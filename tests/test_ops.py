@@ -27,7 +27,7 @@ from helpers import (
     metric_value,
 )
 
-import observability
+from jobs import observability
 
 ADMIN = "adm-7f3c9e1b5d2a4c68-secret"
 WORKER = "wrk-2b8d4f6a1c3e5g79-secret"

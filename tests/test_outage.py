@@ -27,7 +27,7 @@ from helpers import (
 )
 
 from app import create_app
-from schemas import JOB_ID_RULE
+from jobs.domain import JOB_ID_RULE
 
 SLOW = 3.0  # seconds: "within a few seconds"
 

@@ -1,6 +1,6 @@
 """The service behind PgBouncer (transaction and session pooling) and directly.
 
-A stock PgBouncer (Debian's, stock settings: see devpgbouncer.py) sits
+A stock PgBouncer (Debian's, stock settings: see dev/pgbouncer.py) sits
 between the app and the session's PostgreSQL. Each test runs once per way in:
 ``direct``, ``session``, ``transaction``. What is checked: every route and
 init-db work; many concurrent requests over few server connections do too
@@ -23,8 +23,8 @@ import psycopg2.errors
 import pytest
 from helpers import flask_caller, route_plan, seed_two_jobs, table_locked
 
-import db
 from app import create_app
+from jobs import db
 
 MODES = ["direct", "session", "transaction"]
 

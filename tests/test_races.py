@@ -53,8 +53,8 @@ from helpers import (
     wait_until_blocked,
 )
 
-import chain
 from app import create_app
+from jobs.store import chain
 
 # ---- Fixtures ------------------------------------------------------------------------
 

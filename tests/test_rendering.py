@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psycopg2
 
-from schemas import JobSchema
+from jobs.schemas import JobSchema
 
 ROOT = Path(__file__).resolve().parent.parent
 

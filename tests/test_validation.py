@@ -414,7 +414,10 @@ def body_routes(targets):
 def test_malformed_bodies_are_400_everywhere(client, db_conn, targets, body):
     with unchanged(client, db_conn):
         for method, url in body_routes(targets):
-            refused(client, db_conn, method, url, body, None)
+            # null says nothing, on every route: DELETE /jobs then lacks its ?status=.
+            says_nothing = body == b"null" and (method, url) == ("DELETE", "/jobs")
+            code = "INVALID_QUERY_PARAM" if says_nothing else "INVALID_PAYLOAD_FORMAT"
+            refused(client, db_conn, method, url, body, None, code)
 
 
 def nested(depth: int, leaf=1):
@@ -739,7 +742,6 @@ def test_bulk_delete_refuses_a_bad_id(client, db_conn, deletable, item):
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({}, "job_ids"),
         ({"job_ids": None}, "job_ids"),
         ({"job_ids": 1}, "job_ids"),
         ({"job_ids": "1"}, "job_ids"),
@@ -757,6 +759,15 @@ def test_bulk_delete_refuses_a_bad_id(client, db_conn, deletable, item):
 def test_bulk_delete_refuses_bad_shapes(client, db_conn, deletable, body, field):
     with unchanged(client, db_conn):
         refused(client, db_conn, "DELETE", "/jobs", body, field)
+
+
+@pytest.mark.parametrize("body", [{}, b"null", None])
+def test_bulk_delete_with_no_status_and_a_body_saying_nothing_asks_for_one(
+    client, db_conn, deletable, body
+):
+    """{} and null say nothing (on every route): neither ?status= nor job_ids is given."""
+    with unchanged(client, db_conn):
+        refused(client, db_conn, "DELETE", "/jobs", body, "job_ids", "INVALID_QUERY_PARAM")
 
 
 def test_bulk_delete_refuses_1001_ids(client, db_conn, deletable):

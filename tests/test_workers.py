@@ -44,12 +44,12 @@ from helpers import (
     wait_until_blocked,
 )
 
-import chores
-import leases
 from app import create_app
-from schemas import TRANSITIONS
-from store import jobs as job_store
-from store import workers as worker_store
+from jobs import chores
+from jobs.chores import leases
+from jobs.domain import TRANSITIONS
+from jobs.store import jobs as job_store
+from jobs.store import workers as worker_store
 
 ADMIN = "workers-admin-token"
 WORKER = "workers-worker-token"
@@ -143,8 +143,15 @@ def test_register_refuses_any_other_body(client, body):
 
 def test_register_refuses_malformed_json(client):
     assert_error(client.put("/workers/w", data=b'{"info": '), 400, "INVALID_PAYLOAD_FORMAT")
-    assert_error(client.put("/workers/w", data=b"null"), 400, "INVALID_PAYLOAD_FORMAT")
     assert_error(client.get("/workers/w"), 404, "WORKER_NOT_FOUND")
+
+
+@pytest.mark.parametrize("body", [b"null", b"{}", b" "])
+def test_register_with_a_body_that_says_nothing_is_a_registration_without_info(client, body):
+    """null and {} say nothing, on every route: the same as no body."""
+    response = client.put("/workers/w", data=body)
+    assert response.status_code == 200, response.data
+    assert response.get_json()["info"] == {}
 
 
 BAD_WORKER_IDS = ["1worker", "-w", "_w", "w%20x", "w+x", "w:1", "x" * 129, "%C3%A9t%C3%A9"]
@@ -647,12 +654,11 @@ def test_the_chore_runs_once_per_interval_whoever_claims_it(app, database_url, d
         cur.execute("DELETE FROM service_chores WHERE name = 'lease_expiry'")
     other = create_app({"TESTING": True, "DATABASE_URL": database_url})
     try:
-        lease_chore = chores.named("lease_expiry")
         with app.app_context():
-            assert chores.run_claimed(lease_chore) is True
+            assert chores.of(app).run_claimed(chores.of(app).named("lease_expiry")) is True
         # Claimed a moment ago: the other instance does not run it again.
         with other.app_context():
-            assert chores.run_claimed(lease_chore) is False
+            assert chores.of(other).run_claimed(chores.of(other).named("lease_expiry")) is False
     finally:
         other.extensions.get("jobs_db_pool") and other.extensions["jobs_db_pool"].drop_idle()
     assert status_of(client, job_id) == "FAILED"
@@ -669,9 +675,9 @@ def test_metrics(client, database_url):
     job_in(client, "c", "STOPPING")
     lose_worker(database_url, "c")
     sweep_leases(client.application)
-    # Each process counts workers at most every WORKER_COUNT_TTL_S (an open
+    # Each app counts workers at most every WorkerCounter.TTL_S (an open
     # route must not open a connection per scrape): let this scrape count anew.
-    leases._worker_count["expires"] = 0.0
+    client.application.extensions["jobs_worker_counter"].expires = 0.0
     after = metric_samples(client)
     assert metric_value(after, "jobs_workers", status="ALIVE") == 2
     assert metric_value(after, "jobs_workers", status="LOST") == 1

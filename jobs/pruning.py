@@ -4,7 +4,7 @@ Three callers share one loop of short transactions (store/jobs.py DELETE_BATCH):
 
 - ``DELETE /jobs?status=`` (``delete_by_status``): batches while the request's
   time budget lasts, then answers how far it got;
-- retention (``JOB_RETENTION``): one small batch per chore run (chores.py),
+- retention (``JOB_RETENTION``): one small batch per chore run (chores/retention.py),
   after a response, at most once per interval across every replica;
 - ``flask --app app prune``: batches until nothing is left, for cron or a backlog.
 
@@ -27,11 +27,9 @@ import psycopg2
 from flask import current_app
 from flask.cli import with_appcontext
 
-import chores
-import db
-import observability
-from schemas import DELETE_STATUS_TOKENS, TERMINAL_STATUSES, parse_status_tokens
-from store import jobs as job_store
+from jobs import db, observability
+from jobs.domain import DELETE_STATUS_TOKENS, TERMINAL_STATUSES, parse_status_tokens
+from jobs.store import jobs as job_store
 
 # ---- Durations (JOB_RETENTION, prune --older-than) ---------------------------------
 
@@ -176,44 +174,6 @@ def delete_by_status(statuses: tuple[str, ...]) -> Pruned:
     )
 
 
-# ---- Retention: a chore ------------------------------------------------------------------
-
-# One batch of at most RETENTION_BATCH jobs every RETENTION_INTERVAL_S across
-# all replicas: up to 100 jobs/s (8.6 million a day) of retention, each run a
-# few milliseconds of one worker after a response. A backlog larger than
-# that (retention just turned on) is what flask prune is for.
-RETENTION_INTERVAL_S = 5.0
-RETENTION_BATCH = 500
-# Kept per process across runs: a run is a single batch, so the size it
-# settles on must outlive it. A smaller target than a request's batches: it
-# runs on a worker's time (its connection, its share of the CPU) that no
-# request asked for.
-_retention_sizer = BatchSizer(RETENTION_BATCH, target_s=0.025, start=50)
-
-
-@chores.chore(
-    "retention",
-    RETENTION_INTERVAL_S,
-    enabled=lambda config: config.get("JOB_RETENTION") is not None,
-)
-def prune_expired(cur, config) -> None:
-    """Delete one batch of terminal jobs older than JOB_RETENTION (in the chore's transaction)."""
-    # A bulk delete or a prune running right now is already deleting: skip
-    # rather than make this worker wait for its batch.
-    if not job_store.lock_bulk_deletes(cur, wait=False):
-        return
-    started = time.monotonic()
-    batch = job_store.delete_batch(
-        cur,
-        TERMINAL_STATUSES,
-        config["JOB_RETENTION"].total_seconds(),
-        job_store.START,
-        _retention_sizer.size,
-    )
-    _retention_sizer.update(time.monotonic() - started)
-    observability.count_pruned("retention", batch.deleted)
-
-
 # ---- flask --app app prune ---------------------------------------------------------------
 
 # A batch of the command is limited to a minute: no request waits for it,
@@ -238,12 +198,10 @@ class StatusesParam(click.ParamType):
     name = "status"
 
     def convert(self, value, param, ctx):
-        statuses = parse_status_tokens(value, DELETE_STATUS_TOKENS)
-        if not statuses:
-            self.fail(
-                f"{value!r}: expected terminal, completed, stopped, failed (or error)", param, ctx
-            )
-        return statuses
+        try:
+            return parse_status_tokens(value, DELETE_STATUS_TOKENS)
+        except ValueError as exc:
+            self.fail(f"{value!r}: {exc}", param, ctx)
 
 
 @click.command("prune")

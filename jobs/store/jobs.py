@@ -5,17 +5,16 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-import db
-import pool
-from schemas import (
+from jobs import pool
+from jobs.domain import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
     REASSIGNABLE_STATUSES,
     TERMINAL_STATUSES,
     TRANSITIONS,
 )
-from store.outcomes import NOT_FOUND, Blocked, Deleted, Moved, NotFound, Refused
-from store.sql import as_jsonb, fetch_all, fetch_one
+from jobs.store.outcomes import NOT_FOUND, Blocked, Deleted, Moved, NotFound, Refused
+from jobs.store.sql import as_jsonb, fetch_all, fetch_one
 
 TERMINAL = list(TERMINAL_STATUSES)
 
@@ -24,10 +23,10 @@ GET_JOB = pool.Prepared(
 )
 
 
-def get_job(job_id: int) -> str | None:
-    """The job's JSON, or None."""
-    row = fetch_one(GET_JOB, {"job_id": job_id})
-    return None if row is None else row[0]
+def get_job(cur, job_id: int) -> str | NotFound:
+    """The job's JSON."""
+    row = fetch_one(cur, GET_JOB, {"job_id": job_id})
+    return NOT_FOUND if row is None else row[0]
 
 
 # One range scan of jobs_status_newest per wanted status, merged: at most
@@ -90,11 +89,11 @@ class Page:
 
 
 def list_page(
-    statuses: tuple[str, ...], max_id: int, limit: int, node_id: str | None = None
+    cur, statuses: tuple[str, ...], max_id: int, limit: int, node_id: str | None = None
 ) -> Page:
     """Jobs in ``statuses`` (of ``node_id``, if given) with id <= max_id, newest first."""
     params = {"statuses": list(statuses), "max_id": max_id, "node_id": node_id}
-    rows = fetch_all(list_statement(limit, node_id is not None), params)
+    rows = fetch_all(cur, list_statement(limit, node_id is not None), params)
     page = rows[:limit]
     # One row more than the page tells whether there is a next page.
     cursor = page[-1][0] if len(rows) > limit else None
@@ -124,8 +123,9 @@ class Created:
     new: bool  # False: the idempotency_key named an existing job
 
 
-def create_job(node_id: str, descriptor: dict, idempotency_key: str | None) -> Created:
+def create_job(cur, node_id: str, descriptor: dict, idempotency_key: str | None) -> Created:
     inserted, job_id, job_json = fetch_one(
+        cur,
         CREATE_JOB,
         {
             "node_id": node_id,
@@ -163,10 +163,12 @@ FROM target LEFT JOIN moved ON true
 
 
 def change_status(
+    cur,
     job_id: int, to: str, node_id: str | None = None, detail: dict | None = None
 ) -> Moved | Refused | NotFound:
     """Apply one move of TRANSITIONS (or a reschedule) atomically, with its event."""
     row = fetch_one(
+        cur,
         CHANGE_STATUS,
         {
             "job_id": job_id,
@@ -195,9 +197,9 @@ SELECT target.status, removed.id IS NOT NULL FROM target LEFT JOIN removed ON tr
 """
 
 
-def delete_job(job_id: int) -> Deleted | Refused | NotFound:
+def delete_job(cur, job_id: int) -> Deleted | Refused | NotFound:
     """Delete the job (its events, tables and files cascade) only if it is terminal."""
-    row = fetch_one(DELETE_JOB, {"job_id": job_id, "terminal": TERMINAL})
+    row = fetch_one(cur, DELETE_JOB, {"job_id": job_id, "terminal": TERMINAL})
     if row is None:
         return NOT_FOUND
     status, removed = row
@@ -322,11 +324,11 @@ FROM (SELECT) AS one LEFT JOIN blocker ON true
 """
 
 
-def delete_jobs_by_ids(job_ids: list[int], timeout_ms: int) -> Deleted | Blocked:
-    with db.transaction(timeout_ms) as cur:
-        lock_bulk_deletes(cur)
-        cur.execute(DELETE_JOBS_BY_ID, {"job_ids": sorted(set(job_ids)), "terminal": TERMINAL})
-        blocker_id, blocker_status, removed = cur.fetchone()
+def delete_jobs_by_ids(cur, job_ids: list[int]) -> Deleted | Blocked:
+    """Delete exactly ``job_ids``, all or nothing, in the caller's transaction."""
+    lock_bulk_deletes(cur)
+    cur.execute(DELETE_JOBS_BY_ID, {"job_ids": sorted(set(job_ids)), "terminal": TERMINAL})
+    blocker_id, blocker_status, removed = cur.fetchone()
     if blocker_id is not None:
         return Blocked(blocker_id, blocker_status)
     return Deleted(removed)
@@ -342,10 +344,10 @@ GROUP BY j.id
 """
 
 
-def get_events(job_id: int) -> str | None:
-    """The job's events as a JSON array (oldest first), or None when there is no job."""
-    row = fetch_one(GET_EVENTS, {"job_id": job_id})
-    return None if row is None else row[0]
+def get_events(cur, job_id: int) -> str | NotFound:
+    """The job's events as a JSON array, oldest first."""
+    row = fetch_one(cur, GET_EVENTS, {"job_id": job_id})
+    return NOT_FOUND if row is None else row[0]
 
 
 GET_EVENT = """
@@ -368,8 +370,8 @@ class NoSuchEvent:
     """The job exists but has no event with that id (another job's event included)."""
 
 
-def get_event(job_id: int, event_id: int) -> Event | NoSuchEvent | NotFound:
-    row = fetch_one(GET_EVENT, {"job_id": job_id, "event_id": event_id})
+def get_event(cur, job_id: int, event_id: int) -> Event | NoSuchEvent | NotFound:
+    row = fetch_one(cur, GET_EVENT, {"job_id": job_id, "event_id": event_id})
     if row is None:
         return NOT_FOUND
     return NoSuchEvent() if row[0] is None else Event(row[0])

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas import LEASE_EXPIRY, LEASED_STATUSES, MAX_BATCH
-from store.outcomes import NOT_FOUND, NotFound
-from store.sql import as_jsonb, fetch_one
+from jobs.domain import LEASE_EXPIRY, LEASED_STATUSES, MAX_BATCH
+from jobs.store.outcomes import NOT_FOUND, NotFound
+from jobs.store.sql import as_jsonb, fetch_one
 
 LOST_BEFORE = "clock_timestamp() - make_interval(secs => %(lost_after_s)s)"
 STATUS_SQL = f"CASE WHEN w.heartbeat_at < {LOST_BEFORE} THEN 'LOST' ELSE 'ALIVE' END"
@@ -33,9 +33,10 @@ RETURNING {WORKER_JSON}
 """
 
 
-def register(node_id: str, info: dict, lost_after_s: float) -> str:
+def register(cur, node_id: str, info: dict, lost_after_s: float) -> str:
     """Register (or re-register) the worker; its JSON."""
     row = fetch_one(
+        cur,
         REGISTER, {"node_id": node_id, "info": as_jsonb(info), "lost_after_s": lost_after_s}
     )
     return row[0]
@@ -68,18 +69,18 @@ class Heartbeat:
     stop_requested: list[int]
 
 
-def heartbeat(node_id: str) -> Heartbeat | NotFound:
-    row = fetch_one(HEARTBEAT, {"node_id": node_id})
+def heartbeat(cur, node_id: str) -> Heartbeat | NotFound:
+    row = fetch_one(cur, HEARTBEAT, {"node_id": node_id})
     return NOT_FOUND if row is None else Heartbeat(*row)
 
 
 GET_WORKER = f"SELECT {WORKER_JSON} FROM workers w WHERE w.node_id = %(node_id)s"
 
 
-def get_worker(node_id: str, lost_after_s: float) -> str | None:
-    """The worker's JSON, or None when it never registered."""
-    row = fetch_one(GET_WORKER, {"node_id": node_id, "lost_after_s": lost_after_s})
-    return None if row is None else row[0]
+def get_worker(cur, node_id: str, lost_after_s: float) -> str | NotFound:
+    """The worker's JSON."""
+    row = fetch_one(cur, GET_WORKER, {"node_id": node_id, "lost_after_s": lost_after_s})
+    return NOT_FOUND if row is None else row[0]
 
 
 LIST_WORKERS = f"""
@@ -90,9 +91,9 @@ FROM workers w
 """
 
 
-def list_workers(lost_after_s: float) -> str:
+def list_workers(cur, lost_after_s: float) -> str:
     """Every registered worker as a JSON array, most recently registered first."""
-    return fetch_one(LIST_WORKERS, {"lost_after_s": lost_after_s})[0]
+    return fetch_one(cur, LIST_WORKERS, {"lost_after_s": lost_after_s})[0]
 
 
 COUNT_WORKERS = f"""

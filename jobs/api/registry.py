@@ -1,10 +1,12 @@
-"""The route registry: every route declared once, consulted by every request.
+"""The route registry: every route declared once, and the declaration does the work.
 
 ``@endpoint(rule, methods, ...)`` registers a view on the blueprint and keeps
 what the rest of the service needs to know about it: who may call it
-(auth.py), the query parameters and body it takes (checked before the view
-runs), the error codes it answers and its *_ERROR code for database failures
-(errors.py), and what openapi.py turns into the OpenAPI document.
+(auth.py), its path parameters, query and body (marshmallow schemas, parsed
+here before the view runs and handed to it), the error codes it answers and
+its *_ERROR code for database failures (errors.py), and what openapi.py turns
+into the OpenAPI document. A view receives its parsed path parameters and
+query values as keyword arguments, and its loaded body as ``body``.
 """
 
 from __future__ import annotations
@@ -12,10 +14,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-import parse
-
-# Codes every route of a kind may answer, so each declaration lists only its own.
-QUERY_ERROR = "INVALID_QUERY_PARAMETERS"
+from jobs import parse
+from jobs.errors import ApiError
 
 
 @dataclass(frozen=True)
@@ -26,11 +26,14 @@ class Route:
     access: str
     summary: str
     error_code: str
-    params: tuple = ()
+    path: type | None = None
     query: type | None = None
-    query_error: str = QUERY_ERROR
+    query_error: str = parse.QUERY_ERROR
     body: type | None = None
     body_required: bool = True
+    # A query parameter that names another form of the request than a body
+    # (DELETE /jobs?status= vs a body of job_ids): both at once is a 400.
+    body_excludes: str | None = None
     responses: dict = field(default_factory=dict)
     errors: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
@@ -54,7 +57,10 @@ class Route:
                 add(403, "FORBIDDEN")
             add(500, self.error_code)
         if self.body is not None or self.access != "open":
+            # Every such route reads what body the request has (to refuse one it
+            # does not take), with a size limit and a deadline.
             add(400, parse.INVALID_PAYLOAD)
+            add(408, "REQUEST_TIMEOUT")
             add(413, "PAYLOAD_TOO_LARGE")
         return {status: tuple(listed) for status, listed in sorted(codes.items())}
 
@@ -72,7 +78,6 @@ class EndpointRegistry:
             for status, codes in declared.get("errors", {}).items()
         }
         declared.setdefault("error_code", "INTERNAL_ERROR")
-        declared["params"] = tuple(declared.get("params", ()))
 
         def register(view):
             route = Route(
@@ -80,18 +85,36 @@ class EndpointRegistry:
             )
             self.routes.append(route)
             self._by_endpoint[f"{self.blueprint.name}.{view.__name__}"] = route
+            path_schema = route.path() if route.path else None
+            query_schema = route.query() if route.query else None
+            body_schema = route.body() if route.body else None
 
             @functools.wraps(view)
-            def checked(**path):
+            def parsed(**path):
+                # Cheap refusals first (an unknown parameter, a body where none
+                # is taken), then the values in the order of the URL, then the body.
                 if route.access != "open":
                     parse.check_query(route.query_names, route.query_error)
-                    if route.body is None:
+                    if body_schema is None:
                         parse.check_no_body()
-                return view(**path)
+                args = path_schema.load(path) if path_schema else {}
+                if query_schema is not None:
+                    args.update(query_schema.load(parse.query_values()))
+                if body_schema is not None:
+                    given = route.body_required or parse.has_body()
+                    if given and args.get(route.body_excludes) is not None:
+                        raise ApiError(
+                            400,
+                            route.query_error,
+                            f"give either ?{route.body_excludes}= or a body with "
+                            f"{', '.join(body_schema.fields)}, not both",
+                        )
+                    args["body"] = parse.load_body(body_schema) if given else None
+                return view(**args)
 
             # OPTIONS is not one of our methods: a JSON 405, not Flask's empty HTML 200.
-            checked.provide_automatic_options = False
-            self.blueprint.add_url_rule(rule, view_func=checked, methods=list(methods))
+            parsed.provide_automatic_options = False
+            self.blueprint.add_url_rule(rule, view_func=parsed, methods=list(methods))
             return view
 
         return register

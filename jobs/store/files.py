@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import chain
-import db
-from schemas import ACTIVE_STATUSES
-from store.outcomes import NOT_FOUND, NotFound, Refused
-from store.sql import fetch_one
+from jobs.domain import ACTIVE_STATUSES
+from jobs.store import chain
+from jobs.store.outcomes import NOT_FOUND, NotFound, Refused
+from jobs.store.sql import fetch_one
 
 ACTIVE = list(ACTIVE_STATUSES)
 FILE_FIELDS = ("file_name", "start_block", "end_block", "size_bytes", "block_hash", "prev_hash")
@@ -34,8 +33,8 @@ class Progress:
     tables_json: str  # {"<table>": {start_block, current_block, files_count, total_size_bytes}}
 
 
-def get_progress(job_id: int) -> Progress | NotFound:
-    row = fetch_one(GET_PROGRESS, {"job_id": job_id})
+def get_progress(cur, job_id: int) -> Progress | NotFound:
+    row = fetch_one(cur, GET_PROGRESS, {"job_id": job_id})
     return NOT_FOUND if row is None else Progress(*row)
 
 
@@ -96,9 +95,13 @@ class FileConflict:
 
 
 def register_files(
-    job_id: int, table: str, files: list[dict]
+    cur, job_id: int, table: str, files: list[dict]
 ) -> Registered | FileConflict | Refused | NotFound:
-    """Store a batch of files all or nothing, and bring the table's chain summary up to date."""
+    """Store a batch of files and bring the table's chain summary up to date.
+
+    All or nothing: the caller's transaction must be rolled back unless the
+    outcome is Registered.
+    """
     params = {"job_id": job_id, "table": table, "active": ACTIVE}
     for column, field in zip(
         ("names", "starts", "ends", "sizes", "block_hashes", "prev_hashes"),
@@ -106,15 +109,6 @@ def register_files(
         strict=True,
     ):
         params[column] = [f[field] for f in files]
-    try:
-        with db.transaction() as cur:
-            return _register(cur, job_id, table, files, params)
-    except _Conflict as conflict:
-        # Leaving the transaction by the exception rolled back this batch's inserts.
-        return conflict.outcome
-
-
-def _register(cur, job_id: int, table: str, files: list[dict], params: dict):
     cur.execute(INSERT_FILES, params)
     row = cur.fetchone()
     if row is None:
@@ -127,18 +121,12 @@ def _register(cur, job_id: int, table: str, files: list[dict], params: dict):
     if retried:
         conflict = _first_conflict(cur, job_id, table, retried)
         if conflict is not None:
-            raise _Conflict(conflict)
+            return conflict
     if inserted:
         stored = None if start is None else chain.Chain(start, current, tip_hash, count, int(size))
         chain.refresh_table(cur, job_id, table, stored, lowest_new_start)
     cur.execute(TABLE_PROGRESS, {"job_id": job_id, "table": table})
     return Registered(len(inserted), len(retried), cur.fetchone()[0])
-
-
-class _Conflict(Exception):
-    def __init__(self, outcome: FileConflict):
-        super().__init__(outcome.file_name)
-        self.outcome = outcome
 
 
 def _first_conflict(cur, job_id: int, table: str, retried: list[dict]) -> FileConflict | None:

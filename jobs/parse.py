@@ -15,10 +15,7 @@ from flask import current_app, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
-from errors import ApiError
-from schemas import (
-    ACTIVE_STATUSES,
-    DEFAULT_PAGE_SIZE,
+from jobs.domain import (
     DELETE_STATUS_TOKENS,
     JOB_ID_RULE,
     LIST_STATUS_TOKENS,
@@ -30,38 +27,46 @@ from schemas import (
     parse_job_id,
     parse_status_tokens,
 )
+from jobs.errors import ApiError
 
 INVALID_PAYLOAD = "INVALID_PAYLOAD_FORMAT"
+QUERY_ERROR = "INVALID_QUERY_PARAMETERS"
 LONG_NUMBER = re.compile(rb"\d{20}")
 MAX_JSON_DEPTH = 100
 
 
 def job_id_from_path(text: str) -> int:
-    job_id = parse_job_id(text)
-    if job_id is None:
-        raise ApiError(400, "INVALID_JOB_ID", f"job id must be {JOB_ID_RULE}")
-    return job_id
+    return _job_id(text, "INVALID_JOB_ID", "job id")
 
 
 def event_id_from_path(text: str) -> int:
     """An event ID follows the job ID rule (and answers the same code, as the reference does)."""
-    event_id = parse_job_id(text)
-    if event_id is None:
-        raise ApiError(400, "INVALID_JOB_ID", f"event id must be {JOB_ID_RULE}")
-    return event_id
+    return _job_id(text, "INVALID_JOB_ID", "event id")
+
+
+def cursor_from_query(text: str) -> int:
+    """``last_job_id``: the page holds only jobs with a smaller id."""
+    return _job_id(text, QUERY_ERROR, "last_job_id")
+
+
+def _job_id(text: str, code: str, name: str) -> int:
+    job_id = parse_job_id(text)
+    if job_id is None:
+        raise ApiError(400, code, f"{name} must be {JOB_ID_RULE}")
+    return job_id
 
 
 def worker_id_from_path(text: str) -> str:
-    if not is_node_id(text):
-        raise ApiError(400, "INVALID_WORKER_ID", f"worker id must be {NODE_ID_RULE}")
-    return text
+    return _node_id(text, "INVALID_WORKER_ID", "worker id")
 
 
-def node_id_from_query(text: str | None) -> str | None:
-    if text is None:
-        return None
+def node_id_from_query(text: str) -> str:
+    return _node_id(text, QUERY_ERROR, "node_id")
+
+
+def _node_id(text: str, code: str, name: str) -> str:
     if not is_node_id(text):
-        raise ApiError(400, "INVALID_QUERY_PARAMETERS", f"node_id must be {NODE_ID_RULE}")
+        raise ApiError(400, code, f"{name} must be {NODE_ID_RULE}")
     return text
 
 
@@ -71,13 +76,11 @@ def table_from_path(text: str) -> str:
     return text
 
 
-def limit_from_query(text: str | None) -> int:
-    if text is None:
-        return DEFAULT_PAGE_SIZE
+def limit_from_query(text: str) -> int:
     stripped = text.strip()
     digits = stripped.lstrip("+-")
     if not digits.isdigit() or not digits.isascii() or len(stripped) - len(digits) > 1:
-        raise ApiError(400, "INVALID_QUERY_PARAMETERS", "limit must be an integer")
+        raise ApiError(400, QUERY_ERROR, "limit must be an integer")
     # No int() before the length check: a 5000-digit limit would raise (a 500).
     if stripped.startswith("-") or not digits.strip("0"):
         raise ApiError(400, "LIMIT_INVALID", "limit must be at least 1")
@@ -86,41 +89,26 @@ def limit_from_query(text: str | None) -> int:
     return int(digits)
 
 
-def cursor_from_query(text: str | None) -> int | None:
-    """``last_job_id``: the largest id the page may hold, or None for no cursor."""
-    if text is None:
-        return None
-    last_job_id = parse_job_id(text)
-    if last_job_id is None:
-        raise ApiError(400, "INVALID_QUERY_PARAMETERS", f"last_job_id must be {JOB_ID_RULE}")
-    return last_job_id - 1
-
-
-def list_statuses_from_query(text: str | None) -> tuple[str, ...]:
-    """GET /jobs?status=: a union of status tokens; active jobs when absent."""
-    if text is None:
-        return ACTIVE_STATUSES
-    statuses = parse_status_tokens(text, LIST_STATUS_TOKENS)
-    if statuses is None:
-        tokens = ", ".join(LIST_STATUS_TOKENS)
-        raise ApiError(
-            400,
-            "INVALID_QUERY_PARAMETERS",
-            f"status must be comma-separated tokens among: {tokens}",
-        )
-    return statuses
+def list_statuses_from_query(text: str) -> tuple[str, ...]:
+    """GET /jobs?status=: a union of status tokens (active jobs when absent)."""
+    return _statuses(text, LIST_STATUS_TOKENS, QUERY_ERROR)
 
 
 def delete_statuses_from_query(text: str) -> tuple[str, ...]:
     """DELETE /jobs?status=: terminal statuses only."""
-    statuses = parse_status_tokens(text, DELETE_STATUS_TOKENS)
-    if statuses is None:
-        raise ApiError(
-            400,
-            "INVALID_QUERY_PARAM",
-            "status must be one of terminal, completed, stopped, error (failed)",
-        )
-    return statuses
+    return _statuses(text, DELETE_STATUS_TOKENS, "INVALID_QUERY_PARAM")
+
+
+def _statuses(text: str, tokens: dict, code: str) -> tuple[str, ...]:
+    try:
+        return parse_status_tokens(text, tokens)
+    except ValueError as exc:
+        raise ApiError(400, code, str(exc)) from None
+
+
+def query_values() -> dict[str, str]:
+    """The query's parameters (check_query has refused repeated ones)."""
+    return request.args.to_dict()
 
 
 def check_query(allowed: frozenset[str], code: str) -> None:
@@ -201,8 +189,7 @@ def check_no_body() -> None:
     """A route that takes no body refuses one that says something (empty, {} and null pass)."""
     if not body_announced():
         return  # a request without Content-Length or chunked encoding has no body
-    raw = request_body().strip()
-    if raw and raw not in (b"{}", b"null"):
+    if has_body():
         raise ApiError(400, INVALID_PAYLOAD, "this route takes no request body")
 
 
@@ -214,7 +201,8 @@ def body_announced() -> bool:
 
 
 def has_body() -> bool:
-    return bool(request_body().strip())
+    """Whether the request says anything in its body: empty, {} and null say nothing."""
+    return request_body().strip() not in (b"", b"{}", b"null")
 
 
 def load_body(schema):

@@ -15,7 +15,7 @@ import psycopg2
 from flask import request
 from werkzeug.exceptions import HTTPException
 
-from responses import json_response
+from jobs.responses import json_response
 
 log = logging.getLogger("jobs")
 
@@ -37,8 +37,13 @@ class DatabaseFailure(Exception):
         self.code = code
 
 
+def error_body(code: str, message: str) -> dict:
+    """The one error shape, also written by gunicorn's own refusals (gunicorn.conf.py)."""
+    return {"error_code": code, "error_message": message}
+
+
 def error_response(status: int, code: str, message: str, headers=None):
-    return json_response({"error_code": code, "error_message": message}, status, headers)
+    return json_response(error_body(code, message), status, headers)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import psycopg2
 from flask import current_app, g
 from flask.cli import with_appcontext
 
-import pool
+from jobs import pool
 
 
 def get_pool() -> pool.ConnectionPool:

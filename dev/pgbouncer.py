@@ -11,7 +11,7 @@ ignore_startup_parameters keeps its default: a client that sends libpq
 PgBouncer refuses to run as root; as root it runs as the same unprivileged
 user as devdb's PostgreSQL.
 
-    python devpgbouncer.py --upstream postgresql://postgres@127.0.0.1:5432/postgres \
+    python -m dev.pgbouncer --upstream postgresql://postgres@127.0.0.1:5432/postgres \
         [--pool-mode transaction|session] [--workdir DIR]
 """
 
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-import devdb
+from dev import postgres as devdb
 
 BINARY = "/usr/sbin/pgbouncer"
 POOL_MODES = ("transaction", "session", "statement")
@@ -148,7 +148,7 @@ class LocalPgBouncer:
     def _config(self) -> str:
         target = f"host={self.upstream_host} port={self.upstream_port} dbname={self.dbname}"
         return (
-            "; Written by devpgbouncer.py at every start. Stock settings but these.\n"
+            "; Written by dev/pgbouncer.py at every start. Stock settings but these.\n"
             "[databases]\n"
             f"{self.dbname} = {target}\n"
             "[pgbouncer]\n"

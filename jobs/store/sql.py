@@ -1,4 +1,4 @@
-"""Running statements: plain SQL or pool.Prepared, on the request's connection."""
+"""Running statements: plain SQL or pool.Prepared, on the caller's cursor."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import json
 import orjson
 import psycopg2.extras
 
-import db
-import pool
+from jobs import pool
 
 
 def run(cur, statement: str | pool.Prepared, params=None) -> None:
@@ -18,16 +17,14 @@ def run(cur, statement: str | pool.Prepared, params=None) -> None:
         cur.execute(statement, params)
 
 
-def fetch_one(statement: str | pool.Prepared, params=None):
-    with db.cursor() as cur:
-        run(cur, statement, params)
-        return cur.fetchone()
+def fetch_one(cur, statement: str | pool.Prepared, params=None):
+    run(cur, statement, params)
+    return cur.fetchone()
 
 
-def fetch_all(statement: str | pool.Prepared, params=None) -> list[tuple]:
-    with db.cursor() as cur:
-        run(cur, statement, params)
-        return cur.fetchall()
+def fetch_all(cur, statement: str | pool.Prepared, params=None) -> list[tuple]:
+    run(cur, statement, params)
+    return cur.fetchall()
 
 
 def as_jsonb(value):

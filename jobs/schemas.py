@@ -7,7 +7,6 @@ JSON (see app.py); the tests check those bytes against these schemas.
 
 from __future__ import annotations
 
-import re
 from typing import ClassVar
 
 from marshmallow import (
@@ -21,105 +20,25 @@ from marshmallow import (
     validates_schema,
 )
 
-STATUSES = (
-    "SCHEDULED",
-    "RUNNING",
-    "STOP_REQUESTED",
-    "STOPPING",
-    "COMPLETED",
-    "STOPPED",
-    "FAILED",
+from jobs import parse
+from jobs.domain import (
+    ACTIVE_STATUSES,
+    DEFAULT_PAGE_SIZE,
+    HASH_PATTERN,
+    JOB_ID_RULE,
+    MAX_BATCH,
+    MAX_BLOCK,
+    MAX_JOB_ID,
+    MAX_NODE_ID_LENGTH,
+    MAX_PAGE_SIZE,
+    NODE_ID_PATTERN,
+    REPORTABLE_STATUSES,
+    STATUSES,
+    TABLE_PATTERN,
+    TIMESTAMP_PATTERN,
+    WORKER_STATUSES,
+    parse_job_id,
 )
-TERMINAL_STATUSES = ("COMPLETED", "STOPPED", "FAILED")
-ACTIVE_STATUSES = tuple(s for s in STATUSES if s not in TERMINAL_STATUSES)
-
-# Legal moves a worker may report (docs/API.md, The status machine), to-status -> from-statuses.
-# STOP_REQUESTED is the operators' move (PUT /jobs/{id}/stop), guarded the same way.
-TRANSITIONS: dict[str, frozenset[str]] = {
-    "RUNNING": frozenset({"SCHEDULED"}),
-    "COMPLETED": frozenset({"RUNNING"}),
-    "FAILED": frozenset({"SCHEDULED", "RUNNING", "STOP_REQUESTED", "STOPPING"}),
-    "STOPPING": frozenset({"STOP_REQUESTED"}),
-    "STOPPED": frozenset({"STOPPING"}),
-    "SCHEDULED": frozenset({"FAILED"}),
-    "STOP_REQUESTED": frozenset({"SCHEDULED", "RUNNING"}),
-}
-REPORTABLE_STATUSES = tuple(s for s in STATUSES if s in TRANSITIONS and s != "STOP_REQUESTED")
-# Reporting the status a job already has is a no-op, except in these statuses
-# when the report names another node_id: the job moves to that node (docs/API.md,
-# "Moving a job to another worker").
-REASSIGNABLE_STATUSES = frozenset({"SCHEDULED"})
-
-# The moves a lease expiry makes when a registered worker is LOST, to-status ->
-# from-statuses (docs/API.md, "Leases"). Not worker-reportable moves: a worker
-# may not report STOP_REQUESTED -> STOPPED itself. SCHEDULED jobs stay.
-LEASE_EXPIRY: dict[str, frozenset[str]] = {
-    "FAILED": frozenset({"RUNNING"}),
-    "STOPPED": frozenset({"STOP_REQUESTED", "STOPPING"}),
-}
-LEASED_STATUSES = tuple(s for s in STATUSES if any(s in f for f in LEASE_EXPIRY.values()))
-WORKER_STATUSES = ("ALIVE", "LOST")
-
-# Filter tokens of GET /jobs?status= and DELETE /jobs?status= (case-insensitive).
-LIST_STATUS_TOKENS: dict[str, tuple[str, ...]] = {
-    **{s.lower(): (s,) for s in STATUSES},
-    "error": ("FAILED",),
-    "active": ACTIVE_STATUSES,
-    "terminal": TERMINAL_STATUSES,
-    "all": STATUSES,
-}
-DELETE_STATUS_TOKENS: dict[str, tuple[str, ...]] = {
-    "terminal": TERMINAL_STATUSES,
-    "completed": ("COMPLETED",),
-    "stopped": ("STOPPED",),
-    "error": ("FAILED",),
-    "failed": ("FAILED",),
-}
-
-MAX_JOB_ID = 2**63 - 1
-MAX_BLOCK = 2**63 - 1
-MAX_PAGE_SIZE = 1000
-DEFAULT_PAGE_SIZE = 50
-MAX_BATCH = 1000
-MAX_NODE_ID_LENGTH = 128
-NODE_ID_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]*$"
-TABLE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
-HASH_PATTERN = r"^0x[0-9a-fA-F]{64}$"
-TIMESTAMP_PATTERN = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$"
-
-# One spelling per id: no sign, no leading zeros, at most 19 digits.
-_JOB_ID = re.compile(r"[1-9][0-9]{0,18}")
-JOB_ID_RULE = f"an integer in 1..{MAX_JOB_ID}, written without leading zeros"
-_TABLE = re.compile(TABLE_PATTERN)
-_NODE_ID = re.compile(NODE_ID_PATTERN)
-NODE_ID_RULE = f"1..{MAX_NODE_ID_LENGTH} characters matching {NODE_ID_PATTERN}"
-
-
-def parse_job_id(text: str) -> int | None:
-    """A job ID as the API spells it (see JOB_ID_RULE), else None."""
-    if not _JOB_ID.fullmatch(text):
-        return None
-    value = int(text)
-    return value if 1 <= value <= MAX_JOB_ID else None
-
-
-def is_table_name(text: str) -> bool:
-    return _TABLE.fullmatch(text) is not None
-
-
-def is_node_id(text: str) -> bool:
-    return len(text) <= MAX_NODE_ID_LENGTH and _NODE_ID.fullmatch(text) is not None
-
-
-def parse_status_tokens(text: str, tokens: dict[str, tuple[str, ...]]) -> tuple[str, ...] | None:
-    """Comma-separated, case-insensitive tokens as a union of statuses; None if any is bad."""
-    wanted: set[str] = set()
-    for token in text.split(","):
-        statuses = tokens.get(token.strip().lower())
-        if statuses is None:
-            return None
-        wanted.update(statuses)
-    return tuple(s for s in STATUSES if s in wanted)
 
 
 def _nul_free_json(value) -> bool:
@@ -181,6 +100,36 @@ def no_nul(value: str) -> None:
         raise ValidationError("must not contain the character U+0000.")
 
 
+def Timestamp(**kwargs) -> fields.String:
+    """A timestamp as the API writes it: RFC 3339, UTC, six fractional digits, Z."""
+    return fields.String(required=True, validate=validate.Regexp(TIMESTAMP_PATTERN), **kwargs)
+
+
+def NodeId(**kwargs) -> fields.String:
+    """A worker's node_id (NODE_ID_RULE)."""
+    return fields.String(
+        validate=[validate.Length(1, MAX_NODE_ID_LENGTH), FullMatch(NODE_ID_PATTERN)], **kwargs
+    )
+
+
+class Param(fields.Field):
+    """A path or query value, parsed by its rule in parse.py, which answers its own coded 400.
+
+    ``openapi`` is what the OpenAPI document says of it (openapi.py).
+    """
+
+    def __init__(self, rule, openapi: dict, default=None, **kwargs):
+        # The value when absent, handed over as is (not parsed, and not the
+        # document's "default", which a few params state in ``openapi``).
+        if not kwargs.get("required"):
+            kwargs["load_default"] = lambda: default
+        super().__init__(**kwargs)
+        self.rule, self.openapi = rule, openapi
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        return self.rule(value)
+
+
 # ---- Responses -------------------------------------------------------------
 
 
@@ -191,8 +140,8 @@ class ErrorSchema(Schema):
 
 class JobSchema(Schema):
     id = fields.Integer(required=True, validate=validate.Range(1, MAX_JOB_ID))
-    created_at = fields.String(required=True, validate=validate.Regexp(TIMESTAMP_PATTERN))
-    updated_at = fields.String(required=True, validate=validate.Regexp(TIMESTAMP_PATTERN))
+    created_at = Timestamp()
+    updated_at = Timestamp()
     node_id = fields.String(required=True)
     status = fields.String(required=True, validate=validate.OneOf(STATUSES))
     descriptor = fields.Dict(required=True)
@@ -224,7 +173,7 @@ class ProgressSchema(Schema):
 
 class EventSchema(Schema):
     id = fields.Integer(required=True)
-    created_at = fields.String(required=True, validate=validate.Regexp(TIMESTAMP_PATTERN))
+    created_at = Timestamp()
     event_type = fields.String(required=True, validate=validate.OneOf(STATUSES))
     node_id = fields.String(required=True, allow_none=True)
     detail = fields.Dict(required=True, allow_none=True)
@@ -240,7 +189,7 @@ class JobEventSchema(Schema):
 
     id = fields.Integer(required=True)
     job_id = fields.Integer(required=True)
-    created_at = fields.String(required=True, validate=validate.Regexp(TIMESTAMP_PATTERN))
+    created_at = Timestamp()
     node_id = fields.String(required=True, allow_none=True)
     event_type = fields.String(required=True, validate=validate.OneOf(STATUSES))
     detail = fields.Dict(required=True, allow_none=True)
@@ -270,15 +219,15 @@ class WorkerMetadataSchema(StrictSchema):
 class WorkerSchema(Schema):
     node_id = fields.String(required=True)
     info = fields.Nested(WorkerMetadataSchema, required=True)
-    created_at = fields.String(required=True, validate=validate.Regexp(TIMESTAMP_PATTERN))
-    registered_at = fields.String(required=True, validate=validate.Regexp(TIMESTAMP_PATTERN))
-    heartbeat_at = fields.String(required=True, validate=validate.Regexp(TIMESTAMP_PATTERN))
+    created_at = Timestamp()
+    registered_at = Timestamp()
+    heartbeat_at = Timestamp()
     status = fields.String(required=True, validate=validate.OneOf(WORKER_STATUSES))
 
 
 class WorkerSummarySchema(Schema):
     node_id = fields.String(required=True)
-    heartbeat_at = fields.String(required=True, validate=validate.Regexp(TIMESTAMP_PATTERN))
+    heartbeat_at = Timestamp()
     status = fields.String(required=True, validate=validate.OneOf(WORKER_STATUSES))
 
 
@@ -292,7 +241,7 @@ class WorkerListSchema(Schema):
 
 class HeartbeatSchema(Schema):
     node_id = fields.String(required=True)
-    heartbeat_at = fields.String(required=True, validate=validate.Regexp(TIMESTAMP_PATTERN))
+    heartbeat_at = Timestamp()
     scheduled = fields.List(
         fields.Integer(),
         required=True,
@@ -342,41 +291,76 @@ class BulkDeleteProgressSchema(StrictSchema):
 # ---- Requests --------------------------------------------------------------
 
 
-class ListJobsQuerySchema(StrictSchema):
-    """Documents GET /jobs's query; parse.py parses it with the coded errors docs/API.md lists."""
+# Path parameters and queries: each value is parsed by a rule of parse.py,
+# before the view runs (api/registry.py), with the code docs/API.md lists.
+JOB_ID_DOC = {"type": "integer", "minimum": 1, "maximum": MAX_JOB_ID}
+NODE_ID_DOC = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_NODE_ID_LENGTH,
+    "pattern": NODE_ID_PATTERN,
+}
 
-    limit = fields.Integer(
-        load_default=DEFAULT_PAGE_SIZE,
-        validate=validate.Range(1, MAX_PAGE_SIZE),
+
+class JobPath(Schema):
+    job_id = Param(parse.job_id_from_path, JOB_ID_DOC, required=True)
+
+
+class JobEventPath(JobPath):
+    event_id = Param(parse.event_id_from_path, JOB_ID_DOC, required=True)
+
+
+class JobTablePath(JobPath):
+    table = Param(
+        parse.table_from_path, {"type": "string", "pattern": TABLE_PATTERN}, required=True
+    )
+
+
+class WorkerPath(Schema):
+    node_id = Param(parse.worker_id_from_path, NODE_ID_DOC, required=True)
+
+
+class ListJobsQuerySchema(Schema):
+    limit = Param(
+        parse.limit_from_query,
+        {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE, "default": DEFAULT_PAGE_SIZE},
+        default=DEFAULT_PAGE_SIZE,
         metadata={"description": f"page size, 1..{MAX_PAGE_SIZE} (default {DEFAULT_PAGE_SIZE})"},
     )
-    last_job_id = JobId(metadata={"description": "cursor: only jobs with a smaller id"})
-    status = fields.String(
+    last_job_id = Param(
+        parse.cursor_from_query,
+        JOB_ID_DOC,
+        metadata={"description": "cursor: only jobs with a smaller id"},
+    )
+    status = Param(
+        parse.list_statuses_from_query,
+        {"type": "string"},
+        default=ACTIVE_STATUSES,
         metadata={
             "description": "comma-separated, case-insensitive: a status name, active "
             "(default), terminal, all, or error (= FAILED)"
-        }
+        },
     )
-    node_id = fields.String(
-        validate=[validate.Length(1, MAX_NODE_ID_LENGTH), FullMatch(NODE_ID_PATTERN)],
+    node_id = Param(
+        parse.node_id_from_query,
+        NODE_ID_DOC,
         metadata={"description": "only jobs of this node"},
     )
 
 
-class DeleteJobsQuerySchema(StrictSchema):
-    status = fields.String(
+class DeleteJobsQuerySchema(Schema):
+    status = Param(
+        parse.delete_statuses_from_query,
+        {"type": "string"},
         metadata={
             "description": "terminal, completed, stopped, error (or failed); "
             "absent: the body's job_ids are deleted instead"
-        }
+        },
     )
 
 
 class CreateJobSchema(StrictSchema):
-    node_id = fields.String(
-        required=True,
-        validate=[validate.Length(1, 128), FullMatch(NODE_ID_PATTERN)],
-    )
+    node_id = NodeId(required=True)
     descriptor = JsonObject(load_default=dict)
     idempotency_key = fields.String(
         load_default=None,
@@ -388,10 +372,7 @@ class CreateJobSchema(StrictSchema):
 class StatusReportSchema(StrictSchema):
     status = fields.String(required=True, validate=validate.OneOf(REPORTABLE_STATUSES))
     detail = JsonObject(load_default=None, allow_none=True)
-    node_id = fields.String(
-        load_default=None,
-        validate=[validate.Length(1, 128), FullMatch(NODE_ID_PATTERN)],
-    )
+    node_id = NodeId(load_default=None)
 
     @validates_schema
     def node_only_when_rescheduling(self, data, **kwargs):

@@ -10,8 +10,8 @@ PostgreSQL refuses to run as root. As root, the server runs as the OS user
 use; the data directory is handed to that user and the binaries (which may
 live in a venv under /root, mode 700) are made reachable by it.
 
-    python devdb.py serve [--datadir .pgdata] -- gunicorn -c gunicorn.conf.py wsgi:app
-    python devdb.py start|stop|url [--datadir DIR]
+    python -m dev.postgres serve [--datadir .pgdata] -- gunicorn -c gunicorn.conf.py wsgi:app
+    python -m dev.postgres start|stop|url [--datadir DIR]
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ class LocalPostgres:
             settings |= {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
         self._write(
             CONF_FILE,
-            "# Written by devdb.py at every start.\n"
+            "# Written by dev/postgres.py at every start.\n"
             + "".join(f"{name} = {value}\n" for name, value in settings.items()),
         )
         main_conf = self.datadir / "postgresql.conf"

@@ -11,7 +11,7 @@ import hmac
 
 from flask import current_app, request
 
-from errors import error_response
+from jobs.errors import error_response
 
 # A route's declared access -> the roles that may use it (None: no token).
 ROLE_GRANTS = {

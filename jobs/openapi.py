@@ -4,55 +4,14 @@ marshmallow schemas that validate and serialise every route."""
 from __future__ import annotations
 
 import re
+from http import HTTPStatus
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 
-from registry import EndpointRegistry, Route
-from schemas import (
-    MAX_BATCH,
-    MAX_JOB_ID,
-    NODE_ID_PATTERN,
-    TABLE_PATTERN,
-    ErrorSchema,
-    FileSchema,
-    JobId,
-)
-
-HTTP_REASONS = {
-    200: "OK",
-    201: "Created",
-    202: "Accepted",
-    204: "No Content",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    409: "Conflict",
-    413: "Payload Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
-
-JOB_ID_PARAM = {
-    "in": "path",
-    "name": "job_id",
-    "required": True,
-    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_JOB_ID},
-}
-EVENT_ID_PARAM = {**JOB_ID_PARAM, "name": "event_id"}
-NODE_ID_PARAM = {
-    "in": "path",
-    "name": "node_id",
-    "required": True,
-    "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": NODE_ID_PATTERN},
-}
-TABLE_PARAM = {
-    "in": "path",
-    "name": "table",
-    "required": True,
-    "schema": {"type": "string", "pattern": TABLE_PATTERN},
-}
+from jobs.api.registry import EndpointRegistry, Route
+from jobs.domain import MAX_BATCH, MAX_JOB_ID
+from jobs.schemas import ErrorSchema, FileSchema, JobId, Param
 
 _documents: dict[int, dict] = {}
 
@@ -76,6 +35,7 @@ def _build(registry: EndpointRegistry) -> dict:
     )
     plugin.converter.field_mapping[JobId] = ("integer", None)
     plugin.converter.add_attribute_function(_job_id_range)
+    plugin.converter.add_attribute_function(_param_doc)
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
     spec.components.schema("Error", schema=ErrorSchema)
     spec.components.schema("File", schema=FileSchema)
@@ -99,17 +59,32 @@ def _job_id_range(self, field, ret=None, **kwargs) -> dict:
     return {"minimum": 1, "maximum": MAX_JOB_ID} if isinstance(field, JobId) else {}
 
 
+def _param_doc(self, field, ret=None, **kwargs) -> dict:
+    # A path or query value: what its rule (parse.py) accepts.
+    return dict(field.openapi) if isinstance(field, Param) else {}
+
+
+def _reason(code: int) -> str:
+    return HTTPStatus(code).phrase
+
+
 def _operation(route: Route) -> dict:
     op: dict = {"summary": route.summary, "operationId": route.view}
-    parameters = list(route.params)
+    parameters = []
+    if route.path is not None:
+        parameters.append({"in": "path", "schema": route.path})
     if route.query is not None:
         parameters.append({"in": "query", "schema": route.query})
     if parameters:
         op["parameters"] = parameters
     if route.body is not None:
+        schema = _body_schema(route.body)
+        if not route.body_required:
+            # An optional body may also be null, which says nothing (docs/API.md, Conventions).
+            schema = {"oneOf": [schema, {"nullable": True, "enum": [None]}]}
         op["requestBody"] = {
             "required": route.body_required,
-            "content": {"application/json": {"schema": _body_schema(route.body)}},
+            "content": {"application/json": {"schema": schema}},
         }
     if route.access != "open":
         op["security"] = [{"bearer": []}]
@@ -138,7 +113,7 @@ def _body_schema(schema):
 
 
 def _response(code: int, schema) -> dict:
-    response = {"description": HTTP_REASONS.get(code, str(code))}
+    response = {"description": _reason(code)}
     if isinstance(schema, dict):  # a content map already: {"text/plain": {"schema": ...}}
         response["content"] = schema
     elif schema is not None:
@@ -149,7 +124,7 @@ def _response(code: int, schema) -> dict:
 def _error_response(code: int, error_codes: tuple[str, ...]) -> dict:
     """The Error shape, with the error codes this route answers at this status."""
     return {
-        "description": f"{HTTP_REASONS.get(code, str(code))}: {', '.join(error_codes)}",
+        "description": f"{_reason(code)}: {', '.join(error_codes)}",
         "content": {
             "application/json": {
                 "schema": {

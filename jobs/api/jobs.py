@@ -1,0 +1,257 @@
+"""Jobs: list, get, schedule, move through the status machine, history, delete."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import current_app
+
+from jobs import db, pruning
+from jobs.api import endpoint
+from jobs.domain import MAX_JOB_ID
+from jobs.errors import ApiError, database_errors_answer
+from jobs.responses import json_response, json_with_fragments, no_content
+from jobs.schemas import (
+    BulkDeleteProgressSchema,
+    BulkDeleteSchema,
+    CreateJobSchema,
+    DeleteJobsQuerySchema,
+    EventListSchema,
+    JobEventPath,
+    JobEventSchema,
+    JobListSchema,
+    JobPath,
+    JobSchema,
+    ListJobsQuerySchema,
+    StatusReportSchema,
+)
+from jobs.store import jobs as job_store
+from jobs.store.outcomes import Blocked, Moved, NotFound, Refused
+
+log = logging.getLogger("jobs")
+
+JOB_ERRORS = {400: "INVALID_JOB_ID", 404: "JOB_NOT_FOUND"}
+
+
+def job_not_found(job_id: int) -> ApiError:
+    return ApiError(404, "JOB_NOT_FOUND", f"job {job_id} not found")
+
+
+@endpoint(
+    "/jobs",
+    "GET",
+    access="read",
+    error_code="LIST_JOBS_ERROR",
+    summary="List jobs, newest first, with cursor paging and status and node filters",
+    query=ListJobsQuerySchema,
+    responses={200: JobListSchema},
+    errors={400: ("INVALID_QUERY_PARAMETERS", "LIMIT_INVALID", "LIMIT_TOO_LARGE")},
+)
+def list_jobs(limit, last_job_id, status, node_id):
+    max_id = MAX_JOB_ID if last_job_id is None else last_job_id - 1
+    with db.cursor() as cur:
+        page = job_store.list_page(cur, status, max_id, limit, node_id)
+    cursor = "null" if page.next_cursor is None else str(page.next_cursor)
+    return json_with_fragments({}, jobs=f"[{','.join(page.jobs_json)}]", next_cursor=cursor)
+
+
+@endpoint(
+    "/jobs",
+    "POST",
+    access="admin",
+    error_code="CREATE_JOB_ERROR",
+    summary="Schedule a job (idempotent with idempotency_key)",
+    body=CreateJobSchema,
+    responses={201: JobSchema, 200: JobSchema},
+)
+def create_job(body):
+    with db.cursor() as cur:
+        created = job_store.create_job(
+            cur, body["node_id"], body["descriptor"], body["idempotency_key"]
+        )
+    if not created.new:
+        return json_response(created.job_json, 200)
+    return json_response(created.job_json, 201, {"Location": f"/jobs/{created.job_id}"})
+
+
+@endpoint(
+    "/jobs/<job_id>",
+    "GET",
+    access="read",
+    error_code="GET_JOB_ERROR",
+    summary="Get one job",
+    path=JobPath,
+    responses={200: JobSchema},
+    errors=JOB_ERRORS,
+)
+def get_job(job_id):
+    with db.cursor() as cur:
+        job_json = job_store.get_job(cur, job_id)
+    if isinstance(job_json, NotFound):
+        raise job_not_found(job_id)
+    return json_response(job_json)
+
+
+@endpoint(
+    "/jobs/<job_id>/events",
+    "GET",
+    access="read",
+    error_code="GET_JOB_EVENTS_ERROR",
+    summary="The job's history of status changes, oldest first",
+    path=JobPath,
+    responses={200: EventListSchema},
+    errors=JOB_ERRORS,
+)
+def get_events(job_id):
+    with db.cursor() as cur:
+        events = job_store.get_events(cur, job_id)
+    if isinstance(events, NotFound):
+        raise job_not_found(job_id)
+    return json_with_fragments({"job_id": job_id}, events=events)
+
+
+@endpoint(
+    "/jobs/<job_id>/events/<event_id>",
+    "GET",
+    access="read",
+    error_code="GET_JOB_EVENT_ERROR",
+    summary="One event of the job's history",
+    path=JobEventPath,
+    responses={200: JobEventSchema},
+    errors={400: "INVALID_JOB_ID", 404: ("JOB_NOT_FOUND", "EVENT_NOT_FOUND")},
+)
+def get_event(job_id, event_id):
+    with db.cursor() as cur:
+        found = job_store.get_event(cur, job_id, event_id)
+    match found:
+        case NotFound():
+            raise job_not_found(job_id)
+        case job_store.NoSuchEvent():
+            raise ApiError(404, "EVENT_NOT_FOUND", f"job {job_id} has no event {event_id}")
+        case _:
+            return json_response(found.event_json)
+
+
+# ---- Moves through the status machine ---------------------------------------
+
+
+@endpoint(
+    "/jobs/<job_id>/stop",
+    ("PUT", "POST"),
+    access="admin",
+    error_code="STOP_JOB_ERROR",
+    summary="Request a stop (idempotent): SCHEDULED/RUNNING become STOP_REQUESTED",
+    path=JobPath,
+    responses={200: JobSchema},
+    errors=JOB_ERRORS,
+)
+def request_stop(job_id):
+    with db.cursor() as cur:
+        outcome = job_store.change_status(cur, job_id, "STOP_REQUESTED")
+    match outcome:
+        case NotFound():
+            raise job_not_found(job_id)
+        # Refused: any status the stop cannot move from is already stopping or
+        # finished, and the stop is idempotent.
+        case Moved(job_json) | Refused(job_json=job_json):
+            return json_response(job_json)
+
+
+@endpoint(
+    "/jobs/<job_id>/status",
+    "PUT",
+    access="worker",
+    error_code="UPDATE_JOB_STATUS_ERROR",
+    summary="A worker reports a status transition",
+    path=JobPath,
+    body=StatusReportSchema,
+    responses={200: JobSchema},
+    errors={**JOB_ERRORS, 409: "INVALID_STATE_TRANSITION"},
+)
+def report_status(job_id, body):
+    to = body["status"]
+    with db.cursor() as cur:
+        outcome = job_store.change_status(cur, job_id, to, body["node_id"], body["detail"])
+    match outcome:
+        case NotFound():
+            raise job_not_found(job_id)
+        case Refused(status=before) if before != to:
+            raise ApiError(
+                409, "INVALID_STATE_TRANSITION", f"job {job_id} is {before}: it cannot move to {to}"
+            )
+        # Reporting the status the job already has is a no-op (a worker's retry).
+        case Moved(job_json) | Refused(job_json=job_json):
+            return json_response(job_json)
+
+
+# ---- Deletes -------------------------------------------------------------------
+
+
+@endpoint(
+    "/jobs/<job_id>",
+    "DELETE",
+    access="admin",
+    error_code="DELETE_JOB_ERROR",
+    summary="Delete a terminal job (idempotent: 204 also when it does not exist)",
+    path=JobPath,
+    responses={204: None},
+    errors={400: "INVALID_JOB_ID", 409: "JOB_CONFLICT"},
+)
+def delete_job(job_id):
+    with db.cursor() as cur:
+        outcome = job_store.delete_job(cur, job_id)
+    if isinstance(outcome, Refused):
+        raise ApiError(
+            409,
+            "JOB_CONFLICT",
+            f"job {job_id} is {outcome.status}: only terminal jobs can be deleted",
+        )
+    return no_content()
+
+
+@endpoint(
+    "/jobs",
+    "DELETE",
+    access="admin",
+    error_code="DELETE_JOBS_BY_STATUS_ERROR",
+    summary="Delete every job in the given terminal status(es), or exactly the listed job_ids",
+    query=DeleteJobsQuerySchema,
+    query_error="INVALID_QUERY_PARAM",
+    body=BulkDeleteSchema,
+    body_required=False,
+    body_excludes="status",
+    responses={204: None, 200: BulkDeleteProgressSchema},
+    errors={409: "JOB_CONFLICT", 500: "DELETE_JOBS_ERROR"},
+)
+def delete_jobs(status, body):
+    # Both forms at once are refused by the declaration (body_excludes): deleting
+    # by status would silently ignore the listed ids, deleting far more than asked.
+    if status is None:
+        return delete_listed_jobs(body)
+    # In batches, each its own transaction, for at most the request's budget
+    # (pruning.py): any backlog gets an answer in time, and repeating continues.
+    pruned = pruning.delete_by_status(status)
+    log.info(
+        "bulk delete",
+        extra={"fields": {"statuses": status, "deleted": pruned.deleted, "more": pruned.more}},
+    )
+    if pruned.more:
+        return json_response({"deleted": pruned.deleted, "more": True}, 200)
+    return no_content()
+
+
+def delete_listed_jobs(body):
+    """DELETE /jobs with {"job_ids": [...]}: exactly those jobs, all or nothing.
+
+    One statement: at most 1000 jobs, so it needs no batches.
+    """
+    if body is None:
+        raise ApiError(400, "INVALID_QUERY_PARAM", "status is required (or a body with job_ids)")
+    timeout_ms = pruning.batch_timeout_ms(current_app.config)
+    with database_errors_answer("DELETE_JOBS_ERROR"), db.transaction(timeout_ms) as cur:
+        outcome = job_store.delete_jobs_by_ids(cur, body["job_ids"])
+    if isinstance(outcome, Blocked):
+        raise ApiError(
+            409, "JOB_CONFLICT", f"job {outcome.job_id} is {outcome.status}: nothing was deleted"
+        )
+    return no_content()

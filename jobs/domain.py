@@ -1,0 +1,113 @@
+"""The domain: statuses, the status machine, lease moves, and the rules for ids and names.
+
+Said once here; the store (SQL guards), the schemas (request and response
+shapes) and the parsers (path and query) all import it.
+"""
+
+from __future__ import annotations
+
+import re
+
+STATUSES = (
+    "SCHEDULED",
+    "RUNNING",
+    "STOP_REQUESTED",
+    "STOPPING",
+    "COMPLETED",
+    "STOPPED",
+    "FAILED",
+)
+TERMINAL_STATUSES = ("COMPLETED", "STOPPED", "FAILED")
+ACTIVE_STATUSES = tuple(s for s in STATUSES if s not in TERMINAL_STATUSES)
+
+# Legal moves a worker may report (docs/API.md, The status machine), to-status -> from-statuses.
+# STOP_REQUESTED is the operators' move (PUT /jobs/{id}/stop), guarded the same way.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "RUNNING": frozenset({"SCHEDULED"}),
+    "COMPLETED": frozenset({"RUNNING"}),
+    "FAILED": frozenset({"SCHEDULED", "RUNNING", "STOP_REQUESTED", "STOPPING"}),
+    "STOPPING": frozenset({"STOP_REQUESTED"}),
+    "STOPPED": frozenset({"STOPPING"}),
+    "SCHEDULED": frozenset({"FAILED"}),
+    "STOP_REQUESTED": frozenset({"SCHEDULED", "RUNNING"}),
+}
+REPORTABLE_STATUSES = tuple(s for s in STATUSES if s in TRANSITIONS and s != "STOP_REQUESTED")
+# Reporting the status a job already has is a no-op, except in these statuses
+# when the report names another node_id: the job moves to that node (docs/API.md,
+# "Moving a job to another worker").
+REASSIGNABLE_STATUSES = frozenset({"SCHEDULED"})
+
+# The moves a lease expiry makes when a registered worker is LOST, to-status ->
+# from-statuses (docs/API.md, "Leases"). Not worker-reportable moves: a worker
+# may not report STOP_REQUESTED -> STOPPED itself. SCHEDULED jobs stay.
+LEASE_EXPIRY: dict[str, frozenset[str]] = {
+    "FAILED": frozenset({"RUNNING"}),
+    "STOPPED": frozenset({"STOP_REQUESTED", "STOPPING"}),
+}
+LEASED_STATUSES = tuple(s for s in STATUSES if any(s in f for f in LEASE_EXPIRY.values()))
+WORKER_STATUSES = ("ALIVE", "LOST")
+
+# Filter tokens of GET /jobs?status= and DELETE /jobs?status= (case-insensitive).
+LIST_STATUS_TOKENS: dict[str, tuple[str, ...]] = {
+    **{s.lower(): (s,) for s in STATUSES},
+    "error": ("FAILED",),
+    "active": ACTIVE_STATUSES,
+    "terminal": TERMINAL_STATUSES,
+    "all": STATUSES,
+}
+DELETE_STATUS_TOKENS: dict[str, tuple[str, ...]] = {
+    "terminal": TERMINAL_STATUSES,
+    "completed": ("COMPLETED",),
+    "stopped": ("STOPPED",),
+    "error": ("FAILED",),
+    "failed": ("FAILED",),
+}
+
+MAX_JOB_ID = 2**63 - 1
+MAX_BLOCK = 2**63 - 1
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 50
+MAX_BATCH = 1000
+MAX_NODE_ID_LENGTH = 128
+NODE_ID_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]*$"
+TABLE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
+HASH_PATTERN = r"^0x[0-9a-fA-F]{64}$"
+TIMESTAMP_PATTERN = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$"
+
+# One spelling per id: no sign, no leading zeros, at most 19 digits.
+_JOB_ID = re.compile(r"[1-9][0-9]{0,18}")
+JOB_ID_RULE = f"an integer in 1..{MAX_JOB_ID}, written without leading zeros"
+_TABLE = re.compile(TABLE_PATTERN)
+_NODE_ID = re.compile(NODE_ID_PATTERN)
+NODE_ID_RULE = f"1..{MAX_NODE_ID_LENGTH} characters matching {NODE_ID_PATTERN}"
+
+
+def parse_job_id(text: str) -> int | None:
+    """A job ID as the API spells it (see JOB_ID_RULE), else None."""
+    if not _JOB_ID.fullmatch(text):
+        return None
+    value = int(text)
+    return value if 1 <= value <= MAX_JOB_ID else None
+
+
+def is_table_name(text: str) -> bool:
+    return _TABLE.fullmatch(text) is not None
+
+
+def is_node_id(text: str) -> bool:
+    return len(text) <= MAX_NODE_ID_LENGTH and _NODE_ID.fullmatch(text) is not None
+
+
+def parse_status_tokens(text: str, tokens: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """Comma-separated, case-insensitive tokens as a union of statuses.
+
+    ValueError, with a message naming the accepted tokens, when any is unknown
+    or empty (the API answers it as a 400, ``flask prune`` as a usage error).
+    """
+    wanted: set[str] = set()
+    for token in text.split(","):
+        statuses = tokens.get(token.strip().lower())
+        if statuses is None:
+            raise ValueError(f"status must be comma-separated tokens among: {', '.join(tokens)}")
+        wanted.update(statuses)
+    return tuple(s for s in STATUSES if s in wanted)
