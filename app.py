@@ -3,7 +3,8 @@
 ``create_app`` configures and wires; the service lives in the package ``jobs``:
 
 - ``jobs/api/``: the blueprint and its routes, a module per resource; each
-  route is declared once (registry.py: access, input, answers, error codes).
+  route is declared once (registry.py: access, input, answers, error codes),
+  and openapi.py builds the OpenAPI document from those declarations.
 - ``jobs/store/``: every SQL statement, one function per statement, taking the
   caller's cursor and returning a named outcome.
 - ``jobs/domain.py``: statuses, the status machine, lease moves, id rules.
@@ -12,7 +13,7 @@
 - ``jobs/db.py`` and ``jobs/pool.py``: connections; ``jobs/pruning.py``: bulk
   deletes in batches and ``flask prune``; ``jobs/settings.py``: every setting;
   ``jobs/errors.py``, ``jobs/auth.py``, ``jobs/parse.py``, ``jobs/responses.py``,
-  ``jobs/openapi.py``, ``jobs/observability.py``.
+  ``jobs/observability.py``.
 
 docs/API.md is the reference.
 """

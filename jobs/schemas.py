@@ -115,7 +115,7 @@ def NodeId(**kwargs) -> fields.String:
 class Param(fields.Field):
     """A path or query value, parsed by its rule in parse.py, which answers its own coded 400.
 
-    ``openapi`` is what the OpenAPI document says of it (openapi.py).
+    ``openapi`` is what the OpenAPI document says of it (api/openapi.py).
     """
 
     def __init__(self, rule, openapi: dict, default=None, **kwargs):

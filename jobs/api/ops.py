@@ -9,8 +9,8 @@ import time
 import psycopg2
 from flask import current_app
 
-from jobs import observability, openapi, pool
-from jobs.api import endpoint
+from jobs import observability, pool
+from jobs.api import endpoint, openapi
 from jobs.responses import json_response
 from jobs.schemas import HealthSchema
 from jobs.store import workers as worker_store
