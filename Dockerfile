@@ -44,6 +44,8 @@ COPY app.py auth.py chain.py chores.py db.py errors.py history.py leases.py obse
      openapi.py parse.py pool.py registry.py responses.py schemas.py settings.py \
      wsgi.py gunicorn.conf.py schema.sql ./
 COPY store/ ./store/
+# The operator's console (/ui/): static files, served from here by app.py.
+COPY jobs/console/ ./jobs/console/
 RUN python -m compileall -q /app
 
 # The only place the runtime writes is PROMETHEUS_MULTIPROC_DIR, which

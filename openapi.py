@@ -24,6 +24,7 @@ HTTP_REASONS = {
     201: "Created",
     202: "Accepted",
     204: "No Content",
+    304: "Not Modified",
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
