@@ -10,8 +10,9 @@ test_console.py imports the fixtures from here:
 - ``page``: a fresh context (1280x800, its own sessionStorage) and page per test,
   watched: every console error and uncaught page error is collected, and the test
   fails at teardown if any was not expected (``page.watch.allow(pattern)``).
-- ``screenshot(page, name)``: with JOBS_SCREENSHOTS=<dir> set (`make screenshots`
-  sets docs/screenshots), the viewport as <dir>/<name>.png; otherwise nothing.
+- ``screenshot(page, name, full_page=False)``: with JOBS_SCREENSHOTS=<dir> set (`make
+  screenshots` sets docs/screenshots), the viewport (or the whole page) as
+  <dir>/<name>.png; otherwise nothing.
 """
 
 from __future__ import annotations
@@ -115,11 +116,11 @@ def expect(target):
     return playwright_expect(target)
 
 
-def screenshot(page, name: str) -> Path | None:
+def screenshot(page, name: str, full_page: bool = False) -> Path | None:
     folder = os.environ.get("JOBS_SCREENSHOTS")
     if not folder:
         return None
     path = Path(folder) / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(path))
+    page.screenshot(path=str(path), full_page=full_page)
     return path

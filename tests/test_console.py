@@ -110,11 +110,11 @@ def expect_follow_refusal(page, server) -> None:
         page.watch.allow(r"status of 400 .*\[[^\]]*/events\?follow=true\]")
 
 
-def fetch(server, path: str, headers: dict | None = None):
+def fetch(server, path: str, headers: dict | None = None, method: str = "GET"):
     """(status, headers as a dict with lower-case names, body bytes)."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     try:
-        conn.request("GET", path, headers=headers or {})
+        conn.request(method, path, headers=headers or {})
         response = conn.getresponse()
         return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
     finally:
@@ -176,6 +176,13 @@ def test_every_console_answer_carries_csp_nosniff_and_a_cache_header(server):
         assert headers["x-content-type-options"] == "nosniff", path
     status, headers, _ = fetch(server, "/ui")
     assert status == 308 and headers["location"].endswith("/ui/")
+    # HEAD, a query string (ignored, as by the operations routes), a method it does not take.
+    status, headers, body = fetch(server, "/ui/app.js", method="HEAD")
+    assert (status, body, headers["content-type"]) == (200, b"", CONSOLE_FILES["app.js"])
+    assert fetch(server, "/ui/?from=bookmark")[0] == 200
+    status, headers, body = fetch(server, "/ui/", method="POST")
+    assert (status, json.loads(body)["error_code"]) == (405, "METHOD_NOT_ALLOWED")
+    assert set(headers["content-security-policy"].split("; ")) == CSP_PARTS
     # The API and the operations routes keep their behaviour (and no console headers).
     for path in ("/healthz", "/readyz", "/jobs"):
         status, headers, body = fetch(server, path)
@@ -758,12 +765,105 @@ def test_the_timeline_and_progress_follow_a_working_worker_live(fresh, server, p
     thread.join(5)
 
 
+def test_the_event_stream_parser_follows_the_standard(fresh, server, page):
+    """The parser of the follow stream (follow.js), fed in awkward chunks: a BOM, CRLF
+    split between chunks, CR alone, comments, multi-line data, a field without a
+    value, ids that persist, retry, and an unfinished event at the end."""
+    visit(page, server)
+    expect(page.locator("main h1")).to_have_text("Jobs")
+    parsed = page.evaluate(
+        r"""async () => {
+            const { EventStreamParser } = await import("/ui/follow.js");
+            const events = [];
+            const retries = [];
+            const parser = new EventStreamParser((e) => events.push(e), (ms) => retries.push(ms));
+            for (const chunk of [
+                "\ufeffdata: a\r", "\ndata: b\r\n\r", "\n: keep-alive\n",
+                "id: 7\nevent: FAILED\ndata:no-space\ndata:  two spaces\n\n",
+                "data: x\rretry: 1500\r\r", "data\n\n", "id: bad\u0000id\ndata: y\n\n",
+                "event: lonely\n\n", "data: {\"id\": 9,\n", "data: \"detail\": null}\n\n",
+                "data: unfinished",
+            ]) parser.push(chunk);
+            parser.end();
+            return { events, retries };
+        }"""
+    )
+    assert parsed["retries"] == [1500]
+    assert parsed["events"] == [
+        {"type": "message", "data": "a\nb", "id": ""},
+        {"type": "FAILED", "data": "no-space\n two spaces", "id": "7"},
+        {"type": "message", "data": "x", "id": "7"},
+        {"type": "message", "data": "", "id": "7"},
+        {"type": "message", "data": "y", "id": "7"},
+        {"type": "message", "data": '{"id": 9,\n"detail": null}', "id": "7"},
+    ]
+
+
+def test_the_job_page_follows_a_stream_resumes_after_a_drop_and_stops_at_the_end(
+    fresh, server, page
+):
+    """The job page against a follow stream played by the test (page.route), from the
+    job's real events while a worker really moves it: it asks from the last event it
+    shows, adds what arrives and refreshes the job and its progress, reconnects with
+    Last-Event-ID after a drop and after a 503 (backing off), and stops after the
+    terminal event."""
+    call = server.caller()
+    job_id = create_job(call, "node-a", descriptor={"end_block": 999})["id"]
+    move_to(call, job_id, "RUNNING")
+    asked = []
+
+    def sse(events, line_end="\n"):
+        out = [f": keep-alive{line_end}{line_end}"]
+        for event in events:
+            text = json.dumps(event, indent=1)  # several data lines
+            data = line_end.join(f"data: {line}" for line in text.split("\n"))
+            out.append(f"id: {event['id']}{line_end}event: {event['event_type']}{line_end}")
+            out.append(f"{data}{line_end}{line_end}")
+        return "".join(out)
+
+    def after(last_id):
+        return [e for e in call("GET", f"/jobs/{job_id}/events")[1]["events"] if e["id"] > last_id]
+
+    def stream(route):
+        last = route.request.headers.get("last-event-id")
+        asked.append(last)
+        if len(asked) == 1:
+            # The worker registers half the blocks, the operator stops: one event.
+            assert call("POST", f"/jobs/{job_id}/tables/b/files", [file_entry("a", 0, 499)])[0]
+            assert call("PUT", f"/jobs/{job_id}/stop")[0] == 200
+            body = sse(after(int(last)), "\r\n")  # then the stream drops
+        elif len(asked) == 2:
+            route.fulfill(status=503, content_type="application/json", body="{}")
+            return
+        else:
+            assert call("PUT", f"/jobs/{job_id}/status", {"status": "STOPPING"})[0] == 200
+            assert call("PUT", f"/jobs/{job_id}/status", {"status": "STOPPED"})[0] == 200
+            body = sse(after(int(last)), "\r")
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body)
+
+    page.route("**/events?follow=true", stream)
+    page.watch.allow(r"status of 503 .*follow=true")
+    visit(page, server, f"#/jobs/{job_id}")
+    expect(page.locator("#timeline li")).to_have_count(5, timeout=15_000)
+    events = call("GET", f"/jobs/{job_id}/events")[1]["events"]
+    assert asked == [str(events[1]["id"]), str(events[2]["id"]), str(events[2]["id"])]
+    assert badges(page, "#timeline") == [e["event_type"] for e in events]
+    expect(page.locator("main h1 .badge")).to_have_text("STOPPED")
+    expect(page.locator("#progress progress")).to_have_attribute("value", "500")
+    expect(page.locator("#live")).to_have_attribute("data-state", "ended")
+    page.wait_for_timeout(1500)
+    assert len(asked) == 3  # over: no reconnection
+
+
 # ---- Phone and desktop widths, and the README's pictures -----------------------------------------
 
 
-def seed_showcase(server) -> int:
-    """A handful of realistic jobs and workers; returns a RUNNING job with progress."""
+def seed_showcase(server, database_url: str) -> int:
+    """A handful of realistic jobs and workers (one LOST); returns a RUNNING job with
+    progress."""
     call = server.caller()
+    assert call("PUT", "/workers/extractor-ap-1", {"info": {"version": "1.3.9"}})[0] == 200
+    lose_worker(database_url, "extractor-ap-1", seconds=3 * 3600 + 600)
     for node, version in (
         ("extractor-eu-1", "1.4.2"),
         ("extractor-eu-2", "1.4.2"),
@@ -808,8 +908,8 @@ def seed_showcase(server) -> int:
 
 
 @pytest.mark.parametrize("width", [375, 1440])
-def test_every_page_fits_phone_and_desktop_widths(fresh, server, page, width):
-    job_id = seed_showcase(server)
+def test_every_page_fits_phone_and_desktop_widths(fresh, server, page, width, _schema):
+    job_id = seed_showcase(server, _schema)
     expect_follow_refusal(page, server)
     page.set_viewport_size({"width": width, "height": 800})
     for route, ready in [
@@ -825,11 +925,11 @@ def test_every_page_fits_phone_and_desktop_widths(fresh, server, page, width):
             expect(link).to_be_visible()
 
 
-def test_readme_screenshots(fresh, server, page):
+def test_readme_screenshots(fresh, server, page, _schema):
     """The README's pictures (JOBS_SCREENSHOTS=docs/screenshots, `make screenshots`):
     the list, a job with progress and events, the workers. Without the variable it
     still checks that those pages render this data without a console error."""
-    job_id = seed_showcase(server)
+    job_id = seed_showcase(server, _schema)
     expect_follow_refusal(page, server)
     visit(page, server, "#/jobs?status=all")
     expect(page.locator("#jobs-table tbody tr")).to_have_count(7)
@@ -837,8 +937,8 @@ def test_readme_screenshots(fresh, server, page):
     visit(page, server, f"#/jobs/{job_id}")
     expect(page.locator("#progress progress")).to_have_count(3)
     expect(page.locator("#timeline li")).to_have_count(2)
-    page.locator("#h-progress").scroll_into_view_if_needed()
-    screenshot(page, "job")
+    screenshot(page, "job", full_page=True)
     visit(page, server, "#/workers")
     expect(page.locator("#workers-table .worker-jobs .more")).to_have_count(3)
+    expect(page.locator("tr[data-node='extractor-ap-1'] .worker-jobs")).to_have_text("none")
     screenshot(page, "workers")
