@@ -188,7 +188,8 @@ function blockNumber(value) {
 function progressItem(name, table, descriptor) {
   const end = blockNumber(descriptor?.end_block);
   const start = blockNumber(descriptor?.start_block) ?? 0;
-  const facts = [`${fmtInt(table.files_count)} files`, fmtBytes(table.total_size_bytes)];
+  const files = Number(table.files_count);
+  const facts = [`${fmtInt(files)} file${files === 1 ? "" : "s"}`, fmtBytes(table.total_size_bytes)];
   let bar = null;
   if (end !== null && end >= start) {
     const total = end - start + 1;
@@ -382,14 +383,16 @@ async function renderJob(main, route, ctx) {
 
   // The follow stream: from the last event shown on, until the terminal one.
   let following = false;
+  let unsupported = false;
   function setLive(state, info) {
     live.dataset.state = state;
+    if (state === "unsupported") unsupported = true;
     if (state === "reconnecting") live.textContent = `The live stream dropped: reconnecting in ${Math.ceil(info / 1000)} s…`;
     else if (state === "failed") live.textContent = `The live stream failed: ${errorText(info)}`;
     else live.textContent = LIVE_TEXT[state] ?? "";
   }
   function startFollowing() {
-    if (following || signal.aborted) return;
+    if (following || unsupported || signal.aborted) return;
     if (TERMINAL.includes(job.status)) {
       setLive("idle");
       return;
