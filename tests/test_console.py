@@ -543,7 +543,12 @@ def test_the_admin_token_is_asked_for_kept_in_the_tab_and_never_shown(
     assert ADMIN not in page.evaluate("document.documentElement.outerHTML")
     # The follow stream carried the token too (as a header).
     assert follow_headers and set(follow_headers) == {f"Bearer {ADMIN}"}
-    # Forgetting it asks again.
+    # Changing it can be given up; forgetting it asks again.
+    page.click("#change-token")
+    expect(page.locator("#login")).to_be_visible()
+    page.click("#login-cancel")
+    expect(page.locator("#login")).to_be_hidden()
+    expect(page.locator("main h1")).to_contain_text(f"Job {job_id}")
     page.click("#forget-token")
     expect(page.locator("#login")).to_be_visible()
     assert page.evaluate("sessionStorage.length") == 0

@@ -69,7 +69,7 @@ async function render() {
       if (controller.signal.aborted) return;
       replace(
         main,
-        h("h1", {}, "The service could not be reached"),
+        h("h1", {}, "The console could not check its access"),
         h("p", { class: "banner error", role: "alert" }, String(error.message)),
         h("button", { type: "button", onclick: () => render() }, "Try again"),
       );
@@ -115,12 +115,13 @@ function showError(main, error) {
 // ---- Tokens -----------------------------------------------------------------------------
 
 function showLogin(why) {
-  state.controller?.abort();
   $("main").hidden = true;
   const login = $("login");
   if (why) $("login-why").textContent = why;
   else if (!login.hidden) return;
   login.hidden = false;
+  // Changing a token that works can be given up; asking for a missing one cannot.
+  $("login-cancel").hidden = state.role === null || state.role === "none";
   $("login-token").focus();
 }
 
@@ -134,6 +135,7 @@ onAuthProblem((error) => {
     const hadToken = Boolean(token());
     forgetToken();
     state.role = "none";
+    state.controller?.abort(); // the page under it stops asking
     showAccess();
     showLogin(
       hadToken
@@ -158,6 +160,11 @@ $("login-form").addEventListener("submit", (event) => {
   state.role = null;
   hideLogin();
   render();
+});
+
+$("login-cancel").addEventListener("click", () => {
+  $("login-token").value = "";
+  hideLogin();
 });
 
 $("forget-token").addEventListener("click", () => {
