@@ -106,7 +106,8 @@ async function renderJobs(main, route, ctx) {
   const { body } = await api("GET", `/jobs?${query}`, { signal: ctx.signal });
   results.setAttribute("aria-busy", "false");
 
-  const what = `${status === "all" ? "" : `${STATUS_FILTERS.find(([v]) => v === status)[1].toLowerCase()} `}jobs${node ? ` of ${node}` : ""}`;
+  const label = STATUS_FILTERS.find(([v]) => v === status)[1].toLowerCase();
+  const what = `${status === "all" ? "" : `${label} `}jobs${node ? ` of ${node}` : ""}`;
   if (body.jobs.length === 0) {
     replace(results, h("p", { class: "empty" }, `No ${what}${after ? " past this point" : ""}.`));
   } else {
@@ -238,7 +239,9 @@ const LIVE_TEXT = {
   connecting: "Connecting to the live stream…",
   live: "Live: new events appear here as they happen.",
   ended: "Finished: the job is terminal, no more events will come.",
-  unsupported: "Live updates are not available from this service (it has no follow stream): reload to see new events.",
+  unsupported:
+    "Live updates are not available from this service (it has no follow stream): " +
+    "reload to see new events.",
   gone: "This job no longer exists.",
   refused: "The live stream was refused for this token.",
   idle: "The job is terminal: no live stream.",
@@ -331,7 +334,11 @@ async function renderJob(main, route, ctx) {
     replace(
       progressBox,
       note,
-      h("ul", { class: "progress-list" }, names.map((name) => progressItem(name, progress.tables[name], job.descriptor))),
+      h(
+        "ul",
+        { class: "progress-list" },
+        names.map((name) => progressItem(name, progress.tables[name], job.descriptor)),
+      ),
     );
   }
 
@@ -346,10 +353,13 @@ async function renderJob(main, route, ctx) {
       actions.append(h("button", { type: "button", id: "retry", onclick: retryJob }, "Retry…"));
     }
     if (TERMINAL.includes(job.status)) {
-      actions.append(h("button", { type: "button", id: "delete", class: "danger", onclick: deleteJob }, "Delete"));
+      actions.append(
+        h("button", { type: "button", id: "delete", class: "danger", onclick: deleteJob }, "Delete"),
+      );
     }
     if (!actions.childElementCount) {
-      actions.append(h("span", { class: "hint" }, `No action: a ${job.status} job is on its way to a terminal status.`));
+      const why = `No action: a ${job.status} job is on its way to a terminal status.`;
+      actions.append(h("span", { class: "hint" }, why));
     }
   }
 
@@ -387,9 +397,13 @@ async function renderJob(main, route, ctx) {
   function setLive(state, info) {
     live.dataset.state = state;
     if (state === "unsupported") unsupported = true;
-    if (state === "reconnecting") live.textContent = `The live stream dropped: reconnecting in ${Math.ceil(info / 1000)} s…`;
-    else if (state === "failed") live.textContent = `The live stream failed: ${errorText(info)}`;
-    else live.textContent = LIVE_TEXT[state] ?? "";
+    if (state === "reconnecting") {
+      live.textContent = `The live stream dropped: reconnecting in ${Math.ceil(info / 1000)} s…`;
+    } else if (state === "failed") {
+      live.textContent = `The live stream failed: ${errorText(info)}`;
+    } else {
+      live.textContent = LIVE_TEXT[state] ?? "";
+    }
   }
   function startFollowing() {
     if (following || unsupported || signal.aborted) return;
@@ -431,7 +445,9 @@ async function renderJob(main, route, ctx) {
   async function stopJob() {
     const ok = await ctx.confirm({
       title: `Stop job ${id}?`,
-      text: `Job ${id} (${job.status} on ${job.node_id}) becomes STOP_REQUESTED; its worker stops it when it next hears from the service.`,
+      text:
+        `Job ${id} (${job.status} on ${job.node_id}) becomes STOP_REQUESTED; ` +
+        "its worker stops it when it next hears from the service.",
       ok: "Stop the job",
     });
     if (!ok) return;
@@ -553,7 +569,9 @@ async function renderWorkers(main, route, ctx) {
   // Ages tick on the service's clock (the Date header), without asking it again.
   const tick = () => {
     const now = Date.now() + offset;
-    for (const [el, at] of ages) el.textContent = Number.isNaN(at) ? "–" : `${fmtAge((now - at) / 1000)} ago`;
+    for (const [el, at] of ages) {
+      el.textContent = Number.isNaN(at) ? "–" : `${fmtAge((now - at) / 1000)} ago`;
+    }
   };
   tick();
   const timer = setInterval(tick, 1000);
@@ -651,7 +669,13 @@ async function renderCleanup(main, route, ctx) {
   const bar = h("progress", { id: "cleanup-progress", max: 1, "aria-label": "Clean-up progress" });
   const count = h("p", { id: "cleanup-count", role: "status" });
   const cancel = h("button", { type: "button", id: "cleanup-cancel" }, "Cancel");
-  const run = h("section", { id: "cleanup-run", class: "panel", hidden: true, "aria-label": "Clean-up progress" }, bar, count, h("p", {}, cancel));
+  const run = h(
+    "section",
+    { id: "cleanup-run", class: "panel", hidden: true, "aria-label": "Clean-up progress" },
+    bar,
+    count,
+    h("p", {}, cancel),
+  );
   append(main, form, run);
 
   let cancelled = false;
@@ -694,7 +718,9 @@ async function renderCleanup(main, route, ctx) {
       count.textContent = `${many} ${what} jobs match.`;
       const ok = await ctx.confirm({
         title: `Delete ${many} ${what} jobs?`,
-        text: `Every ${what} job (${many} now) is deleted with its events, tables and files. This cannot be undone. You can cancel between requests.`,
+        text:
+          `Every ${what} job (${many} now) is deleted with its events, tables and files. ` +
+          "This cannot be undone. You can cancel between requests.",
         ok: "Delete them",
       });
       if (!ok) {
@@ -715,7 +741,9 @@ async function renderCleanup(main, route, ctx) {
       show();
       for (;;) {
         if (cancelled) {
-          count.textContent = `Cancelled: ${fmtInt(deleted)} deleted in ${fmtInt(requests)} requests; ${what} jobs may remain.`;
+          count.textContent =
+            `Cancelled: ${fmtInt(deleted)} deleted in ${fmtInt(requests)} requests; ` +
+            `${what} jobs may remain.`;
           break;
         }
         const answer = await api("DELETE", `/jobs?status=${value}`, { signal });
@@ -724,7 +752,9 @@ async function renderCleanup(main, route, ctx) {
           bar.max = Math.max(matching.exact ? matching.count : deleted, 1);
           bar.value = bar.max;
           const started = matching.exact ? `${fmtInt(matching.count)} matched` : `${many} matched`;
-          count.textContent = `Done: no ${what} jobs remain (${started} when it started; ${fmtInt(requests)} requests).`;
+          count.textContent =
+            `Done: no ${what} jobs remain ` +
+            `(${started} when it started; ${fmtInt(requests)} requests).`;
           break;
         }
         deleted += Number(answer.body.deleted);
