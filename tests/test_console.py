@@ -926,6 +926,9 @@ def test_every_page_fits_phone_and_desktop_widths(fresh, server, page, width, _s
         visit(page, server, route)
         expect(page.locator(ready).first).to_be_visible()
         assert page.evaluate("document.documentElement.scrollWidth") <= width, route
+        # Nor inside: no table needs a sideways scroll (at 375 px rows become cards).
+        for box in page.locator(".scroll").all():
+            assert box.evaluate("b => b.scrollWidth <= b.clientWidth"), route
         for link in page.locator("nav a[data-section]").all():
             expect(link).to_be_visible()
 

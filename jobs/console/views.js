@@ -118,8 +118,8 @@ async function renderJobs(main, route, ctx) {
         h("td", {}, h("a", { href: `#/jobs/${job.id}` }, String(job.id))),
         h("td", {}, badge(job.status)),
         h("td", {}, h("a", { href: jobsHash({ status, node: job.node_id }), class: "node" }, job.node_id)),
-        h("td", {}, timeEl(job.created_at)),
-        h("td", { class: "wide" }, timeEl(job.updated_at)),
+        h("td", { class: "line", "data-label": "Created" }, timeEl(job.created_at)),
+        h("td", { class: "line", "data-label": "Updated" }, timeEl(job.updated_at)),
       ),
     );
     const first = body.jobs[0].id;
@@ -136,7 +136,7 @@ async function renderJobs(main, route, ctx) {
         { class: "scroll" },
         h(
           "table",
-          { class: "list", id: "jobs-table" },
+          { class: "list stack", id: "jobs-table" },
           h("caption", { class: "sr-only" }, `${what}, newest first`),
           h(
             "thead",
@@ -148,7 +148,7 @@ async function renderJobs(main, route, ctx) {
               h("th", { scope: "col" }, "Status"),
               h("th", { scope: "col" }, "Node"),
               h("th", { scope: "col" }, "Created"),
-              h("th", { scope: "col", class: "wide" }, "Updated"),
+              h("th", { scope: "col" }, "Updated"),
             ),
           ),
           h("tbody", {}, rows),
@@ -528,13 +528,13 @@ async function renderWorkers(main, route, ctx) {
   const rows = workers.map((worker) => {
     const age = h("span", { class: "age" });
     ages.push([age, Date.parse(worker.heartbeat_at)]);
-    const jobsCell = h("td", { class: "worker-jobs" }, "Loading…");
+    const jobsCell = h("td", { class: "worker-jobs line", "data-label": "Active jobs" }, "Loading…");
     const row = h(
       "tr",
       { "data-node": worker.node_id },
       h("th", { scope: "row" }, h("code", {}, worker.node_id)),
       h("td", {}, badge(worker.status)),
-      h("td", {}, age, h("br"), timeEl(worker.heartbeat_at)),
+      h("td", { class: "line", "data-label": "Last heartbeat" }, age, " ", timeEl(worker.heartbeat_at)),
       jobsCell,
     );
     row.jobsCell = jobsCell;
@@ -548,7 +548,7 @@ async function renderWorkers(main, route, ctx) {
       { class: "scroll" },
       h(
         "table",
-        { class: "list", id: "workers-table" },
+        { class: "list stack", id: "workers-table" },
         h(
           "thead",
           {},
