@@ -1,11 +1,12 @@
 # `make run` serves the API on :8080, `make test` runs the suite, `make lint` runs ruff,
-# `make bench` runs the benchmarks (BENCHMARKS.md).
+# `make bench` runs the benchmarks (BENCHMARKS.md), `make screenshots` redraws the
+# README's pictures of the console from its browser tests.
 # Each creates .venv and installs requirements-dev.txt first (again only when it changes).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv run test lint bench clean
+.PHONY: venv run test lint bench screenshots clean
 
 venv: $(VENV)/.installed
 
@@ -18,13 +19,19 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 run: venv
 	$(BIN)/python -m dev.postgres serve --datadir .pgdata -- $(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
-# PgBouncer (Debian's package) is installed when missing and root: the tests run the
-# service through it. Where it cannot be, those tests skip, or fail when CI=true.
+# PgBouncer and Chromium (Debian's packages) are installed when missing and root: the
+# tests run the service through PgBouncer, and the console's tests drive headless
+# Chromium through Playwright (from requirements-dev.txt; never its own browser
+# download). Where they cannot be, those tests skip, or fail when CI=true.
 test: venv
 	@test -x /usr/sbin/pgbouncer || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 		apt-get install -y -qq pgbouncer >/dev/null 2>&1 || \
 		(apt-get update -qq && apt-get install -y -qq pgbouncer >/dev/null) || \
 		echo "make test: could not install pgbouncer: its tests will say so"
+	@test -x /usr/bin/chromium || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
+		echo "make test: could not install chromium: the console's tests will say so"
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: venv
@@ -46,6 +53,11 @@ bench: venv
 		 (apt-get update -qq && apt-get install -y -qq pgbouncer >/dev/null)); } || \
 		{ echo "make bench needs pgbouncer (Debian: apt-get install pgbouncer)"; exit 1; }
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# The README's screenshots of the console (docs/screenshots/*.png, 1280x800), taken by
+# its browser tests against seeded data.
+screenshots: venv
+	JOBS_SCREENSHOTS=docs/screenshots $(BIN)/python -m pytest -q tests/test_console.py -k screenshots
 
 # Keeps .pgdata/ (the database of `make run`): remove it by hand to start afresh.
 clean:

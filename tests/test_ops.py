@@ -236,6 +236,8 @@ def route_calls(a: int, b: int):
         ("GET", "/readyz", {}, "open", 200),
         ("GET", "/metrics", {}, "open", 200),
         ("GET", "/openapi.json", {}, "open", 200),
+        ("GET", "/ui/", {}, "open", 200),
+        ("GET", "/ui/app.js", {}, "open", 200),
     ]
 
 
@@ -255,7 +257,8 @@ def route_templates(a: int, b: int) -> set[tuple[str, str]]:
             re.sub(r"/jobs/\d+", "/jobs/<job_id>", p)
             .replace("/blocks/", "/<table>/")
             .replace(f"/events/{EVENT_OF_A}", "/events/<event_id>")
-            .replace("/workers/worker-a", "/workers/<node_id>"),
+            .replace("/workers/worker-a", "/workers/<node_id>")
+            .replace("/ui/app.js", "/ui/<name>"),
         )
         for m, p in listed
     }

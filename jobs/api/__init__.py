@@ -16,4 +16,4 @@ endpoint = EndpointRegistry(api)
 
 # The route modules declare their routes on import (flaskr's pattern: the
 # blueprint first, then the modules that use it).
-from jobs.api import files, jobs, ops, workers  # noqa: E402, F401
+from jobs.api import console, files, jobs, ops, workers  # noqa: E402, F401
