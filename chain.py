@@ -27,9 +27,9 @@ can make a difference:
   file inside a link's range (an overlap) or past a gap changes nothing.
 - From there the walk goes on, link by link, until it reaches a file that is
   already a link: from that file on the chain is the stored one again (the
-  same file, so the same end and tip hash, and no new file before the next
-  new start). The links the walk went round are dropped, the files it took
-  are added, and the summary moves by the difference.
+  same file, so the same end and tip hash), up to the next new start past it.
+  The links the walk went round are dropped, the files it took are added,
+  and the summary moves by the difference.
 
 So a registration costs an index lookup or two per new start block, plus one
 per link that joins or leaves the chain: a file filling a gap adds the files
