@@ -14,20 +14,29 @@ read back, and the stored chain's files, name by name.
 - Each case the incremental walk has to get right, once by hand, in the
   middle of a longer chain.
 - 20,000 files seeded with SQL, then registered into out of order.
-- Databases from before job_chain, and tables a previous release wrote to:
-  rebuilt from their files by the next registration.
+- Databases from before job_chain (filled by hand, and upgraded by init-db),
+  and tables a previous release wrote to: rebuilt from their files by the next
+  registration.
 """
 
 from __future__ import annotations
 
 import random
 
+import psycopg2
 import pytest
-from helpers import block_hash, expected_progress, reference_chain, reference_progress
+from helpers import (
+    block_hash,
+    expected_progress,
+    init_db,
+    reference_chain,
+    reference_progress,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import chain
+from app import create_app
 
 TABLE = "blocks"
 
@@ -589,3 +598,61 @@ def test_init_db_again_keeps_the_links(client, db_conn, runner):
     files += fill
     assert_canonical(client, db_conn, job_id, files, register(client, job_id, fill))
     assert progress_read(client, job_id) == expected_progress(0, 159, 16, sum(range(1, 17)))
+
+
+# What this change added to the schema: taken off today's schema, it leaves a
+# database as the previous release made it.
+BEFORE_JOB_CHAIN = """
+    DROP TABLE job_chain;
+    DROP TRIGGER job_tables_chain_guard ON job_tables;
+    DROP FUNCTION job_tables_chain_guard();
+    ALTER TABLE job_tables DROP COLUMN chain_ready, DROP COLUMN chain_writes;
+"""
+
+
+def test_init_db_upgrades_a_database_made_before_job_chain(postgres_url):
+    """A database of its own, made and filled by the previous release, then init-db."""
+    admin = psycopg2.connect(postgres_url)
+    admin.autocommit = True
+    name = "jobs_before_job_chain"
+    url = psycopg2.extensions.make_dsn(postgres_url, dbname=name)
+    with admin.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        cur.execute(f"CREATE DATABASE {name}")
+    app = None
+    try:
+        init_db(url)
+        conn = psycopg2.connect(url)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(BEFORE_JOB_CHAIN)
+            cur.execute("INSERT INTO jobs (node_id, status) VALUES ('w', 'RUNNING') RETURNING id")
+            job_id = cur.fetchone()[0]
+        files = named(linked(0, 20) + linked(21, 9))  # a gap at 200-209
+        for f in files:
+            previous_release_registers(conn, job_id, files[: files.index(f)], f)
+        conn.close()
+        init_db(url)
+        init_db(url)  # every deploy runs it
+        app = create_app({"TESTING": True, "DATABASE_URL": url})
+        client = app.test_client()
+        assert progress_read(client, job_id) == reference_progress(files)
+        conn = psycopg2.connect(url)
+        conn.autocommit = True
+        try:
+            assert not chain_ready(conn, job_id)
+            # The gap filled, and a re-registration before the tip in the same batch.
+            later = [file("fill", 200, 209, 21, 20, 19), file("again", 50, 59, 99, 5, 4)]
+            files += later
+            assert_canonical(client, conn, job_id, files, register(client, job_id, later))
+            assert progress_read(client, job_id) == expected_progress(
+                0, 299, 30, sum(range(1, 31)) - 6 + 99
+            )
+        finally:
+            conn.close()
+    finally:
+        if app is not None and "jobs_db_pool" in app.extensions:
+            app.extensions["jobs_db_pool"].drop_idle()
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
