@@ -109,6 +109,24 @@ def floor_launch(module: str, workers: int) -> Launch:
     )
 
 
+def service_launch(workdir: Path, workers: int) -> Launch:
+    """The service as production runs it: gunicorn.conf.py, wsgi:app, on a free port."""
+    port = free_port()
+    # Its metrics files default to a directory per port under /tmp that
+    # outlives the server; in the workdir they go when the run ends.
+    env = {
+        "PORT": str(port),
+        "WEB_CONCURRENCY": str(workers),
+        "PROMETHEUS_MULTIPROC_DIR": str(workdir / f"metrics-{port}"),
+    }
+    return Launch(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+        ROOT,
+        port,
+        env,
+    )
+
+
 def start_server(
     name: str, launch: Launch, env: dict[str, str], workdir: Path, ready_path: str
 ) -> Server:
