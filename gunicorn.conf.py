@@ -1,7 +1,10 @@
 """gunicorn settings: `gunicorn -c gunicorn.conf.py wsgi:app`.
 
-PORT (default 8080), WEB_CONCURRENCY (default 2 processes), WORKER_CONNECTIONS
-(default 1000 per process) and KEEPALIVE_S (default 5) tune it.
+PORT, WEB_CONCURRENCY, WORKER_CONNECTIONS, KEEPALIVE_S, GRACEFUL_TIMEOUT and
+GUNICORN_LOG_LEVEL tune it: jobs/settings.py holds each one's default and
+range with the service's own settings, and every one of them is read and
+checked here, once, in the master: a malformed or out-of-range value stops
+the start-up (exit 1) with a message naming it, before any worker is forked.
 
 gevent workers, because the port is reached directly (load balancers' health
 checks, in-cluster callers), so slow and idle clients must not take the
@@ -30,17 +33,28 @@ import json
 import os
 import shutil
 import stat
+import sys
 import tempfile
 
 from gunicorn import util as gunicorn_util
 
-bind = f"0.0.0.0:{os.environ.get('PORT', '8080')}"
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+from jobs import settings
+
+try:
+    SETTINGS = settings.for_gunicorn()
+except settings.SettingsError as exc:
+    # SystemExit passes gunicorn's "Failed to read config file" traceback by:
+    # the operator reads only what is wrong and what is allowed.
+    print(f"jobs: cannot start, settings not allowed:\n{exc}", file=sys.stderr)
+    raise SystemExit(1) from None
+
+bind = f"0.0.0.0:{SETTINGS['PORT']}"
+workers = SETTINGS["WEB_CONCURRENCY"]
 worker_class = "gevent"
 # Connections one process holds at once (idle, reading or being answered);
 # more wait in the listen backlog. Each costs a greenlet and a file
 # descriptor: keep it below the open-files limit (`ulimit -n`).
-worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
+worker_connections = SETTINGS["WORKER_CONNECTIONS"]
 # Seconds a connection may take to deliver a request's line and headers,
 # counted from the end of the previous response (or the accept), so it is
 # both the keep-alive idle timeout and the deadline for a slow request head.
@@ -49,13 +63,13 @@ worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
 # above the balancer's idle timeout (e.g. 65 for an ALB's 60 s). On SIGTERM a
 # worker waits for its idle keep-alive connections to time out (measured:
 # exit 6.3 s after SIGTERM with 5, 21.5 s with 20), at most graceful_timeout.
-keepalive = max(1, int(os.environ.get("KEEPALIVE_S", "5")))
+keepalive = SETTINGS["KEEPALIVE_S"]
 # The app is imported in each worker, after the fork: no connection or
 # metrics file is ever shared between processes.
 preload_app = False
 timeout = 30
 # SIGTERM: stop accepting, let in-flight requests finish for up to this long.
-graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "30"))
+graceful_timeout = SETTINGS["GRACEFUL_TIMEOUT"]
 # The app writes one JSON line per request itself; gunicorn's own access log
 # would be a second, differently shaped line.
 accesslog = None
@@ -63,7 +77,7 @@ accesslog = None
 # on one host (replicas, tests) would fight over it, and nothing here uses it.
 control_socket_disable = True
 errorlog = "-"
-loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
+loglevel = SETTINGS["GUNICORN_LOG_LEVEL"]
 
 # ---- Metrics directory -------------------------------------------------------
 # prometheus-client's multiprocess mode: each worker writes its samples to

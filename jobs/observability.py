@@ -233,8 +233,9 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def configure_logging() -> None:
-    """Send the service's logs to stdout as JSON lines (once per process)."""
+def configure_logging(level: str = "INFO") -> None:
+    """Send the service's logs to stdout as JSON lines, at ``level`` (LOG_LEVEL;
+    once per process)."""
     logger = logging.getLogger("jobs")
     if any(getattr(h, "jobs_json", False) for h in logger.handlers):
         return
@@ -242,5 +243,5 @@ def configure_logging() -> None:
     handler.setFormatter(JsonFormatter())
     handler.jobs_json = True
     logger.addHandler(handler)
-    logger.setLevel(os.environ.get("LOG_LEVEL", "INFO").upper())
+    logger.setLevel(level)
     logger.propagate = False
