@@ -17,13 +17,28 @@ over raw sockets where the exact bytes matter.
 
 from __future__ import annotations
 
+import http.client
+import re
+import threading
+import time
+from pathlib import Path
+
+import orjson
+import psycopg2
+import psycopg2.extensions
 import pytest
 from helpers import (
+    ROOT,
+    Blackhole,
+    Refuser,
     Server,
+    init_db,
     make_app,
+    wait_for_workers,
 )
 
-from jobs import settings
+from jobs import readiness, settings
+from jobs.store import readiness as readiness_store
 
 # ---- Settings: each at its bounds, one past them, malformed ------------------------------
 
@@ -196,3 +211,237 @@ def test_gunicorn_refuses_to_start_with_a_bad_value(_schema):
     )
     assert "Booting worker" not in log, "refused before any worker was forked"
     assert "Traceback" not in log, log
+
+
+# ---- /readyz -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def blackhole():
+    listener = Blackhole()
+    yield listener
+    listener.close()
+
+
+@pytest.fixture
+def refuser():
+    listener = Refuser()
+    yield listener
+    listener.close()
+
+
+def readyz_json(app, method="GET"):
+    response = app.test_client().open("/readyz", method=method)
+    return response.status_code, (response.get_json() if method == "GET" else None)
+
+
+def settle(listener, expected: int, timeout: float = 2.0) -> int:
+    """The listener's count of accepted connections once it stops changing at ``expected``."""
+    deadline = time.monotonic() + timeout
+    while listener.accepted < expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    return listener.accepted
+
+
+def test_concurrent_probes_share_one_check_and_reuse_it_for_a_second(blackhole):
+    """A database that never answers: 30 probes at once wait on one 1 s check, one connection."""
+    app = make_app(blackhole.url())
+    answers: list = []
+    barrier = threading.Barrier(30)
+
+    def probe():
+        barrier.wait()
+        started = time.monotonic()
+        status, body = readyz_json(app)
+        answers.append((status, body, time.monotonic() - started))
+
+    threads = [threading.Thread(target=probe) for _ in range(30)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(answers) == 30
+    for status, body, elapsed in answers:
+        assert status == 503 and body["error_code"] == "DATABASE_UNAVAILABLE", body
+        assert elapsed < 2.0, elapsed
+    assert settle(blackhole, 1) == 1, "one connection for all thirty probes"
+    # Within the second after: the same answer, no new connection.
+    assert readyz_json(app, "HEAD")[0] == 503
+    assert readyz_json(app)[0] == 503
+    assert settle(blackhole, 1) == 1
+    time.sleep(readiness.Readiness.TTL_S + 0.2)
+    assert readyz_json(app)[0] == 503
+    assert settle(blackhole, 2) == 2, "a new check once the result is a second old"
+
+
+def test_readyz_503_when_the_settings_are_not_allowed(refuser):
+    """Only a running app's config changed behind its back can get here (start-up refuses)."""
+    app = make_app(refuser.url())
+    app.config["STATEMENT_TIMEOUT_MS"] = 2**31
+    status, body = readyz_json(app)
+    assert status == 503
+    assert body == {
+        "status": "unavailable",
+        "error_code": "SETTINGS_INVALID",
+        "error_message": "settings out of range: STATEMENT_TIMEOUT_MS",
+    }
+    assert readyz_json(app, "HEAD")[0] == 503
+    assert settle(refuser, 0) == 0, "the database is not asked while the settings are wrong"
+
+
+def scratch_database(postgres_url: str, name: str) -> str:
+    """A new, empty database on the session's server (dropped first if left over)."""
+    conn = psycopg2.connect(postgres_url)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name}")
+            cur.execute(f"CREATE DATABASE {name}")
+    finally:
+        conn.close()
+    return psycopg2.extensions.make_dsn(postgres_url, dbname=name)
+
+
+def run_sql(url: str, sql: str) -> None:
+    conn = psycopg2.connect(url)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(sql)
+    finally:
+        conn.close()
+
+
+def test_readyz_503_when_the_schema_is_missing_then_ready_after_init_db(postgres_url):
+    url = scratch_database(postgres_url, "bounds_no_schema")
+    unavailable = {
+        "status": "unavailable",
+        "error_code": "SCHEMA_MISSING",
+        "error_message": "the database lacks tables or columns the service uses: "
+        "run `flask --app app init-db`",
+    }
+    assert readyz_json(make_app(url)) == (503, unavailable)
+    init_db(url)
+    assert readyz_json(make_app(url)) == (200, {"status": "ok"})
+    # One column gone (a half-applied migration, a restore of an old dump).
+    run_sql(url, "ALTER TABLE jobs DROP COLUMN job_json")
+    assert readyz_json(make_app(url)) == (503, unavailable)
+    run_sql(url, "DROP TABLE workers")
+    assert readyz_json(make_app(url)) == (503, unavailable)
+    init_db(url)  # schema.sql adds both back
+    assert readyz_json(make_app(url)) == (200, {"status": "ok"})
+
+
+def test_the_readiness_columns_are_exactly_the_schemas(_schema, db_conn):
+    with db_conn.cursor() as cur:
+        cur.execute(
+            "SELECT table_name, column_name FROM information_schema.columns"
+            " WHERE table_schema = 'public' AND table_name = ANY(%s)",
+            (list(readiness_store.REQUIRED),),
+        )
+        found = {(t, c) for t, c in cur.fetchall()}
+        cur.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+            " AND table_type = 'BASE TABLE'"
+        )
+        tables = {t for (t,) in cur.fetchall()}
+    required = {(t, c) for t, columns in readiness_store.REQUIRED.items() for c in columns}
+    assert found == required
+    # Every table of schema.sql is checked (the tests' own leftovers aside).
+    schema_sql = Path(ROOT, "schema.sql").read_text()
+    schema_tables = set(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", schema_sql))
+    assert schema_tables == set(readiness_store.REQUIRED)
+    assert schema_tables <= tables
+
+
+# ---- Through gunicorn ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(_schema):
+    """The production command with its defaults (FORWARDED_ALLOW_IPS unset), 2 workers."""
+    instance = Server(_schema, workers=2, env={"BODY_READ_TIMEOUT_S": "1"})
+    try:
+        instance.start()
+        wait_for_workers(instance.process.pid, 2)
+        yield instance
+    finally:
+        instance.stop()
+        instance.cleanup()
+
+
+def readyz_backends(conn) -> int:
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'jobs-readyz'")
+        return cur.fetchone()[0]
+
+
+def test_a_readyz_flood_holds_at_most_one_connection_per_worker(server, db_conn):
+    """200 keep-alive clients looping on /readyz (GET and HEAD) for 3 s, PostgreSQL watched."""
+    clients, seconds = 200, 3.0
+    answers: list[tuple[int, float]] = []
+    errors: list[BaseException] = []
+    most = {"backends": 0, "samples": 0}
+    stop = threading.Event()
+    barrier = threading.Barrier(clients + 1)
+
+    def watch():
+        while not stop.is_set():
+            most["backends"] = max(most["backends"], readyz_backends(db_conn))
+            most["samples"] += 1
+            time.sleep(0.002)
+
+    def client(i: int):
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            barrier.wait(30)
+            mine = []
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                started = time.monotonic()
+                conn.request("HEAD" if i % 4 == 0 else "GET", "/readyz")
+                response = conn.getresponse()
+                response.read()
+                mine.append((response.status, time.monotonic() - started))
+            conn.close()
+            answers.extend(mine)
+        except BaseException as exc:
+            errors.append(exc)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    log_from = server.log_path.stat().st_size
+    for thread in threads:
+        thread.start()
+    watcher.start()
+    barrier.wait(30)
+    for thread in threads:
+        thread.join(60)
+    stop.set()
+    watcher.join(5)
+    assert not errors, errors[:3]
+    statuses = {status for status, _ in answers}
+    slowest = max(elapsed for _, elapsed in answers)
+    # The server's own time for each probe (its access lines): the 200 client
+    # threads share the box's two cores with it, so their clocks also count
+    # waiting for the GIL.
+    with open(server.log_path, "rb") as log:
+        log.seek(log_from)
+        served = [
+            entry["duration_ms"] / 1000
+            for entry in map(orjson.loads, filter(None, log.read().splitlines()))
+            if entry.get("route") == "/readyz"
+        ]
+    assert len(served) == len(answers)
+    print(
+        f"\nreadyz flood: {len(answers)} probes by {clients} keep-alive clients in {seconds:g} s, "
+        f"statuses {sorted(statuses)}; slowest {max(served):.3f} s in the server, "
+        f"{slowest:.3f} s at a client; at most {most['backends']} jobs-readyz backends "
+        f"in {most['samples']} samples of pg_stat_activity"
+    )
+    assert statuses == {200}
+    assert max(served) < 2.0
+    assert slowest < 5.0  # never a hang, whatever the clients' own scheduling
+    assert most["samples"] > 50
+    assert most["backends"] <= 2, "more than one readiness connection per worker process"
+    assert "too many clients" not in server.log()
