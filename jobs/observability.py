@@ -60,6 +60,19 @@ PRUNED = Counter(
 _pruned = {via: PRUNED.labels(via) for via in PRUNED_VIA}
 
 
+# Requests answered 503 SERVICE_BUSY because no pooled database connection was
+# free within DB_POOL_TIMEOUT_S, by route template (a fixed set).
+OVERLOAD = Counter(
+    "jobs_overload_total",
+    "Requests answered 503 SERVICE_BUSY (no database connection free in time), by route template.",
+    ["route"],
+)
+
+
+def count_overload(route: str) -> None:
+    OVERLOAD.labels(route).inc()
+
+
 def count_pruned(via: str, jobs: int) -> None:
     if jobs:
         _pruned[via].inc(jobs)

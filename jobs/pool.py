@@ -162,8 +162,14 @@ class Prepared:
         cur.execute(self.execute_sql, params)
 
 
-class PoolExhausted(psycopg2.OperationalError):
-    """Every connection is in use and none came back in time."""
+class PoolExhausted(Exception):
+    """Every connection is in use and none came back in time: the service is
+    overloaded, not the database broken (errors.py answers 503 SERVICE_BUSY), so
+    this is deliberately not a psycopg2.Error."""
+
+    def __init__(self, waited_s: float):
+        super().__init__(f"no database connection free within {waited_s:g} s")
+        self.waited_s = waited_s
 
 
 class ConnectionPool:
@@ -187,7 +193,7 @@ class ConnectionPool:
 
     def getconn(self) -> psycopg2.extensions.connection:
         if not self._slots.acquire(timeout=self._wait_timeout):
-            raise PoolExhausted("no database connection free")
+            raise PoolExhausted(self._wait_timeout)
         try:
             while True:
                 with self._lock:

@@ -274,7 +274,10 @@ SETTINGS: tuple[Setting, ...] = (
     # Connections one worker process may hold: an instance holds up to
     # WEB_CONCURRENCY times this (PostgreSQL's max_connections is 100 by default).
     _setting("DB_POOL_SIZE", 4, _whole(1, 100, "connections")),
-    # How long a request waits for a free connection of its process's pool.
+    # How long a request waits for a free connection of its process's pool
+    # before it is answered 503 SERVICE_BUSY: a full pool means more requests
+    # than the database is given connections for, and a client told to come
+    # back soon does better than one kept waiting (docs/API.md, Overload).
     _setting("DB_POOL_TIMEOUT_S", 2.0, _seconds(0.1, 30)),
     _setting("LOG_LEVEL", "INFO", _choice(("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), True)),
     # ---- gunicorn's (gunicorn.conf.py says how each is used) ----

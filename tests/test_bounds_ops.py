@@ -17,8 +17,13 @@ over raw sockets where the exact bytes matter.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import io
+import json
+import logging
 import re
+import socket
 import threading
 import time
 from pathlib import Path
@@ -32,12 +37,17 @@ from helpers import (
     Blackhole,
     Refuser,
     Server,
+    closed_database_url,
     init_db,
     make_app,
+    metric_samples,
+    metric_value,
+    table_locked,
     wait_for_workers,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
-from jobs import readiness, settings
+from jobs import db, observability, readiness, settings
 from jobs.store import readiness as readiness_store
 
 # ---- Settings: each at its bounds, one past them, malformed ------------------------------
@@ -91,6 +101,7 @@ def test_unset_or_empty_settings_take_their_defaults():
     assert unset == empty
     for setting in settings.SETTINGS:
         assert unset[setting.name] == setting.default, setting.name
+    assert unset["DB_POOL_TIMEOUT_S"] == 2
     assert unset["FORWARDED_ALLOW_IPS"] == ""  # trust no proxy unless told
     # The service's own reading leaves gunicorn's out.
     assert "PORT" not in settings.from_environment({})
@@ -445,3 +456,186 @@ def test_a_readyz_flood_holds_at_most_one_connection_per_worker(server, db_conn)
     assert most["samples"] > 50
     assert most["backends"] <= 2, "more than one readiness connection per worker process"
     assert "too many clients" not in server.log()
+
+
+# ---- Overload: 503 SERVICE_BUSY -----------------------------------------------------------
+
+
+class ServiceLog:
+    """The service's JSON log lines, captured in memory (its stdout handler redirected)."""
+
+    def __init__(self):
+        observability.configure_logging()
+        logger = logging.getLogger("jobs")
+        self.handler = next(h for h in logger.handlers if getattr(h, "jobs_json", False))
+        self.stream = io.StringIO()
+
+    def __enter__(self):
+        self.previous = self.handler.setStream(self.stream)
+        return self
+
+    def __exit__(self, *exc):
+        self.handler.setStream(self.previous)
+
+    def lines(self) -> list[dict]:
+        return [orjson.loads(line) for line in self.stream.getvalue().splitlines() if line]
+
+
+BUSY_ROUTES = [
+    ("GET", "/jobs", {}, "/jobs"),
+    ("POST", "/jobs", {"json": {"node_id": "w1"}}, "/jobs"),
+    ("GET", "/jobs/1", {}, "/jobs/<job_id>"),
+    ("DELETE", "/jobs?status=terminal", {}, "/jobs"),
+    ("PUT", "/workers/w1", {}, "/workers/<node_id>"),
+    ("GET", "/workers", {}, "/workers"),
+]
+
+
+def test_a_full_pool_answers_503_service_busy_apart_from_database_errors(database_url):
+    app = make_app(database_url, DB_POOL_SIZE=1, DB_POOL_TIMEOUT_S=0.2)
+    client = app.test_client()
+    with app.app_context():
+        pool = db.get_pool()
+        held = pool.getconn()  # the pool's one connection, taken
+    try:
+        with ServiceLog() as service_log:
+            for method, path, kwargs, _ in BUSY_ROUTES:
+                started = time.monotonic()
+                response = client.open(path, method=method, **kwargs)
+                elapsed = time.monotonic() - started
+                assert response.status_code == 503, (method, path, response.get_json())
+                assert response.headers["Retry-After"] == "1"
+                body = response.get_json()
+                assert body["error_code"] == "SERVICE_BUSY"
+                assert set(body) == {"error_code", "error_message"}
+                assert 0.2 <= elapsed < 0.2 + 0.5, (method, path, elapsed)
+            # /healthz and readiness (its own connection) do not need the pool.
+            assert client.get("/healthz").status_code == 200
+            assert client.get("/readyz").status_code == 200
+        busy = [e for e in service_log.lines() if e["msg"] == "service busy"]
+        assert [e["level"] for e in busy] == ["warning"] * len(BUSY_ROUTES)
+        assert not [e for e in service_log.lines() if e["level"] == "error"]
+    finally:
+        pool.putconn(held)
+    samples = metric_samples(client)
+    for route in {r for *_, r in BUSY_ROUTES}:
+        expected = sum(1 for *_, r in BUSY_ROUTES if r == route)
+        assert metric_value(samples, "jobs_overload_total", route=route) >= expected
+    assert client.get("/jobs").status_code == 200  # the connection is back
+    pool.drop_idle()
+    # A database that is down is still a database error: 500 and the route's code.
+    down = make_app(closed_database_url(), DB_POOL_SIZE=1).test_client()
+    response = down.get("/jobs")
+    assert response.status_code == 500
+    assert response.get_json()["error_code"] == "LIST_JOBS_ERROR"
+    assert "Retry-After" not in response.headers
+
+
+def test_the_openapi_document_lists_service_busy_on_every_database_route(client):
+    doc = client.get("/openapi.json").get_json()
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            answer = op["responses"].get("503")
+            if path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+                assert answer is None or path == "/readyz", path
+                continue
+            assert answer, (method, path)
+            enum = answer["content"]["application/json"]["schema"]["properties"]["error_code"]
+            assert enum["enum"] == ["SERVICE_BUSY"], (method, path)
+            assert answer["headers"]["Retry-After"]["schema"]["type"] == "integer"
+
+
+def raw_request(port: int, head: str, body: bytes = b"", timeout: float = 15):
+    """Send one request (its head as text), read until the server closes:
+    (status, {lower-case header: value}, body bytes)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head.encode("latin-1") + b"\r\n" + body)
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                received += chunk
+    return parse_answer(received)
+
+
+def parse_answer(received: bytes):
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers, body
+
+
+def test_overload_through_gunicorn_is_503_with_retry_after_and_never_500(_schema):
+    """A pool of one per worker, its connection stuck behind a table lock: 200 clients at once."""
+    pool_timeout, clients = 0.5, 200
+    env = {"DB_POOL_SIZE": "1", "DB_POOL_TIMEOUT_S": str(pool_timeout)}
+    instance = Server(_schema, workers=2, env=env)
+    try:
+        instance.start()
+        wait_for_workers(instance.process.pid, 2)
+        call = instance.caller()
+        status, job = call("POST", "/jobs", {"node_id": "busy-w"})
+        assert status == 201
+        path = f"/jobs/{job['id']}"
+        answers: list = []
+        barrier = threading.Barrier(clients + 1)
+
+        def client():
+            barrier.wait(30)
+            started = time.monotonic()
+            answer = raw_request(
+                instance.port,
+                f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n",
+                timeout=30,
+            )
+            answers.append((*answer, time.monotonic() - started))
+
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        with table_locked(_schema, "jobs"):
+            barrier.wait(30)
+            time.sleep(2.5)  # well past DB_POOL_TIMEOUT_S, well before STATEMENT_TIMEOUT_MS
+        for thread in threads:
+            thread.join(60)
+        assert len(answers) == clients
+        busy = [a for a in answers if a[0] == 503]
+        assert {a[0] for a in answers} <= {200, 503}, sorted({a[0] for a in answers})
+        assert len(busy) >= clients // 2, len(busy)
+        for _, headers, body, _ in busy:
+            assert headers["retry-after"] == "1"
+            assert headers["content-type"] == "application/json"
+            assert json.loads(body)["error_code"] == "SERVICE_BUSY"
+        slowest_busy = max(a[3] for a in busy)
+        print(
+            f"\noverload: {clients} clients, {len(busy)} answered 503 SERVICE_BUSY, "
+            f"{clients - len(busy)} 200; 503 within {min(a[3] for a in busy):.2f}-"
+            f"{slowest_busy:.2f} s (DB_POOL_TIMEOUT_S={pool_timeout:g})"
+        )
+        assert slowest_busy < pool_timeout + 1.5
+        text = metrics_text(instance.port)
+        overloads = sum(
+            s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "jobs_overload_total" and s.labels == {"route": "/jobs/<job_id>"}
+        )
+        assert overloads == len(busy)
+        log = instance.log()
+        assert '"msg":"service busy"' in log and '"level":"warning"' in log
+        assert '"msg":"database error"' not in log
+        assert call("GET", path)[0] == 200
+    finally:
+        instance.stop()
+        instance.cleanup()
+
+
+def metrics_text(port: int) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
