@@ -1,10 +1,11 @@
 """gunicorn settings: `gunicorn -c gunicorn.conf.py wsgi:app`.
 
-PORT, WEB_CONCURRENCY, WORKER_CONNECTIONS, KEEPALIVE_S, GRACEFUL_TIMEOUT and
-GUNICORN_LOG_LEVEL tune it: jobs/settings.py holds each one's default and
-range with the service's own settings, and every one of them is read and
-checked here, once, in the master: a malformed or out-of-range value stops
-the start-up (exit 1) with a message naming it, before any worker is forked.
+PORT, WEB_CONCURRENCY, WORKER_CONNECTIONS, KEEPALIVE_S, GRACEFUL_TIMEOUT,
+FORWARDED_ALLOW_IPS and GUNICORN_LOG_LEVEL tune it: jobs/settings.py holds
+each one's default and range with the service's own settings, and every one of
+them is read and checked here, once, in the master: a malformed or
+out-of-range value stops the start-up (exit 1) with a message naming it,
+before any worker is forked.
 
 gevent workers, because the port is reached directly (load balancers' health
 checks, in-cluster callers), so slow and idle clients must not take the
@@ -37,6 +38,7 @@ import sys
 import tempfile
 
 from gunicorn import util as gunicorn_util
+from gunicorn.http.errors import ConfigurationProblem, InvalidHeader
 
 from jobs import settings
 
@@ -70,6 +72,14 @@ preload_app = False
 timeout = 30
 # SIGTERM: stop accepting, let in-flight requests finish for up to this long.
 graceful_timeout = SETTINGS["GRACEFUL_TIMEOUT"]
+# Whose SCRIPT_NAME, X-Forwarded-Proto (and the other secure_scheme_headers)
+# gunicorn believes. gunicorn's default, 127.0.0.1 (or its own reading of
+# FORWARDED_ALLOW_IPS), trusted every local process: `SCRIPT_NAME: /public`
+# had DELETE /public/jobs/1 served as DELETE /jobs/1. None unless configured;
+# from any other peer such headers change nothing (SCRIPT_NAME, with an
+# underscore, is dropped: gunicorn's header_map "drop").
+forwarded_allow_ips = SETTINGS["FORWARDED_ALLOW_IPS"]
+header_map = "drop"  # gunicorn's default, relied upon above
 # The app writes one JSON line per request itself; gunicorn's own access log
 # would be a second, differently shaped line.
 accesslog = None
@@ -141,7 +151,9 @@ def child_exit(server, worker):
 # and message and util.write_error writes them as an HTML page. Every error
 # of this service is JSON, so each worker swaps that one writer (handle_error
 # is its only caller in gunicorn 27.0.1; tests/test_edge.py would notice a
-# change) and keeps gunicorn's choice of status and message.
+# change) and keeps gunicorn's choice of status and message, but for one: a
+# path outside a trusted proxy's SCRIPT_NAME is the request's fault, a 400, not
+# the 500 gunicorn gives it (ForwardedPathMismatch below).
 
 GUNICORN_ERROR_CODES = {
     400: "BAD_REQUEST",
@@ -172,8 +184,33 @@ def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
     gunicorn_util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
+class ForwardedPathMismatch(InvalidHeader):
+    """A trusted proxy's SCRIPT_NAME that the request's path does not start with.
+
+    gunicorn raises ConfigurationProblem, which its handle_error answers 500
+    ("Configuration problem"): a request, not the server, is at fault, so it
+    is answered as the malformed header it is, 400 BAD_REQUEST.
+    """
+
+    def __init__(self):
+        super().__init__("SCRIPT_NAME")
+
+    def __str__(self):
+        return "the request path does not start with the SCRIPT_NAME header's prefix"
+
+
+def _errors_of_requests_are_4xx(handle_error):
+    def handle(req, client, addr, exc):
+        if isinstance(exc, ConfigurationProblem):
+            exc = ForwardedPathMismatch()
+        return handle_error(req, client, addr, exc)
+
+    return handle
+
+
 def post_worker_init(worker):
     gunicorn_util.write_error = write_json_error
+    worker.handle_error = _errors_of_requests_are_4xx(worker.handle_error)
     # gevent's server accepts up to 100 connections per wake-up: clients that
     # connect at once (a load balancer's pool, wrk -c4) then all land on the
     # worker that woke first, and with keep-alive they stay there while the

@@ -639,3 +639,110 @@ def metrics_text(port: int) -> str:
         return conn.getresponse().read().decode()
     finally:
         conn.close()
+
+
+# ---- Proxy headers ---------------------------------------------------------------------------
+
+# Headers a client could send to pass for a proxy: SCRIPT_NAME (gunicorn's
+# forwarder_headers), the secure-scheme headers (also disagreeing with each
+# other, which gunicorn refuses from a trusted peer), the usual forwarding ones.
+PROXY_HEADERS = [
+    {"SCRIPT_NAME": "/public"},
+    {"SCRIPT_NAME": "/jobs"},
+    {"SCRIPT_NAME": "/nowhere"},
+    {"SCRIPT_NAME": "/public\xff"},
+    {"PATH_INFO": "/jobs"},
+    {"X-Forwarded-For": "203.0.113.9"},
+    {"X-Forwarded-For": "not an address,,,\xff"},
+    {"X-Forwarded-Proto": "https"},
+    {"X-Forwarded-Proto": "https", "X-Forwarded-Ssl": "off"},
+    {"X-Forwarded-Protocol": "ssl", "X-Forwarded-Proto": "http"},
+    {"Forwarded": "for=203.0.113.9;proto=https;host=evil"},
+    {"X-Forwarded-Host": "evil.example"},
+    {"X-Forwarded-Prefix": "/public"},
+    {"REMOTE_ADDR": "203.0.113.9"},
+]
+
+
+def forwarded_request(method: str, path: str, extra: dict) -> str:
+    head = f"{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+    return head + "".join(f"{name}: {value}\r\n" for name, value in extra.items())
+
+
+def answer_of(port: int, method: str, path: str, extra: dict) -> tuple[int, dict | None]:
+    status, _, body = raw_request(port, forwarded_request(method, path, extra))
+    return status, (json.loads(body) if body else None)
+
+
+def completed_job(call) -> int:
+    """A COMPLETED job: DELETE /jobs/{id} would delete it (204)."""
+    status, job = call("POST", "/jobs", {"node_id": "proxy-w"})
+    assert status == 201
+    for step in ("RUNNING", "COMPLETED"):
+        assert call("PUT", f"/jobs/{job['id']}/status", {"status": step})[0] == 200
+    return job["id"]
+
+
+def test_proxy_headers_from_an_untrusted_peer_change_nothing(server):
+    call = server.caller()
+    job_id = completed_job(call)
+    requests = [
+        ("GET", f"/jobs/{job_id}"),
+        ("GET", f"/public/jobs/{job_id}"),
+        ("DELETE", f"/public/jobs/{job_id}"),
+        ("GET", "/healthz"),
+        ("GET", "/nowhere/healthz"),
+    ]
+    for method, path in requests:
+        expected = answer_of(server.port, method, path, {})
+        assert expected[0] < 500
+        for extra in PROXY_HEADERS:
+            assert answer_of(server.port, method, path, extra) == expected, (method, path, extra)
+    # `SCRIPT_NAME: /public` did not make DELETE /public/jobs/{id} a DELETE /jobs/{id}.
+    assert call("GET", f"/jobs/{job_id}")[0] == 200
+
+
+def test_proxy_headers_from_a_configured_proxy_are_used_and_never_a_500(_schema):
+    instance = Server(_schema, workers=1, env={"FORWARDED_ALLOW_IPS": "127.0.0.1"})
+    try:
+        instance.start()
+        call = instance.caller()
+        job_id = completed_job(call)
+        # Trusted, SCRIPT_NAME works: the proxy serves the API under /public.
+        status, body = answer_of(
+            instance.port, "GET", f"/public/jobs/{job_id}", {"SCRIPT_NAME": "/public"}
+        )
+        assert (status, body["id"]) == (200, job_id)
+        # A path outside it was gunicorn's 500 "Configuration problem"; now a JSON 400.
+        status, headers, raw = raw_request(
+            instance.port, forwarded_request("GET", f"/jobs/{job_id}", {"SCRIPT_NAME": "/public"})
+        )
+        assert status == 400 and headers["content-type"] == "application/json", raw
+        assert json.loads(raw) == {
+            "error_code": "BAD_REQUEST",
+            "error_message": "the request path does not start with the SCRIPT_NAME header's prefix",
+        }
+        # Disagreeing scheme headers: gunicorn's JSON 400.
+        status, body = answer_of(
+            instance.port,
+            "GET",
+            "/healthz",
+            {"X-Forwarded-Proto": "https", "X-Forwarded-Ssl": "off"},
+        )
+        assert (status, body["error_code"]) == (400, "BAD_REQUEST")
+        for method, path in [
+            ("GET", f"/jobs/{job_id}"),
+            ("GET", "/healthz"),
+            ("DELETE", "/jobs/1"),
+        ]:
+            for extra in PROXY_HEADERS:
+                status, headers, raw = raw_request(
+                    instance.port, forwarded_request(method, path, extra)
+                )
+                assert status < 500, (method, path, extra, raw)
+                if status != 204:  # (a 204 has no body to describe)
+                    assert headers["content-type"] == "application/json", (method, path, extra)
+        assert "Configuration problem" not in instance.log()
+    finally:
+        instance.stop()
+        instance.cleanup()
