@@ -39,6 +39,7 @@ import tempfile
 
 from gunicorn import util as gunicorn_util
 from gunicorn.http.errors import ConfigurationProblem, InvalidHeader
+from gunicorn.http.wsgi import Response
 
 from jobs import settings
 
@@ -208,9 +209,26 @@ def _errors_of_requests_are_4xx(handle_error):
     return handle
 
 
+# ---- Connection: close, when the app says so -------------------------------------------
+# gunicorn drops the app's hop-by-hop headers and writes its own Connection
+# header (http/wsgi.py, Response.process_headers and default_headers): the
+# 408 REQUEST_TIMEOUT, answered while the rest of its body may still be on its
+# way, said "Connection: keep-alive" and then closed. An app's
+# "Connection: close" now makes gunicorn close after the response and say so.
+_process_headers = Response.process_headers
+
+
+def _process_headers_closing(self, headers):
+    _process_headers(self, headers)
+    for name, value in headers:
+        if name.lower() == "connection" and "close" in value.lower().replace(" ", "").split(","):
+            self.force_close()
+
+
 def post_worker_init(worker):
     gunicorn_util.write_error = write_json_error
     worker.handle_error = _errors_of_requests_are_4xx(worker.handle_error)
+    Response.process_headers = _process_headers_closing
     # gevent's server accepts up to 100 connections per wake-up: clients that
     # connect at once (a load balancer's pool, wrk -c4) then all land on the
     # worker that woke first, and with keep-alive they stay there while the

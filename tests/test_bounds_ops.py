@@ -38,6 +38,7 @@ from helpers import (
     Refuser,
     Server,
     closed_database_url,
+    http_caller,
     init_db,
     make_app,
     metric_samples,
@@ -746,3 +747,32 @@ def test_proxy_headers_from_a_configured_proxy_are_used_and_never_a_500(_schema)
     finally:
         instance.stop()
         instance.cleanup()
+
+
+# ---- 408: Connection: close, truthfully ---------------------------------------------------------
+
+
+def test_a_408_says_connection_close_and_closes(server):
+    """A body that stops arriving: 408, "Connection: close", and the server closes at once."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        sock.sendall(b"PUT /workers/slow-408 HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{")
+        started = time.monotonic()
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):  # the client sends nothing more and never closes
+                received += chunk
+        closed_after = time.monotonic() - started
+    status, headers, body = parse_answer(received)
+    assert status == 408, received
+    assert headers["connection"] == "close", headers
+    assert json.loads(body)["error_code"] == "REQUEST_TIMEOUT"
+    # BODY_READ_TIMEOUT_S=1, then the close: not left for gunicorn's keep-alive timeout.
+    assert closed_after < 1 + 2, closed_after
+    # An ordinary answer on the same kind of connection still keeps it alive.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(65536)
+    assert parse_answer(head)[1]["connection"] == "keep-alive"
+    assert http_caller(server.port)("GET", "/workers/slow-408")[0] == 404
