@@ -5,7 +5,7 @@ create_app reads the service's settings once (``from_environment``); tests pass
 overrides as ``create_app(test_config)``. gunicorn.conf.py reads every setting,
 gunicorn's and the service's, once in the master (``for_gunicorn``), so a bad
 value stops the start-up before any worker is forked. docs/API.md, "Settings",
-lists them for operators.
+lists them for operators (tests/test_bounds_ops.py holds the table to ``SETTINGS``).
 
 A value is malformed or out of range: the start-up stops with a message naming
 each such variable and what it allows (SettingsError). Unset or empty: the

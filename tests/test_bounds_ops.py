@@ -205,6 +205,31 @@ def test_job_retention_range():
     assert refusal({"JOB_RETENTION": "0s"}).startswith("JOB_RETENTION: '0s' is out of range")
 
 
+def settings_table() -> dict[str, list[str]]:
+    """docs/API.md's Settings table: variable -> its cells."""
+    text = (ROOT / "docs" / "API.md").read_text()
+    section = text.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        match = re.match(r"\| `([A-Z_]+)` \|(.*)\|$", line)
+        if match:
+            rows[match[1]] = [cell.strip() for cell in match[2].split(" | ")]
+    return rows
+
+
+def test_the_docs_state_every_setting_with_its_default_and_range():
+    rows = settings_table()
+    for setting in settings.SETTINGS:
+        assert setting.name in rows, setting.name
+        default, allowed = rows[setting.name][0], rows[setting.name][1]
+        if setting.default not in (None, ""):
+            shown = (
+                f"{setting.default:g}" if isinstance(setting.default, float) else setting.default
+            )
+            assert f"`{shown}`" in default, (setting.name, default)
+        assert allowed == setting.rule, (setting.name, allowed)
+
+
 def test_gunicorn_refuses_to_start_with_a_bad_value(_schema):
     instance = Server(
         _schema, env={"WORKER_LOST_AFTER_S": "abc", "WEB_CONCURRENCY": "٣", "KEEPALIVE_S": "0"}
