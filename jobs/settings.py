@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from jobs.domain import MAX_ATTEMPTS_LIMIT
+
 
 def from_environment() -> dict:
     return dict(
@@ -45,6 +47,18 @@ def from_environment() -> dict:
         # A registered worker without a heartbeat for this long is LOST and its
         # leases expire (leases.py).
         WORKER_LOST_AFTER_S=_env_seconds("WORKER_LOST_AFTER_S", 30),
+        # Attempts a job gets unless POST /jobs says otherwise: 1 is no
+        # automatic retry (docs/API.md, "Attempts and retries").
+        JOB_MAX_ATTEMPTS=_env_in_range("JOB_MAX_ATTEMPTS", 1, 1, MAX_ATTEMPTS_LIMIT, int),
+        # A failed job's retry waits RETRY_BACKOFF_S x 2^(attempt - 1) seconds,
+        # at most RETRY_BACKOFF_MAX_S: 10 s, 20 s, 40 s ... an hour. At most a
+        # day either way, so that a retry is never put off for good by a typo.
+        RETRY_BACKOFF_S=_env_in_range("RETRY_BACKOFF_S", 10.0, 0.001, 86400.0),
+        RETRY_BACKOFF_MAX_S=_env_in_range("RETRY_BACKOFF_MAX_S", 3600.0, 0.001, 86400.0),
+        # How often the retry sweep looks for due retries (chores/retries.py):
+        # a due retry is made within this (given traffic), so at most 5 s, and
+        # the 10 s the API promises hold.
+        RETRY_SWEEP_INTERVAL_S=_env_in_range("RETRY_SWEEP_INTERVAL_S", 5.0, 0.01, 5.0),
         READY_TIMEOUT_S=1.0,
         MAX_CONTENT_LENGTH=1024 * 1024,
     )
@@ -66,3 +80,19 @@ def _env_seconds(name: str, default: float) -> float:
     if not 0 < seconds < float("inf"):
         raise ValueError(f"{name} must be a positive number of seconds")
     return seconds
+
+
+def _env_in_range(name: str, default, low, high, kind=float):
+    """A number in low..high (a whole one when ``kind`` is int); anything else stops the
+    start-up with a message naming the variable and the range."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        what = "a whole number" if kind is int else "a number"
+        raise ValueError(f"{name} must be {what} in {low:g}..{high:g}, not {text!r}")
+    return value
