@@ -106,7 +106,9 @@ class StrictBoolean(fields.Boolean):
 
 def Attempt(**kwargs) -> fields.Integer:
     """An attempt a worker names: a JSON integer, at least 1 (never null, a string or a float)."""
-    return fields.Integer(strict=True, validate=validate.Range(1, MAX_ATTEMPT_VALUE), **kwargs)
+    return fields.Integer(
+        strict=True, allow_none=False, validate=validate.Range(1, MAX_ATTEMPT_VALUE), **kwargs
+    )
 
 
 class StrictSchema(Schema):
@@ -433,9 +435,11 @@ class CreateJobSchema(StrictSchema):
         allow_none=True,
         validate=[validate.Length(1, 256), no_nul],
     )
+    # Absent: JOB_MAX_ATTEMPTS. null is not a number of attempts.
     max_attempts = fields.Integer(
         strict=True,
         load_default=None,
+        allow_none=False,
         validate=validate.Range(1, MAX_ATTEMPTS_LIMIT),
         metadata={"description": f"1..{MAX_ATTEMPTS_LIMIT}; default: JOB_MAX_ATTEMPTS"},
     )
@@ -458,6 +462,7 @@ class StatusReportSchema(StrictSchema):
     # None: not given (a failure is retryable unless the report says otherwise).
     retryable = StrictBoolean(
         load_default=None,
+        allow_none=False,
         metadata={"description": "only with FAILED: false makes the failure final (no retry)"},
     )
 
