@@ -438,7 +438,7 @@ class CreateJobSchema(StrictSchema):
     # Absent: JOB_MAX_ATTEMPTS. null is not a number of attempts.
     max_attempts = fields.Integer(
         strict=True,
-        load_default=None,
+        load_default=lambda: None,
         allow_none=False,
         validate=validate.Range(1, MAX_ATTEMPTS_LIMIT),
         metadata={"description": f"1..{MAX_ATTEMPTS_LIMIT}; default: JOB_MAX_ATTEMPTS"},
@@ -455,15 +455,20 @@ class StatusReportSchema(StrictSchema):
             "status: the reporting worker, which must be the job's (else 409 STALE_ATTEMPT)"
         },
     )
+    # Absent: not checked. (A callable default keeps "default": null, which the
+    # field does not accept, out of the OpenAPI document.)
     attempt = Attempt(
-        load_default=None,
+        load_default=lambda: None,
         metadata={"description": "the attempt reported on; not the job's: 409 STALE_ATTEMPT"},
     )
     # None: not given (a failure is retryable unless the report says otherwise).
     retryable = StrictBoolean(
         load_default=None,
         allow_none=False,
-        metadata={"description": "only with FAILED: false makes the failure final (no retry)"},
+        metadata={
+            "description": "only with FAILED: false makes the failure final (no retry)",
+            "default": True,
+        },
     )
 
     @validates_schema

@@ -183,7 +183,10 @@ DEFAULT_BACKOFF = Backoff(10.0, 3600.0)
 # row is updated (after its lock was granted), so retry_at - updated_at is
 # exactly the backoff and updated_at never goes back past a change this
 # statement waited for.
-CHANGE_STATUS = f"""
+#
+# Prepared (directly; plain SQL through a pooler): planning these CTEs cost
+# more than running them, ~1 ms of a ~1.3 ms report on the 2-core box.
+CHANGE_STATUS_SQL = f"""
 WITH target AS (
     SELECT * FROM jobs WHERE id = %(job_id)s FOR UPDATE
 ), fence AS (
@@ -217,6 +220,21 @@ SELECT target.status, target.node_id, target.attempt, fence.stale,
        coalesce(moved.job_json, target.job_json)
 FROM target CROSS JOIN fence LEFT JOIN moved ON true
 """
+CHANGE_STATUS = pool.Prepared(
+    "change_status",
+    CHANGE_STATUS_SQL,
+    job_id="bigint",
+    fence_node="text",
+    fence_attempt="bigint",
+    to="text",
+    node_id="text",
+    retryable="boolean",
+    backoff_max_s="float8",
+    backoff_s="float8",
+    reassign="boolean",
+    detail="jsonb",
+    **{"from": "text[]"},
+)
 
 
 @dataclass(frozen=True)
