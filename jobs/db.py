@@ -99,10 +99,12 @@ def apply_schema(database_url: str, connect_timeout: int) -> None:
         conn.close()
 
 
-# Jobs per transaction when rendering existing jobs again: each batch holds
-# its rows' locks for some tens of milliseconds, so the version still serving
-# during a deploy waits at most that long for any one job.
-RERENDER_BATCH = 5000
+# Jobs per transaction when rendering existing jobs again: a batch holds its
+# rows' locks while it runs, so the version still serving during a deploy
+# waits at most that long to write one of them. 5,000 took ~1 s each on the
+# 2-core box under a load of ~10 (1M jobs in 197 s, BENCHMARKS.md "Upgrading
+# a live database"); 1,000 keep that wait near 0.2 s.
+RERENDER_BATCH = 1000
 
 
 def rerender_jobs(conn) -> None:

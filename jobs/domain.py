@@ -52,10 +52,7 @@ WORKER_STATUSES = ("ALIVE", "LOST")
 # operator's or the retry sweep's). A FAILED job below max_attempts waits
 # retry_delay_s(...) and is then scheduled again, unless its report said
 # "retryable": false.
-FIRST_ATTEMPT = 1
 MAX_ATTEMPTS_LIMIT = 100
-# The retry's own move, and the one statuses it is taken from and to.
-RETRY_FROM, RETRY_TO = "FAILED", "SCHEDULED"
 # What PUT /jobs/{id}/stop appends when it cancels a pending retry (the job
 # stays FAILED): an event that is not a status.
 RETRY_CANCELLED = "RETRY_CANCELLED"
@@ -71,6 +68,7 @@ def retry_delay_s(attempt: int, backoff_s: float, backoff_max_s: float) -> float
     store/jobs.py RETRY_DELAY_SQL computes the same in the statements that fail jobs.
     """
     return min(backoff_max_s, backoff_s * 2.0 ** (attempt - 1))
+
 
 # Filter tokens of GET /jobs?status= and DELETE /jobs?status= (case-insensitive).
 LIST_STATUS_TOKENS: dict[str, tuple[str, ...]] = {

@@ -582,11 +582,15 @@ def test_malformed_registration_parameters_are_refused_naming_them(call, db_conn
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        *[({"status": s, "retryable": False}, "retryable") for s in
-          ("RUNNING", "COMPLETED", "STOPPING", "STOPPED", "SCHEDULED")],
+        *[
+            ({"status": s, "retryable": False}, "retryable")
+            for s in ("RUNNING", "COMPLETED", "STOPPING", "STOPPED", "SCHEDULED")
+        ],
         ({"status": "RUNNING", "retryable": True}, "retryable"),
-        *[({"status": "FAILED", "retryable": v}, "retryable") for v in
-          (None, "false", 0, 1, "yes", [], {})],
+        *[
+            ({"status": "FAILED", "retryable": v}, "retryable")
+            for v in (None, "false", 0, 1, "yes", [], {})
+        ],
         ({"status": "FAILED", "node_id": "1bad"}, "node_id"),
     ],
     ids=repr,

@@ -581,8 +581,9 @@ def test_two_instances_retry_each_job_exactly_once(app, pair, database_url):
             for job_id in mine:
                 for attempt in (1, 2, 3):
                     wait_for(
-                        lambda job_id=job_id, attempt=attempt: get(call, job_id)["attempt"]
-                        == attempt,
+                        lambda job_id=job_id, attempt=attempt: (
+                            get(call, job_id)["attempt"] == attempt
+                        ),
                         10,
                     )
                     ok(report(call, job_id, "RUNNING", None, attempt))

@@ -73,8 +73,7 @@ def register_files(job_id, table, node_id, attempt, body):
                 raise ApiError(
                     409,
                     "FILE_CONFLICT",
-                    f"file {file_name!r} is already registered with other fields"
-                    " by this attempt",
+                    f"file {file_name!r} is already registered with other fields by this attempt",
                 )
             case registered:
                 pass

@@ -11,7 +11,7 @@ keeps a retry from ever being made twice if two sweeps overlap anyway.
 
 A due retry is therefore made within RETRY_SWEEP_INTERVAL_S as long as the
 service gets traffic (more than RETRY_BATCH due at once take one interval
-per batch). What a sweep costs on a 1M-job table: BENCHMARKS.md, "Retries".
+per batch). What a sweep costs on a 1M-job table: BENCHMARKS.md, "Retries and fencing".
 """
 
 from __future__ import annotations

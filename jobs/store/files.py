@@ -167,12 +167,12 @@ def register_files(
     row = cur.fetchone()
     if row is None:
         return NOT_FOUND
-    (status, job_node, attempt, stale, start, current, tip_hash, count, size,
-     inserted_names, lowest_new_start) = row
+    status, job_node, attempt, stale, *summary, inserted_names, lowest_new_start = row
     if stale:
         return Stale(job_node, attempt)
     if status not in ACTIVE_STATUSES:
         return Refused(status)
+    start, current, tip_hash, count, size = summary
     inserted = set(inserted_names)
     retried = [f for f in files if f["file_name"] not in inserted]
     changed_starts = [] if lowest_new_start is None else [lowest_new_start]
