@@ -191,6 +191,35 @@ def test_a_lease_expiry_below_max_attempts_schedules_a_retry(app, call, database
     assert events_of(call, job_id)[-1]["detail"]["reason"] == "worker_lost"
 
 
+def test_one_lease_sweep_decides_each_jobs_retry_on_its_own(app, call, database_url, db_conn):
+    """One statement expires several jobs: each gets the retry_at of its own attempt
+    and max_attempts (none, 10 s after attempt 1, 20 s after attempt 2), and the
+    STOPPED one none."""
+    register(call, "w")
+    paths = [
+        (1, ["RUNNING"]),
+        (2, ["RUNNING"]),
+        (3, ["RUNNING", "FAILED", "SCHEDULED", "RUNNING"]),
+        (3, ["RUNNING", "STOP_REQUESTED"]),
+    ]
+    ids = []
+    for max_attempts, steps in paths:
+        job_id = create_job(call, "w", max_attempts=max_attempts)["id"]
+        for step in steps:
+            if step == "STOP_REQUESTED":
+                ok(call("PUT", f"/jobs/{job_id}/stop"))
+            else:
+                ok(report(call, job_id, step))
+        ids.append(job_id)
+    lose_worker(database_url, "w")
+    assert sweep_leases(app) == {"FAILED": 3, "STOPPED": 1}
+    waits = []
+    for job_id in ids:
+        retry_at, updated_at = retry_times(db_conn, job_id)
+        waits.append(None if retry_at is None else (retry_at - updated_at).total_seconds())
+    assert waits == [None, 10, 20, None]
+
+
 # ---- Where a retry goes ----------------------------------------------------------------------
 
 
