@@ -327,23 +327,54 @@ def test_the_sweep_reads_the_due_jobs_from_their_index(app, call, db_conn):
 # ---- Exactly once ----------------------------------------------------------------------------
 
 
-def test_concurrent_sweeps_retry_each_job_once(app, call, database_url):
+# 150 jobs that were scheduled and failed, with the events the service writes,
+# each waiting for a retry that is due: made in SQL, as the requests would.
+DUE_JOBS = """
+WITH created AS (
+    INSERT INTO jobs (node_id, max_attempts)
+    SELECT 'n' || (g % 3), 2 FROM generate_series(1, 150) g
+    RETURNING id, node_id, created_at
+), first AS (
+    INSERT INTO job_events (job_id, created_at, event_type, node_id)
+    SELECT id, created_at, 'SCHEDULED', node_id FROM created
+)
+SELECT array_agg(id ORDER BY id) FROM created
+"""
+FAIL_JOBS = """
+WITH failed AS (
+    UPDATE jobs SET status = 'FAILED', updated_at = clock_timestamp(),
+                    retry_at = clock_timestamp() - interval '1 second'
+    WHERE id = ANY(%s)
+    RETURNING id, node_id, updated_at
+)
+INSERT INTO job_events (job_id, created_at, event_type, node_id)
+SELECT id, updated_at, 'FAILED', node_id FROM failed
+"""
+
+
+def test_concurrent_sweeps_retry_each_job_once(app, call, database_url, db_conn):
     apps = [make_app(database_url, DB_POOL_SIZE=8) for _ in range(2)]
     try:
         with audit_trail(database_url) as audit:
-            jobs = [create_job(call, f"n{i % 3}", max_attempts=2)["id"] for i in range(120)]
-            for job_id in jobs:
-                fail(call, job_id)
-            make_due(database_url, *jobs)
+            with db_conn.cursor() as cur:
+                cur.execute(DUE_JOBS)
+                jobs = cur.fetchone()[0]
+                cur.execute(FAIL_JOBS, (jobs,))
             results = race(
                 lambda: call,
                 [lambda c, b, a=a: sweep_retries(a) for a in apps * 3],
             )
             assert sum(retried for retried, _ in results) == len(jobs), results
             assert audit.problems(call, ALL_MOVES) == []
-        for job_id in jobs:
-            assert len(retry_events(call, job_id)) == 1
-            assert get(call, job_id)["attempt"] == 2
+        with db_conn.cursor() as cur:
+            cur.execute(
+                "SELECT j.attempt, j.status, count(*), min(e.detail::text)"
+                " FROM jobs j JOIN job_events e ON e.job_id = j.id"
+                " WHERE e.detail->>'reason' = 'retry' GROUP BY j.id"
+            )
+            retried = cur.fetchall()
+        assert len(retried) == len(jobs)
+        assert set(retried) == {(2, "SCHEDULED", 1, '{"reason": "retry", "attempt": 2}')}
     finally:
         for a in apps:
             close(a)
