@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from bench.console import STARTED
 from bench.load import SINGLE_CLIENT_REQUESTS, Probe
+from bench.retries import section as retries_section
 from bench.slow_clients import DRIBBLING, IDLE
 
 if TYPE_CHECKING:
@@ -172,9 +173,26 @@ def growth_section(bench: Bench) -> tuple[list[str], dict[str, float | None]]:
     return lines, figures
 
 
-def report(bench: Bench) -> tuple[str, str]:
-    """The Markdown report and the one-line summary."""
+def report(bench: Bench, only: str | None = None) -> tuple[str, str]:
+    """The Markdown report and the one-line summary (of one part alone with ``only``)."""
     args, loads = bench.args, bench.loads
+    retry_lines, retry_summary = retries_section(bench.retries)
+    if only == "retries":
+        return "\n".join(
+            [
+                "# Jobs service benchmark: retries and fencing alone",
+                "",
+                f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; commit {git_commit()}",
+                f"- Machine: {machine()}",
+                f"- Table: {bench.scenarios['mixed'].description}; seeding"
+                f" {bench.seed_seconds.get('mixed', 0):.1f} s",
+                f"- Load: wrk -t1 -c{args.connections}, {args.duration} s per run after a warm-up",
+                f"- Reproduce: `python -m bench.run --only retries --duration {args.duration}`",
+                f"- Wall time: {(time.monotonic() - STARTED) / 60:.1f} min",
+                *retry_lines,
+                *(["", "## Notes", "", *(f"- {n}" for n in bench.notes)] if bench.notes else []),
+            ]
+        ) + "\n", "bench: " + " ".join(f"{k}={v}" for k, v in retry_summary.items())
 
     def rps(app, endpoint):
         load = loads.get((app, endpoint))
@@ -399,7 +417,7 @@ def report(bench: Bench) -> tuple[str, str]:
     pgbouncer_lines, via_pgbouncer = pgbouncer_section(bench)
     growth_lines, growth = growth_section(bench)
     slow_lines, healthz_under_attack = slow_clients_section(bench)
-    out += pgbouncer_lines + slow_lines + growth_lines
+    out += pgbouncer_lines + slow_lines + growth_lines + retry_lines
     if bench.notes:
         out += ["", "## Notes", "", *(f"- {note}" for note in bench.notes)]
     plans = [(s, p) for s in bench.skews for p in s.plans]
@@ -422,5 +440,6 @@ def report(bench: Bench) -> tuple[str, str]:
         f" list_growth={fmt(growth['list'])} get_growth={fmt(growth['get'])}"
         f" prune_5m_s={fmt(growth['prune_s'], 1)}"
         f" read_p99_during_prune_ms={fmt(growth['prune_p99_ms'])}"
+        + "".join(f" {k}={v}" for k, v in retry_summary.items())
     )
     return "\n".join(out) + "\n", summary

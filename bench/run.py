@@ -3,7 +3,7 @@
     python -m bench.run [--duration 10] [--connections 4] [--service auto|app|naive]
                         [--jobs 1000000] [--bulk-delete 500000] [--leak-requests 100000]
                         [--no-pgbouncer] [--no-slow-clients] [--no-growth]
-                        [--growth-jobs 1000000 5000000]
+                        [--growth-jobs 1000000 5000000] [--only retries]
 
 One run starts a throwaway PostgreSQL (devdb.LocalPostgres, non-durable),
 applies schema.sql, seeds each scenario with SQL (seed.py), serves the
@@ -25,7 +25,11 @@ naive_app.py), and measures:
 - the list and get throughput again with the service's DATABASE_URL at a
   local PgBouncer in transaction pooling mode (through_pgbouncer.py);
 - the same reads at 1M and at 5M jobs, then the time to prune the terminal
-  jobs through the API and the read p99 meanwhile (growth.py).
+  jobs through the API and the read p99 meanwhile (growth.py);
+- the retry sweep retrying 500 due jobs and finding none due on the mixed
+  table, and a status report's throughput naming its worker and attempt
+  against without (retries.py). ``--only retries`` seeds the mixed table and
+  runs just that.
 
 It prints the tables, writes them with the plans to bench/results/latest.md
 (the source for BENCHMARKS.md), and prints the summary line last.
@@ -81,6 +85,7 @@ from bench.load import (
 from bench.plans import Plans, jobs_rows_read
 from bench.register import Registration, measure_registration
 from bench.report import fmt, report
+from bench.retries import run_retries
 from bench.servers import (
     ROOT,
     Launch,
@@ -118,7 +123,7 @@ class Skew:
 
 
 class Bench:
-    def __init__(self, args, workdir: Path, stack: ExitStack):
+    def __init__(self, args, workdir: Path, stack: ExitStack, floors: bool = True):
         self.args = args
         self.workdir = workdir
         self.stack = stack
@@ -143,17 +148,20 @@ class Bench:
         self.registration: Registration | None = None
         self.growth_stages: list[Stage] = []
         self.prune: Prune | None = None
-        self.servers = {
-            "constant": self.serve("constant", floor_launch("constant_app", 2)),
-            "naive": self.serve("naive", floor_launch("naive_app", 2)),
-            # The naive GET again with the service's client-side deadline:
-            # what the deadline costs a bare round trip.
-            "naive+deadline": self.serve(
-                "naive+deadline",
-                floor_launch("naive_app", 2),
-                extra_env={"NAIVE_CLIENT_DEADLINE": "1"},
-            ),
-        }
+        self.retries = None  # retries.RetryFigures
+        self.servers = {}
+        if floors:
+            self.servers = {
+                "constant": self.serve("constant", floor_launch("constant_app", 2)),
+                "naive": self.serve("naive", floor_launch("naive_app", 2)),
+                # The naive GET again with the service's client-side deadline:
+                # what the deadline costs a bare round trip.
+                "naive+deadline": self.serve(
+                    "naive+deadline",
+                    floor_launch("naive_app", 2),
+                    extra_env={"NAIVE_CLIENT_DEADLINE": "1"},
+                ),
+            }
         service = self.service_launch(workers=2)
         if service is not None:
             self.servers["service"] = self.serve("service", service)
@@ -459,6 +467,12 @@ def main() -> None:
         help="skip the growth scenario (reads at 1M and 5M jobs, then the prune)",
     )
     parser.add_argument(
+        "--only",
+        choices=["retries"],
+        default=None,
+        help="run one part alone: retries (the retry sweep and fenced reports, mixed table)",
+    )
+    parser.add_argument(
         "--growth-jobs",
         type=int,
         nargs=2,
@@ -478,45 +492,63 @@ def main() -> None:
     try:
         with ExitStack() as stack:
             say(f"Starting PostgreSQL and the apps in {workdir}")
-            bench = Bench(args, workdir, stack)
-            for scenario, label, path in (
-                ("mostly_terminal", "default list, 20 active", "/jobs"),
-                ("mostly_active", "default list, 99% active", "/jobs"),
-            ):
-                bench.seed(scenario)
-                bench.skew(label, scenario, path)
-            bench.seed("mixed")
-            progress_job = seed.seed_progress_job(bench.conn, PROGRESS_TABLES, PROGRESS_FILES)
-            bench.skew(
-                "status=completed, deep cursor",
-                "mixed",
-                f"/jobs?status=completed&last_job_id={args.jobs // 100}",
-            )
-            bench.skew("status=scheduled,failed", "mixed", "/jobs?status=scheduled,failed")
-            bench.throughput()
-            if args.pgbouncer:
-                through_pgbouncer(bench)
-            if args.slow_clients:
-                slow_clients(bench)
-            bench.pgbench_lists()
-            bench.progress_and_reorg(progress_job)
-            bench.file_register()
-            bench.leak(progress_job)
-            bench.seed("bulk_delete")
-            bench.bulk_delete()
-            if args.growth:
-                bench.growth_stages, bench.prune = run_growth(bench, tuple(args.growth_jobs))
+            if args.only == "retries":
+                bench = Bench(args, workdir, stack, floors=False)
+                bench.seed("mixed")
+                bench.retries = run_retries(bench)
+            else:
+                bench = run_all(args, Bench(args, workdir, stack))
     except BaseException:
         print(f"Bench failed; servers' logs are kept in {workdir}", file=sys.stderr)
         raise
-    markdown, summary = report(bench)
     shutil.rmtree(workdir, ignore_errors=True)
+    if args.only:
+        # One part alone: printed, never written over the full run's results.
+        markdown, summary = report(bench, only=args.only)
+        print()
+        print(markdown)
+        print(summary)
+        return
+    markdown, summary = report(bench)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(markdown)
     print()
     print(markdown)
     print(f"Written to {RESULTS.relative_to(ROOT)}")
     print(summary)
+
+
+def run_all(args, bench: Bench) -> Bench:
+    """Every part, in order."""
+    for scenario, label, path in (
+        ("mostly_terminal", "default list, 20 active", "/jobs"),
+        ("mostly_active", "default list, 99% active", "/jobs"),
+    ):
+        bench.seed(scenario)
+        bench.skew(label, scenario, path)
+    bench.seed("mixed")
+    progress_job = seed.seed_progress_job(bench.conn, PROGRESS_TABLES, PROGRESS_FILES)
+    bench.skew(
+        "status=completed, deep cursor",
+        "mixed",
+        f"/jobs?status=completed&last_job_id={args.jobs // 100}",
+    )
+    bench.skew("status=scheduled,failed", "mixed", "/jobs?status=scheduled,failed")
+    bench.throughput()
+    if args.pgbouncer:
+        through_pgbouncer(bench)
+    if args.slow_clients:
+        slow_clients(bench)
+    bench.pgbench_lists()
+    bench.retries = run_retries(bench)
+    bench.progress_and_reorg(progress_job)
+    bench.file_register()
+    bench.leak(progress_job)
+    bench.seed("bulk_delete")
+    bench.bulk_delete()
+    if args.growth:
+        bench.growth_stages, bench.prune = run_growth(bench, tuple(args.growth_jobs))
+    return bench
 
 
 if __name__ == "__main__":

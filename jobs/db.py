@@ -16,6 +16,7 @@ from flask import current_app, g
 from flask.cli import with_appcontext
 
 from jobs import pool
+from jobs.store import jobs as job_store
 
 
 def get_pool() -> pool.ConnectionPool:
@@ -93,8 +94,33 @@ def apply_schema(database_url: str, connect_timeout: int) -> None:
             # Replicas deploying at once must not race on CREATE ... IF NOT EXISTS.
             cur.execute("SELECT pg_advisory_xact_lock(hashtext('jobs-service init-db'))")
             cur.execute(schema)
+        rerender_jobs(conn)
     finally:
         conn.close()
+
+
+# Jobs per transaction when rendering existing jobs again: a batch holds its
+# rows' locks while it runs, so the version still serving during a deploy
+# waits at most that long to write one of them. 5,000 took ~1 s each on the
+# 2-core box under a load of ~10 (1M jobs in 197 s, BENCHMARKS.md "Upgrading
+# a live database"); 1,000 keep that wait near 0.2 s.
+RERENDER_BATCH = 1000
+
+
+def rerender_jobs(conn) -> None:
+    """Render existing jobs' JSON again when schema.sql asked for it, batch by batch, once."""
+    with conn, conn.cursor() as cur:
+        if not job_store.upgrade_pending(cur, job_store.RENDER_UPGRADE):
+            return
+    after = 0
+    while True:
+        with conn, conn.cursor() as cur:
+            last = job_store.rerender_batch(cur, after, RERENDER_BATCH)
+        if last is None:
+            break
+        after = last
+    with conn, conn.cursor() as cur:
+        job_store.upgrade_done(cur, job_store.RENDER_UPGRADE)
 
 
 @click.command("init-db")

@@ -47,6 +47,29 @@ LEASE_EXPIRY: dict[str, frozenset[str]] = {
 LEASED_STATUSES = tuple(s for s in STATUSES if any(s in f for f in LEASE_EXPIRY.values()))
 WORKER_STATUSES = ("ALIVE", "LOST")
 
+# Attempts and automatic retries (docs/API.md, "Attempts and retries"). A job's
+# attempt starts at 1 and grows by one on every FAILED -> SCHEDULED (an
+# operator's or the retry sweep's). A FAILED job below max_attempts waits
+# retry_delay_s(...) and is then scheduled again, unless its report said
+# "retryable": false.
+MAX_ATTEMPTS_LIMIT = 100
+# What PUT /jobs/{id}/stop appends when it cancels a pending retry (the job
+# stays FAILED): an event that is not a status.
+RETRY_CANCELLED = "RETRY_CANCELLED"
+EVENT_TYPES = (*STATUSES, RETRY_CANCELLED)
+# An attempt a worker names (in a body or ?attempt=): a positive bigint, so a
+# comparison with the job's never overflows.
+MAX_ATTEMPT_VALUE = 2**63 - 1
+
+
+def retry_delay_s(attempt: int, backoff_s: float, backoff_max_s: float) -> float:
+    """How long a job that failed on ``attempt`` waits for its retry: doubling, capped.
+
+    store/jobs.py RETRY_DELAY_SQL computes the same in the statements that fail jobs.
+    """
+    return min(backoff_max_s, backoff_s * 2.0 ** (attempt - 1))
+
+
 # Filter tokens of GET /jobs?status= and DELETE /jobs?status= (case-insensitive).
 LIST_STATUS_TOKENS: dict[str, tuple[str, ...]] = {
     **{s.lower(): (s,) for s in STATUSES},
@@ -80,6 +103,8 @@ JOB_ID_RULE = f"an integer in 1..{MAX_JOB_ID}, written without leading zeros"
 _TABLE = re.compile(TABLE_PATTERN)
 _NODE_ID = re.compile(NODE_ID_PATTERN)
 NODE_ID_RULE = f"1..{MAX_NODE_ID_LENGTH} characters matching {NODE_ID_PATTERN}"
+_ATTEMPT = re.compile(r"[1-9][0-9]{0,18}")
+ATTEMPT_RULE = f"an integer in 1..{MAX_ATTEMPT_VALUE}, written without leading zeros"
 
 
 def parse_job_id(text: str) -> int | None:
@@ -88,6 +113,14 @@ def parse_job_id(text: str) -> int | None:
         return None
     value = int(text)
     return value if 1 <= value <= MAX_JOB_ID else None
+
+
+def parse_attempt(text: str) -> int | None:
+    """An attempt as a query value spells it (see ATTEMPT_RULE), else None."""
+    if not _ATTEMPT.fullmatch(text):
+        return None
+    value = int(text)
+    return value if value <= MAX_ATTEMPT_VALUE else None
 
 
 def is_table_name(text: str) -> bool:

@@ -40,6 +40,52 @@ LEASES_EXPIRED = Counter(
     "Jobs moved because their worker was LOST, by the status they moved to.",
     ["status"],
 )
+# Automatic retries (docs/API.md, "Attempts and retries"), counted by the
+# process that made the change (sum() across processes and replicas, like
+# jobs_leases_expired_total). Scheduled: a FAILED change below max_attempts
+# set retry_at, by what failed the job; performed: the retry sweep moved a
+# due job back to SCHEDULED, on its own worker or on another (its was LOST).
+RETRY_SCHEDULED_VIA = ("report", "lease_expiry")
+RETRIES_SCHEDULED = Counter(
+    "jobs_retries_scheduled_total",
+    "Failed jobs given an automatic retry, by what failed them (report, lease_expiry).",
+    ["via"],
+)
+RETRY_PLACEMENTS = ("same_node", "other_node")
+RETRIES_PERFORMED = Counter(
+    "jobs_retries_performed_total",
+    "Automatic retries made (FAILED -> SCHEDULED), on the job's node or on another.",
+    ["placement"],
+)
+# Refused as 409 STALE_ATTEMPT: a status report or a file registration naming
+# another worker or attempt than the job's (a late or moved worker).
+STALE_REPORT_KINDS = ("status", "files")
+STALE_REPORTS = Counter(
+    "jobs_stale_reports_total",
+    "Reports refused because they named another worker or attempt than the job's.",
+    ["report"],
+)
+_retries_scheduled = {via: RETRIES_SCHEDULED.labels(via) for via in RETRY_SCHEDULED_VIA}
+_retries_performed = {p: RETRIES_PERFORMED.labels(p) for p in RETRY_PLACEMENTS}
+_stale_reports = {kind: STALE_REPORTS.labels(kind) for kind in STALE_REPORT_KINDS}
+
+
+def count_retries_scheduled(via: str, jobs: int = 1) -> None:
+    if jobs:
+        _retries_scheduled[via].inc(jobs)
+
+
+def count_retries_performed(same_node: int, other_node: int) -> None:
+    if same_node:
+        _retries_performed["same_node"].inc(same_node)
+    if other_node:
+        _retries_performed["other_node"].inc(other_node)
+
+
+def count_stale_report(kind: str) -> None:
+    _stale_reports[kind].inc()
+
+
 LATENCY = Histogram(
     "jobs_http_request_duration_seconds",
     "Time to answer HTTP requests, by method and route template.",

@@ -16,6 +16,7 @@ from marshmallow import ValidationError
 from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
 from jobs.domain import (
+    ATTEMPT_RULE,
     DELETE_STATUS_TOKENS,
     JOB_ID_RULE,
     LIST_STATUS_TOKENS,
@@ -24,6 +25,7 @@ from jobs.domain import (
     TABLE_PATTERN,
     is_node_id,
     is_table_name,
+    parse_attempt,
     parse_job_id,
     parse_status_tokens,
 )
@@ -62,6 +64,14 @@ def worker_id_from_path(text: str) -> str:
 
 def node_id_from_query(text: str) -> str:
     return _node_id(text, QUERY_ERROR, "node_id")
+
+
+def attempt_from_query(text: str) -> int:
+    """``?attempt=`` of a file registration: the attempt the worker runs."""
+    attempt = parse_attempt(text)
+    if attempt is None:
+        raise ApiError(400, QUERY_ERROR, f"attempt must be {ATTEMPT_RULE}")
+    return attempt
 
 
 def _node_id(text: str, code: str, name: str) -> str:

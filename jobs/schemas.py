@@ -24,8 +24,11 @@ from jobs import parse
 from jobs.domain import (
     ACTIVE_STATUSES,
     DEFAULT_PAGE_SIZE,
+    EVENT_TYPES,
     HASH_PATTERN,
     JOB_ID_RULE,
+    MAX_ATTEMPT_VALUE,
+    MAX_ATTEMPTS_LIMIT,
     MAX_BATCH,
     MAX_BLOCK,
     MAX_JOB_ID,
@@ -90,6 +93,24 @@ class FullMatch(validate.Regexp):
         return value
 
 
+class StrictBoolean(fields.Boolean):
+    """A JSON true or false, and nothing that merely reads as one ("true", 1, "yes")."""
+
+    default_error_messages: ClassVar[dict[str, str]] = {"invalid": "Not a JSON boolean."}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
+def Attempt(**kwargs) -> fields.Integer:
+    """An attempt a worker names: a JSON integer, at least 1 (never null, a string or a float)."""
+    return fields.Integer(
+        strict=True, allow_none=False, validate=validate.Range(1, MAX_ATTEMPT_VALUE), **kwargs
+    )
+
+
 class StrictSchema(Schema):
     class Meta:
         unknown = RAISE
@@ -144,6 +165,24 @@ class JobSchema(Schema):
     updated_at = Timestamp()
     node_id = fields.String(required=True)
     status = fields.String(required=True, validate=validate.OneOf(STATUSES))
+    attempt = fields.Integer(
+        required=True,
+        validate=validate.Range(min=1),
+        metadata={"description": "1 for the first run, +1 on every retry (FAILED -> SCHEDULED)"},
+    )
+    max_attempts = fields.Integer(
+        required=True,
+        validate=validate.Range(1, MAX_ATTEMPTS_LIMIT),
+        metadata={"description": "attempts before a failure is final (1: no automatic retry)"},
+    )
+    retry_at = fields.String(
+        required=True,
+        allow_none=True,
+        validate=validate.Regexp(TIMESTAMP_PATTERN),
+        metadata={
+            "description": "when the automatic retry is due; null unless FAILED and waiting for it"
+        },
+    )
     descriptor = fields.Dict(required=True)
 
 
@@ -174,7 +213,7 @@ class ProgressSchema(Schema):
 class EventSchema(Schema):
     id = fields.Integer(required=True)
     created_at = Timestamp()
-    event_type = fields.String(required=True, validate=validate.OneOf(STATUSES))
+    event_type = fields.String(required=True, validate=validate.OneOf(EVENT_TYPES))
     node_id = fields.String(required=True, allow_none=True)
     detail = fields.Dict(required=True, allow_none=True)
 
@@ -191,7 +230,7 @@ class JobEventSchema(Schema):
     job_id = fields.Integer(required=True)
     created_at = Timestamp()
     node_id = fields.String(required=True, allow_none=True)
-    event_type = fields.String(required=True, validate=validate.OneOf(STATUSES))
+    event_type = fields.String(required=True, validate=validate.OneOf(EVENT_TYPES))
     detail = fields.Dict(required=True, allow_none=True)
 
 
@@ -239,6 +278,12 @@ class WorkerListSchema(Schema):
     )
 
 
+class LeaseSchema(Schema):
+    job_id = fields.Integer(required=True)
+    attempt = fields.Integer(required=True, metadata={"description": "the fencing token"})
+    status = fields.String(required=True, validate=validate.OneOf(ACTIVE_STATUSES))
+
+
 class HeartbeatSchema(Schema):
     node_id = fields.String(required=True)
     heartbeat_at = Timestamp()
@@ -251,6 +296,14 @@ class HeartbeatSchema(Schema):
         fields.Integer(),
         required=True,
         metadata={"description": "the worker's STOP_REQUESTED jobs, oldest first, at most 1000"},
+    )
+    leases = fields.List(
+        fields.Nested(LeaseSchema),
+        required=True,
+        metadata={
+            "description": "every active job of the worker with its attempt, oldest first, "
+            "at most 1000: report with node_id and that attempt"
+        },
     )
 
 
@@ -348,6 +401,21 @@ class ListJobsQuerySchema(Schema):
     )
 
 
+class FilesQuerySchema(Schema):
+    """Who registers the files (optional): the fence of POST /jobs/{job_id}/tables/{table}/files."""
+
+    node_id = Param(
+        parse.node_id_from_query,
+        NODE_ID_DOC,
+        metadata={"description": "the registering worker; not the job's node: 409 STALE_ATTEMPT"},
+    )
+    attempt = Param(
+        parse.attempt_from_query,
+        {"type": "integer", "minimum": 1, "maximum": MAX_ATTEMPT_VALUE},
+        metadata={"description": "the attempt it runs; not the job's: 409 STALE_ATTEMPT"},
+    )
+
+
 class DeleteJobsQuerySchema(Schema):
     status = Param(
         parse.delete_statuses_from_query,
@@ -367,17 +435,46 @@ class CreateJobSchema(StrictSchema):
         allow_none=True,
         validate=[validate.Length(1, 256), no_nul],
     )
+    # Absent: JOB_MAX_ATTEMPTS. null is not a number of attempts.
+    max_attempts = fields.Integer(
+        strict=True,
+        load_default=lambda: None,
+        allow_none=False,
+        validate=validate.Range(1, MAX_ATTEMPTS_LIMIT),
+        metadata={"description": f"1..{MAX_ATTEMPTS_LIMIT}; default: JOB_MAX_ATTEMPTS"},
+    )
 
 
 class StatusReportSchema(StrictSchema):
     status = fields.String(required=True, validate=validate.OneOf(REPORTABLE_STATUSES))
     detail = JsonObject(load_default=None, allow_none=True)
-    node_id = NodeId(load_default=None)
+    node_id = NodeId(
+        load_default=None,
+        metadata={
+            "description": "with SCHEDULED: the node to move the job to; with any other "
+            "status: the reporting worker, which must be the job's (else 409 STALE_ATTEMPT)"
+        },
+    )
+    # Absent: not checked. (A callable default keeps "default": null, which the
+    # field does not accept, out of the OpenAPI document.)
+    attempt = Attempt(
+        load_default=lambda: None,
+        metadata={"description": "the attempt reported on; not the job's: 409 STALE_ATTEMPT"},
+    )
+    # None: not given (a failure is retryable unless the report says otherwise).
+    retryable = StrictBoolean(
+        load_default=None,
+        allow_none=False,
+        metadata={
+            "description": "only with FAILED: false makes the failure final (no retry)",
+            "default": True,
+        },
+    )
 
     @validates_schema
-    def node_only_when_rescheduling(self, data, **kwargs):
-        if data.get("node_id") is not None and data["status"] != "SCHEDULED":
-            raise ValidationError("is only accepted with status SCHEDULED.", "node_id")
+    def retryable_only_when_failing(self, data, **kwargs):
+        if data.get("retryable") is not None and data["status"] != "FAILED":
+            raise ValidationError("is only accepted with status FAILED.", "retryable")
 
 
 class FileSchema(StrictSchema):

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from jobs.domain import MAX_ATTEMPTS_LIMIT
+
 
 class SettingsError(ValueError):
     """Settings that cannot be used; the message names each variable and what it allows."""
@@ -242,6 +244,18 @@ SETTINGS: tuple[Setting, ...] = (
     # Delete terminal jobs whose last change is older than this (30d, 12h,
     # 90m, 45s), continuously, as a chore (chores/retention.py). Unset: off.
     _setting("JOB_RETENTION", None, _duration()),
+    # Attempts a job gets unless POST /jobs says otherwise: 1 is no automatic
+    # retry (docs/API.md, "Attempts and retries").
+    _setting("JOB_MAX_ATTEMPTS", 1, _whole(1, MAX_ATTEMPTS_LIMIT, "attempts")),
+    # A failed job's retry waits RETRY_BACKOFF_S x 2^(attempt - 1) seconds, at
+    # most RETRY_BACKOFF_MAX_S: 10 s, 20 s, 40 s ... an hour. At most a day
+    # either way, so that a retry is never put off for good by a typo.
+    _setting("RETRY_BACKOFF_S", 10.0, _seconds(0.001, 86400)),
+    _setting("RETRY_BACKOFF_MAX_S", 3600.0, _seconds(0.001, 86400)),
+    # How often the retry sweep looks for due retries (chores/retries.py): a
+    # due retry is made within this (given traffic), so at most 5 s, and the
+    # 10 s the API promises hold.
+    _setting("RETRY_SWEEP_INTERVAL_S", 5.0, _seconds(0.01, 5)),
     # Every query of a request. Up to 5 minutes: a request's query should take
     # milliseconds, and statement_timeout (and tcp_user_timeout, this plus 5 s)
     # are C ints of milliseconds; at least 100 ms, or ordinary queries fail.

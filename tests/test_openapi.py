@@ -259,7 +259,10 @@ def exercise_happy_and_client_errors(check, client):
     check(c, "PUT", f"/jobs/{a}/status", 200, json={"status": "RUNNING"})
     check(c, "PUT", f"/jobs/{a}/status", 409, json={"status": "STOPPED"})
     check(c, "PUT", f"/jobs/{a}/status", 400, json={"status": "STOP_REQUESTED"})
-    check(c, "PUT", f"/jobs/{a}/status", 400, json={"status": "RUNNING", "node_id": "n"})
+    # node_id with any status but SCHEDULED names the reporting worker: another
+    # one than the job's is a stale report (it was a 400 before fencing).
+    check(c, "PUT", f"/jobs/{a}/status", 409, json={"status": "RUNNING", "node_id": "n"})
+    check(c, "PUT", f"/jobs/{a}/status", 400, json={"status": "RUNNING", "attempt": "1"})
     check(c, "PUT", "/jobs/987654321/status", 404, json={"status": "RUNNING"})
     check(c, "PUT", "/jobs/0/status", 400, json={"status": "RUNNING"})
     check(c, "PUT", f"/jobs/{a}/status", 413, data=BIG)
@@ -276,6 +279,8 @@ def exercise_happy_and_client_errors(check, client):
     )
     check(c, "POST", url, 200, json=file_entry("f0", 0, 9, block_hash=f0_hash))
     check(c, "POST", url, 409, json=file_entry("f0", 0, 9, size=2))
+    check(c, "POST", f"{url}?node_id=w-1&attempt=2", 409, json=file_entry("f5", 30, 39))
+    check(c, "POST", f"{url}?attempt=0", 400, json=file_entry("f5", 30, 39))
     check(c, "POST", url, 400, json=file_entry("f3", 9, 0))
     check(c, "POST", url, 400, json=[])
     check(c, "POST", f"/jobs/{a}/tables/9bad/files", 400, json=file_entry("f4", 0, 1))

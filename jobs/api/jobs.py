@@ -6,7 +6,7 @@ import logging
 
 from flask import current_app
 
-from jobs import db, pruning
+from jobs import db, observability, pruning
 from jobs.api import endpoint
 from jobs.domain import MAX_JOB_ID
 from jobs.errors import ApiError, database_errors_answer
@@ -65,9 +65,12 @@ def list_jobs(limit, last_job_id, status, node_id):
     responses={201: JobSchema, 200: JobSchema},
 )
 def create_job(body):
+    max_attempts = body["max_attempts"]
+    if max_attempts is None:
+        max_attempts = current_app.config["JOB_MAX_ATTEMPTS"]
     with db.cursor() as cur:
         created = job_store.create_job(
-            cur, body["node_id"], body["descriptor"], body["idempotency_key"]
+            cur, body["node_id"], body["descriptor"], body["idempotency_key"], max_attempts
         )
     if not created.new:
         return json_response(created.job_json, 200)
@@ -135,24 +138,35 @@ def get_event(job_id, event_id):
 # ---- Moves through the status machine ---------------------------------------
 
 
+def stale_attempt(job_id: int, stale: job_store.Stale, kind: str) -> ApiError:
+    observability.count_stale_report(kind)
+    return ApiError(
+        409,
+        "STALE_ATTEMPT",
+        f"job {job_id} is now on node {stale.node_id!r}, attempt {stale.attempt}:"
+        " this report is for another worker or attempt, and nothing changed",
+    )
+
+
 @endpoint(
     "/jobs/<job_id>/stop",
     ("PUT", "POST"),
     access="admin",
     error_code="STOP_JOB_ERROR",
-    summary="Request a stop (idempotent): SCHEDULED/RUNNING become STOP_REQUESTED",
+    summary="Request a stop (idempotent): SCHEDULED/RUNNING become STOP_REQUESTED; "
+    "a FAILED job's pending retry is cancelled",
     path=JobPath,
     responses={200: JobSchema},
     errors=JOB_ERRORS,
 )
 def request_stop(job_id):
     with db.cursor() as cur:
-        outcome = job_store.change_status(cur, job_id, "STOP_REQUESTED")
+        outcome = job_store.request_stop(cur, job_id)
     match outcome:
         case NotFound():
             raise job_not_found(job_id)
         # Refused: any status the stop cannot move from is already stopping or
-        # finished, and the stop is idempotent.
+        # finished (and waits for no retry), and the stop is idempotent.
         case Moved(job_json) | Refused(job_json=job_json):
             return json_response(job_json)
 
@@ -162,23 +176,41 @@ def request_stop(job_id):
     "PUT",
     access="worker",
     error_code="UPDATE_JOB_STATUS_ERROR",
-    summary="A worker reports a status transition",
+    summary="A worker reports a status transition (fenced by node_id and attempt when given)",
     path=JobPath,
     body=StatusReportSchema,
     responses={200: JobSchema},
-    errors={**JOB_ERRORS, 409: "INVALID_STATE_TRANSITION"},
+    errors={**JOB_ERRORS, 409: ("STALE_ATTEMPT", "INVALID_STATE_TRANSITION")},
 )
 def report_status(job_id, body):
     to = body["status"]
+    # With SCHEDULED, node_id is where the job goes; with any other status, the
+    # reporting worker, which must be the job's (the fence).
+    moving = to == "SCHEDULED"
     with db.cursor() as cur:
-        outcome = job_store.change_status(cur, job_id, to, body["node_id"], body["detail"])
+        outcome = job_store.change_status(
+            cur,
+            job_id,
+            to,
+            body["node_id"] if moving else None,
+            body["detail"],
+            fence_node=None if moving else body["node_id"],
+            fence_attempt=body["attempt"],
+            retryable=body["retryable"] is not False,
+            backoff=job_store.Backoff.of(current_app.config),
+        )
     match outcome:
         case NotFound():
             raise job_not_found(job_id)
+        case job_store.Stale():
+            raise stale_attempt(job_id, outcome, "status")
         case Refused(status=before) if before != to:
             raise ApiError(
                 409, "INVALID_STATE_TRANSITION", f"job {job_id} is {before}: it cannot move to {to}"
             )
+        case job_store.RetryScheduled(job_json):
+            observability.count_retries_scheduled("report")
+            return json_response(job_json)
         # Reporting the status the job already has is a no-op (a worker's retry).
         case Moved(job_json) | Refused(job_json=job_json):
             return json_response(job_json)

@@ -1,4 +1,4 @@
-"""Workers: registration, heartbeats (what to start and stop), and the list."""
+"""Workers: registration, heartbeats (what to start and stop, and the leases), and the list."""
 
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def register_worker(node_id, body):
     "POST",
     access="worker",
     error_code="WORKER_HEARTBEAT_ERROR",
-    summary="A worker is alive: its SCHEDULED and STOP_REQUESTED jobs, oldest first",
+    summary="A worker is alive: its SCHEDULED and STOP_REQUESTED jobs, and its leases "
+    "(every active job with its attempt), oldest first",
     path=WorkerPath,
     responses={200: HeartbeatSchema},
     errors=WORKER_ERRORS,

@@ -21,6 +21,9 @@ REQUIRED: dict[str, tuple[str, ...]] = {
         "descriptor",
         "idempotency_key",
         "job_json",
+        "attempt",
+        "max_attempts",
+        "retry_at",
     ),
     "job_events": ("id", "job_id", "created_at", "event_type", "node_id", "detail"),
     "job_tables": (
@@ -46,8 +49,10 @@ REQUIRED: dict[str, tuple[str, ...]] = {
         "block_hash",
         "prev_hash",
         "created_at",
+        "attempt",
     ),
     "service_chores": ("name", "ran_at"),
+    "schema_upgrades": ("name", "done_at"),
     "workers": ("node_id", "info", "created_at", "registered_at", "heartbeat_at"),
 }
 

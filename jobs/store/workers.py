@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from jobs.domain import LEASE_EXPIRY, LEASED_STATUSES, MAX_BATCH
+from jobs.domain import ACTIVE_STATUSES, LEASE_EXPIRY, LEASED_STATUSES, MAX_BATCH
+from jobs.store.jobs import DEFAULT_BACKOFF, RETRY_DELAY_SQL, Backoff
 from jobs.store.outcomes import NOT_FOUND, NotFound
 from jobs.store.sql import as_jsonb, fetch_one
+
+ACTIVE = list(ACTIVE_STATUSES)
 
 LOST_BEFORE = "clock_timestamp() - make_interval(secs => %(lost_after_s)s)"
 STATUS_SQL = f"CASE WHEN w.heartbeat_at < {LOST_BEFORE} THEN 'LOST' ELSE 'ALIVE' END"
@@ -43,13 +46,27 @@ def register(cur, node_id: str, info: dict, lost_after_s: float) -> str:
 
 
 # The lists come from jobs_node_status_newest (-id descending: oldest first),
-# so a worker with a long history reads only its SCHEDULED / STOP_REQUESTED
-# entries. They are read in the statement's snapshot, taken before the update.
+# so a worker with a long history reads only its active entries: one range
+# scan per status, at most MAX_BATCH entries each, merged. They are read in
+# the statement's snapshot, taken before the update. ``leases`` are the
+# fencing tokens: every active job of the worker with its attempt, which the
+# worker names in its reports (docs/API.md, "Writing a worker").
 HEARTBEAT = f"""
 WITH beat AS (
     UPDATE workers SET heartbeat_at = clock_timestamp()
     WHERE node_id = %(node_id)s
     RETURNING node_id, heartbeat_at
+), leased AS (
+    SELECT l.id, l.attempt, l.status
+    FROM beat
+    CROSS JOIN unnest(%(active)s::text[]) AS wanted(status)
+    CROSS JOIN LATERAL (
+        SELECT id, attempt, status FROM jobs
+        WHERE jobs.node_id = beat.node_id AND jobs.status = wanted.status
+        ORDER BY -jobs.id DESC LIMIT {MAX_BATCH}
+    ) l
+    ORDER BY l.id
+    LIMIT {MAX_BATCH}
 )
 SELECT jobs_timestamp(beat.heartbeat_at),
        ARRAY(SELECT id FROM jobs
@@ -57,7 +74,11 @@ SELECT jobs_timestamp(beat.heartbeat_at),
              ORDER BY -jobs.id DESC LIMIT {MAX_BATCH}),
        ARRAY(SELECT id FROM jobs
              WHERE jobs.node_id = beat.node_id AND jobs.status = 'STOP_REQUESTED'
-             ORDER BY -jobs.id DESC LIMIT {MAX_BATCH})
+             ORDER BY -jobs.id DESC LIMIT {MAX_BATCH}),
+       (SELECT coalesce(json_agg(json_build_object(
+                    'job_id', leased.id, 'attempt', leased.attempt, 'status', leased.status)
+                ORDER BY leased.id), '[]')
+        FROM leased)
 FROM beat
 """
 
@@ -67,10 +88,11 @@ class Heartbeat:
     heartbeat_at: str
     scheduled: list[int]
     stop_requested: list[int]
+    leases: list[dict]  # {"job_id", "attempt", "status"} of each active job, oldest first
 
 
 def heartbeat(cur, node_id: str) -> Heartbeat | NotFound:
-    row = fetch_one(cur, HEARTBEAT, {"node_id": node_id})
+    row = fetch_one(cur, HEARTBEAT, {"node_id": node_id, "active": ACTIVE})
     return NOT_FOUND if row is None else Heartbeat(*row)
 
 
@@ -111,13 +133,17 @@ FROM workers w
 #    on the newest row version), and the worker is skipped; a heartbeat that
 #    comes after waits for this statement, so it cannot slip in between.
 # 2. candidate: up to EXPIRY_BATCH of their jobs in a leased status, one
-#    range scan of jobs_node_status_newest per (worker, status).
+#    range scan of jobs_node_status_newest per (worker, status), with the
+#    status and attempt the sweep saw.
 # 3. target: lock those jobs in id order (the order DELETE /jobs with job_ids
-#    locks in, so the two cannot deadlock), rechecking status and node on
-#    each job's newest version: a job completed, stopped, retried on another
-#    node or deleted meanwhile is left alone.
+#    locks in, so the two cannot deadlock), rechecking on each job's newest
+#    version that it still has the node, status and attempt the sweep saw: a
+#    job completed, stopped, moved on, retried (on any node: its attempt
+#    grew) or deleted meanwhile is left alone, and a later sweep looks again.
 # 4. moved + event: each locked job moves along LEASE_EXPIRY from the status
-#    it has now, with exactly one event.
+#    it has now, with exactly one event. A job that becomes FAILED below its
+#    max_attempts gets its retry_at, as a worker's FAILED report would
+#    (store/jobs.py CHANGE_STATUS, the same single clock reading).
 # Jobs of a node that never registered have no worker row and are never
 # candidates; SCHEDULED is not a leased status.
 EXPIRE_LEASES = f"""
@@ -131,11 +157,11 @@ WITH lost AS (
     LIMIT %(batch)s
     FOR UPDATE OF w
 ), candidate AS (
-    SELECT j.id, lost.node_id, lost.heartbeat_at
+    SELECT j.id, j.status, j.attempt, lost.node_id, lost.heartbeat_at
     FROM lost
     CROSS JOIN LATERAL unnest(%(leased)s::text[]) AS leased(status)
     CROSS JOIN LATERAL (
-        SELECT id FROM jobs
+        SELECT id, status, attempt FROM jobs
         WHERE jobs.node_id = lost.node_id AND jobs.status = leased.status
         ORDER BY -jobs.id
         LIMIT %(batch)s
@@ -144,17 +170,23 @@ WITH lost AS (
 ), target AS (
     SELECT jobs.id, jobs.status, c.heartbeat_at
     FROM jobs JOIN candidate c ON c.id = jobs.id
-    WHERE jobs.node_id = c.node_id AND jobs.status = ANY(%(leased)s)
+    WHERE jobs.node_id = c.node_id AND jobs.status = c.status AND jobs.attempt = c.attempt
     ORDER BY jobs.id
     FOR UPDATE OF jobs
 ), moved AS (
     UPDATE jobs
-    SET status = expiry.to_status, updated_at = clock_timestamp()
+    SET status = expiry.to_status,
+        (updated_at, retry_at) = (
+            SELECT now.t,
+                   CASE WHEN expiry.to_status = 'FAILED' AND jobs.attempt < jobs.max_attempts
+                        THEN now.t + {RETRY_DELAY_SQL.format(attempt="jobs.attempt")} END
+            FROM (SELECT clock_timestamp() AS t) now)
     FROM target
     JOIN unnest(%(from)s::text[], %(to)s::text[]) AS expiry(from_status, to_status)
       ON expiry.from_status = target.status
     WHERE jobs.id = target.id
-    RETURNING jobs.id, jobs.updated_at, jobs.status, jobs.node_id, target.heartbeat_at
+    RETURNING jobs.id, jobs.updated_at, jobs.status, jobs.node_id, jobs.retry_at,
+              target.heartbeat_at
 ), event AS (
     INSERT INTO job_events (job_id, created_at, event_type, node_id, detail)
     SELECT id, updated_at, status, node_id,
@@ -162,7 +194,7 @@ WITH lost AS (
                               'heartbeat_at', jobs_timestamp(heartbeat_at))
     FROM moved
 )
-SELECT status, count(*) FROM moved GROUP BY status
+SELECT status, count(*), count(retry_at) FROM moved GROUP BY status
 """
 
 # Each from-status has exactly one expiry move.
@@ -170,7 +202,17 @@ _EXPIRY_MOVES = sorted((f, to) for to, froms in LEASE_EXPIRY.items() for f in fr
 assert len({f for f, _ in _EXPIRY_MOVES}) == len(_EXPIRY_MOVES) == len(LEASED_STATUSES)
 
 
-def expire_leases(cur, lost_after_s: float, batch: int) -> dict[str, int]:
+class Expired(dict):
+    """The jobs a sweep moved, new status -> count, and how many of them wait for a retry."""
+
+    def __init__(self, moved=(), retries_scheduled: int = 0):
+        super().__init__(moved)
+        self.retries_scheduled = retries_scheduled
+
+
+def expire_leases(
+    cur, lost_after_s: float, batch: int, backoff: Backoff = DEFAULT_BACKOFF
+) -> Expired:
     """Expire up to ``batch`` jobs of LOST workers on ``cur``; the count per new status."""
     cur.execute(
         EXPIRE_LEASES,
@@ -180,6 +222,107 @@ def expire_leases(cur, lost_after_s: float, batch: int) -> dict[str, int]:
             "leased": list(LEASED_STATUSES),
             "from": [f for f, _ in _EXPIRY_MOVES],
             "to": [to for _, to in _EXPIRY_MOVES],
+            **backoff.params(),
         },
     )
-    return dict(cur.fetchall())
+    rows = cur.fetchall()
+    return Expired(
+        {status: count for status, count, _ in rows}, sum(retries for _, _, retries in rows)
+    )
+
+
+# ---- Automatic retries ------------------------------------------------------------
+#
+# The retry sweep, one statement (run by the retry chore, chores/retries.py):
+# 1. due: up to %(batch)s jobs whose retry_at has passed, oldest due first,
+#    from the front of jobs_retry_due (the waiting jobs only). A job whose
+#    worker is LOST cannot go anywhere while no worker is ALIVE: it is not
+#    taken, so it cannot hold up the others, and waits for a later sweep.
+# 2. picked: those jobs locked in id order, rechecking on each job's newest
+#    version that it is still FAILED and due. A job retried by an operator,
+#    stopped (its retry cancelled) or deleted meanwhile is left alone, and so
+#    is one another sweep holds (SKIP LOCKED): with the chore's claim, each
+#    retry is made once across every replica.
+# 3. placement: a job stays on its node when that worker is ALIVE or never
+#    registered. The jobs of LOST workers go to the ALIVE workers with the
+#    fewest active jobs, as if placed one at a time: each ALIVE worker offers
+#    slots at loads (its active jobs) + 0, 1, 2 ..., the slots are taken in
+#    order of load, then node_id in byte order, and the n-th such job (by
+#    retry_at) takes the n-th slot. Only the (number of such jobs) least
+#    loaded workers can get one, so no more are counted.
+# 4. moved + event: FAILED -> SCHEDULED with attempt + 1 and retry_at null,
+#    and one SCHEDULED event {"reason": "retry", "attempt": n}, naming
+#    "from_node_id" when the job changed worker.
+# now(), not clock_timestamp(), decides what is due: a stable value is an
+# index bound, so a sweep with nothing due reads one index entry.
+RETRY_DUE = f"""
+WITH alive AS (
+    SELECT w.node_id FROM workers w WHERE w.heartbeat_at >= {LOST_BEFORE}
+), due AS (
+    SELECT j.id FROM jobs j
+    WHERE j.status = 'FAILED' AND j.retry_at IS NOT NULL AND j.retry_at <= now()
+      AND (EXISTS (SELECT FROM alive)
+           OR NOT EXISTS (SELECT FROM workers w
+                          WHERE w.node_id = j.node_id AND w.heartbeat_at < {LOST_BEFORE}))
+    ORDER BY j.retry_at
+    LIMIT %(batch)s
+), picked AS (
+    SELECT jobs.id, jobs.node_id, jobs.retry_at,
+           EXISTS (SELECT FROM workers w
+                   WHERE w.node_id = jobs.node_id AND w.heartbeat_at < {LOST_BEFORE}) AS lost
+    FROM jobs JOIN due ON due.id = jobs.id
+    WHERE jobs.status = 'FAILED' AND jobs.retry_at IS NOT NULL AND jobs.retry_at <= now()
+    ORDER BY jobs.id
+    FOR UPDATE OF jobs SKIP LOCKED
+), movers AS (
+    SELECT id, row_number() OVER (ORDER BY retry_at, id) AS n FROM picked WHERE lost
+), candidates AS (
+    SELECT a.node_id,
+           (SELECT count(*) FROM jobs
+            WHERE jobs.node_id = a.node_id AND jobs.status = ANY(%(active)s)) AS load
+    FROM alive a
+    ORDER BY load, a.node_id COLLATE "C"
+    LIMIT (SELECT count(*) FROM movers)
+), slots AS (
+    SELECT c.node_id, row_number() OVER (ORDER BY c.load + s.k, c.node_id COLLATE "C") AS n
+    FROM candidates c
+    CROSS JOIN LATERAL generate_series(0, (SELECT count(*) FROM movers) - 1) AS s(k)
+), placed AS (
+    SELECT picked.id, picked.node_id AS from_node_id, picked.lost,
+           coalesce(slots.node_id, picked.node_id) AS node_id
+    FROM picked
+    LEFT JOIN movers ON movers.id = picked.id
+    LEFT JOIN slots ON slots.n = movers.n
+    WHERE NOT picked.lost OR slots.node_id IS NOT NULL
+), moved AS (
+    UPDATE jobs
+    SET status = 'SCHEDULED', attempt = jobs.attempt + 1, retry_at = NULL,
+        node_id = placed.node_id, updated_at = clock_timestamp()
+    FROM placed
+    WHERE jobs.id = placed.id
+    RETURNING jobs.id, jobs.updated_at, jobs.node_id, jobs.attempt,
+              placed.from_node_id, placed.lost
+), event AS (
+    INSERT INTO job_events (job_id, created_at, event_type, node_id, detail)
+    SELECT id, updated_at, 'SCHEDULED', node_id,
+           jsonb_build_object('reason', 'retry', 'attempt', attempt)
+           || CASE WHEN lost THEN jsonb_build_object('from_node_id', from_node_id)
+                   ELSE '{{}}'::jsonb END
+    FROM moved
+)
+SELECT count(*), count(*) FILTER (WHERE lost) FROM moved
+"""
+
+
+@dataclass(frozen=True)
+class Retried:
+    retried: int  # jobs scheduled again
+    moved: int  # of which went to another worker (theirs was LOST)
+
+
+def retry_due(cur, lost_after_s: float, batch: int) -> Retried:
+    """Schedule again up to ``batch`` jobs whose retry is due, on ``cur``."""
+    cur.execute(
+        RETRY_DUE, {"lost_after_s": lost_after_s, "batch": int(batch), "active": ACTIVE}
+    )
+    return Retried(*cur.fetchone())
