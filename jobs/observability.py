@@ -22,6 +22,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
@@ -39,6 +40,23 @@ LEASES_EXPIRED = Counter(
     "jobs_leases_expired_total",
     "Jobs moved because their worker was LOST, by the status they moved to.",
     ["status"],
+)
+# Requests waiting right now (waiting.py), by kind: heartbeat, events, follow.
+# Summed over the instance's live processes.
+WAIT_KINDS = ("heartbeat", "events", "follow")
+WAITING = Gauge(
+    "jobs_waiting_requests",
+    "Requests waiting right now (long-polled heartbeats and events, follow streams), by kind.",
+    ["kind"],
+    multiprocess_mode="livesum",
+)
+for _kind in WAIT_KINDS:
+    WAITING.labels(_kind)
+WAIT_CONNECTS = Counter(
+    "jobs_wait_connects_total",
+    "Connections the waiting machinery made, by mode (listen, or poll through a pooler);"
+    " more than one per process means it reconnected.",
+    ["mode"],
 )
 LATENCY = Histogram(
     "jobs_http_request_duration_seconds",

@@ -45,18 +45,42 @@ def from_environment() -> dict:
         # A registered worker without a heartbeat for this long is LOST and its
         # leases expire (leases.py).
         WORKER_LOST_AFTER_S=_env_seconds("WORKER_LOST_AFTER_S", 30),
+        # Waiting without polling (waiting.py): where each process LISTENs.
+        # Unset: on DATABASE_URL itself when that reaches PostgreSQL directly;
+        # through a pooler (PgBouncer in transaction mode cannot keep a LISTEN)
+        # waiting falls back to polling every WAIT_POLL_INTERVAL_MS. Set it to
+        # a URL that reaches PostgreSQL directly to keep wake-ups instant there.
+        DATABASE_LISTEN_URL=os.environ.get("DATABASE_LISTEN_URL") or None,
+        # Polling mode only: one query per process per tick, for all its waiters.
+        WAIT_POLL_INTERVAL_MS=_env_int("WAIT_POLL_INTERVAL_MS", 250, maximum=1000),
+        # Requests one process holds waiting at once (long polls and follow
+        # streams); more get 503 SERVICE_BUSY. Each holds one of gunicorn's
+        # WORKER_CONNECTIONS: the rest stay free for every other request.
+        WAITERS_PER_PROCESS=_env_int(
+            "WAITERS_PER_PROCESS", max(1, _env_int("WORKER_CONNECTIONS", 1000) - 100), minimum=0
+        ),
+        # A follow stream sends a comment at least this often while nothing
+        # happens (proxies close silent connections), and ends after
+        # FOLLOW_MAX_S (the client resumes with Last-Event-ID).
+        FOLLOW_KEEPALIVE_S=_env_seconds("FOLLOW_KEEPALIVE_S", 15),
+        FOLLOW_MAX_S=_env_seconds("FOLLOW_MAX_S", 600),
         READY_TIMEOUT_S=1.0,
         MAX_CONTENT_LENGTH=1024 * 1024,
     )
 
 
-def _env_int(name: str, default: int) -> int:
-    """A positive whole number; anything else stops the start-up with a message naming it."""
+def _env_int(name: str, default: int, minimum: int = 1, maximum: int | None = None) -> int:
+    """A whole number in minimum..maximum (positive unless told); anything else stops
+    the start-up with a message naming it."""
     value = os.environ.get(name, "").strip()
     if not value:
         return default
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{name} must be a positive whole number, not {value!r}")
+    too_large = maximum is not None and value.isdigit() and int(value) > maximum
+    if not value.isdigit() or int(value) < minimum or too_large:
+        bounds = "a positive whole number" if minimum == 1 else f"a whole number >= {minimum}"
+        if maximum is not None:
+            bounds += f" up to {maximum}"
+        raise ValueError(f"{name} must be {bounds}, not {value!r}")
     return int(value)
 
 
