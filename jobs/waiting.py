@@ -133,6 +133,7 @@ class Hub:
         self._count = 0
         self._thread: threading.Thread | None = None
         self._some_waiting = threading.Event()  # wakes an idle poller
+        self._idle_times = 0  # how often the last waiter left
         self.stopping = False
         self._closed = False
         self.mode: str | None = None  # "listen" or "poll", once connected
@@ -174,6 +175,7 @@ class Hub:
             self._count -= 1
             if not self._count:
                 self._some_waiting.clear()
+                self._idle_times += 1
         observability.WAITING.labels(waiter.kind).dec()
 
     @property
@@ -208,13 +210,11 @@ class Hub:
         self.wake_all()
 
     def close(self) -> None:
-        """Stop the greenlet and close its connection (tests; a process about to exit)."""
+        """Stop waiting for good: the greenlet ends and closes its connection within
+        PING_S (tests; a process about to exit)."""
         self._closed = True
         self.stop()
         self._some_waiting.set()
-        thread = self._thread
-        if thread is not None:
-            thread.join(PING_S + PING_BUDGET_S + 1)
 
     # -- what wakes them
 
@@ -334,30 +334,40 @@ class Hub:
     def _poll(self, conn) -> None:
         cur = conn.cursor()
         self._last_busy = time.monotonic()
-        after = None
+        after = wait_store.latest_event_id(cur)
+        self._connected("poll")
+        marks: collections.deque[tuple[float, int]] = collections.deque()
+        seen: set[int] = set()
+        idle_times = self._idle_times
         while self._still_wanted():
             if not self._count:
                 # Nobody waits: no queries. The next waiter starts afresh (below).
                 self._some_waiting.wait(PING_S)
                 after = None
                 continue
+            if idle_times != self._idle_times:  # nobody waited for a moment: afresh too
+                idle_times, after = self._idle_times, None
             if after is None:
+                # From the latest event on; whatever came before, every waiter checks.
                 after = wait_store.latest_event_id(cur)
-                marks: collections.deque[tuple[float, int]] = collections.deque()
-                seen: set[int] = set()
-                self._connected("poll")
+                marks.clear()
+                seen.clear()
+                self.wake_all()
             started = time.monotonic()
             # From where the events seen LOOKBACK_S ago ended (see LOOKBACK_S).
             while marks and started - marks[0][0] > LOOKBACK_S and len(marks) > 1:
                 marks.popleft()
             floor = marks[0][1] if marks else after
             highest = self._poll_once(cur, floor, seen)
+            if highest is None:  # event ids went back (a TRUNCATE, a restore): start afresh
+                after = None
+                continue
             after = max(after, highest)
             marks.append((started, after))
             seen.difference_update([i for i in seen if i <= marks[0][1]])
             time.sleep(max(0.0, self.poll_interval_s - (time.monotonic() - started)))
 
-    def _poll_once(self, cur, floor: int, seen: set[int]) -> int:
+    def _poll_once(self, cur, floor: int, seen: set[int]) -> int | None:
         with self._lock:
             watched = [key[1] for key in self._waiters if key[0] == "job"]
         highest = floor
@@ -367,6 +377,8 @@ class Hub:
                 cur, highest, [] if gone_checked else watched, POLL_BATCH
             )
             gone_checked = True
+            if polled.latest < floor:
+                return None
             for job_id in polled.gone:
                 self.wake(("job", job_id))
             for event_id, job_id, event_type, node_id in polled.events:

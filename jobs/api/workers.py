@@ -73,12 +73,13 @@ def heartbeat(node_id, wait):
         with db.cursor() as cur:
             beat = worker_store.heartbeat(cur, node_id, wait_s=wait)
         # Idle: nothing to start or stop yet; the worker is marked waiting (never
-        # LOST meanwhile) and this request holds no connection while it sleeps.
+        # LOST meanwhile: ``mine``) and this request holds no connection while it sleeps.
+        mine = None if isinstance(beat, NotFound) else beat.mine
         while not isinstance(beat, NotFound) and beat.idle:
             db.release()
             final = not hub.sleep(waiter, deadline)
             with db.cursor() as cur:
-                beat = worker_store.heartbeat(cur, node_id, mine=beat.mine, final=final)
+                beat = worker_store.heartbeat(cur, node_id, mine=mine, final=final)
             if final:
                 break
     finally:

@@ -31,13 +31,15 @@ def latest_event_id(cur) -> int:
 
 
 # One poll for every waiter of the process: the events after ``after`` (a range
-# of the primary key), and which of the jobs waited on are gone. The events
-# come as one JSON text, rows of [id, job_id, event_type, node_id].
+# of the primary key), which of the jobs waited on are gone, and the largest
+# event id (below ``after`` only if ids went back: a TRUNCATE, a restore). The
+# events come as one JSON text, rows of [id, job_id, event_type, node_id].
 NEW_EVENTS = """
 SELECT coalesce(json_agg(json_build_array(e.id, e.job_id, e.event_type, e.node_id)
                          ORDER BY e.id), '[]')::text,
        ARRAY(SELECT watched.id FROM unnest(%(watched)s::bigint[]) AS watched(id)
-             WHERE NOT EXISTS (SELECT FROM jobs WHERE jobs.id = watched.id))
+             WHERE NOT EXISTS (SELECT FROM jobs WHERE jobs.id = watched.id)),
+       (SELECT coalesce(max(id), 0) FROM job_events)
 FROM (SELECT id, job_id, event_type, node_id FROM job_events
       WHERE id > %(after)s ORDER BY id LIMIT %(batch)s) e
 """
@@ -47,10 +49,11 @@ FROM (SELECT id, job_id, event_type, node_id FROM job_events
 class Polled:
     events: list[tuple[int, int, str, str | None]]  # (id, job_id, event_type, node_id), by id
     gone: list[int]  # jobs of ``watched`` that no longer exist
+    latest: int  # the largest event id there is
 
 
 def new_events(cur, after: int, watched: list[int], batch: int) -> Polled:
-    events_json, gone = fetch_one(
+    events_json, gone, latest = fetch_one(
         cur, NEW_EVENTS, {"after": after, "watched": watched, "batch": batch}
     )
-    return Polled([tuple(row) for row in orjson.loads(events_json)], list(gone))
+    return Polled([tuple(row) for row in orjson.loads(events_json)], list(gone), latest)
