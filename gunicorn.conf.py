@@ -238,3 +238,37 @@ def post_worker_init(worker):
     from gevent.baseserver import BaseServer
 
     BaseServer.max_accept = 1
+    _answer_waits_on_sigterm(worker)
+
+
+# ---- Shutdown and waiting requests ---------------------------------------------------
+# On SIGTERM a worker stops accepting and gives in-flight requests up to
+# graceful_timeout. A long-polled heartbeat or events request (up to 60 s) or a
+# follow stream (up to FOLLOW_MAX_S) would spend all of it waiting for nothing:
+# they answer at once instead, with what they have (an empty list, the stream's
+# end), and the worker exits as soon as real work is done. gunicorn has no hook
+# for SIGTERM in a worker (worker_int is SIGINT/SIGQUIT), so its handler is
+# wrapped.
+
+
+def _answer_waits_on_sigterm(worker) -> None:
+    import signal
+
+    import gevent
+    from gevent import monkey
+
+    from jobs import waiting
+
+    exit_handler = signal.getsignal(signal.SIGTERM)
+    greenlets = monkey.is_module_patched("threading")
+
+    def on_sigterm(sig, frame):
+        exit_handler(sig, frame)
+        if greenlets:
+            # Out of the signal handler, which may run in gevent's hub, where
+            # nothing may block (as gunicorn's own handle_quit does).
+            gevent.spawn(waiting.stop_all)
+        else:
+            waiting.stop_all()
+
+    signal.signal(signal.SIGTERM, on_sigterm)

@@ -68,6 +68,25 @@ def cursor():
     return get_db().cursor()
 
 
+def release() -> None:
+    """Give the request's connection back now: it is about to wait (waiting.py) and
+    holds none meanwhile; the next ``cursor()`` borrows one again."""
+    close_db()
+
+
+@contextlib.contextmanager
+def borrowed_cursor(connections: pool.ConnectionPool):
+    """A cursor on a connection borrowed for the block, outside any request's app
+    context (a follow stream between its events)."""
+    conn = connections.getconn()
+    try:
+        with conn.cursor() as cur:
+            yield cur
+    finally:
+        # Only a connection psycopg2 found broken is dropped (as chores do).
+        connections.putconn(conn, broken=bool(conn.closed))
+
+
 @contextlib.contextmanager
 def transaction(timeout_ms: int | None = None):
     """A cursor in one transaction, committed when the block ends without error.

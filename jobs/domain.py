@@ -91,6 +91,18 @@ MAX_BLOCK = 2**63 - 1
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
 MAX_BATCH = 1000
+# Waiting (docs/API.md, Waiting without polling): a long-polled heartbeat or
+# events request waits at most this many seconds (?wait=0..MAX_WAIT_S).
+MAX_WAIT_S = 60
+# A page of GET /jobs/{id}/events: at most this many events (the default too,
+# so that a client unaware of paging still gets any real job's whole history),
+# and it ends early, after at least one event, once its events' JSON reaches
+# EVENTS_PAGE_BYTES: a job with 150 MB of details is read a page at a time.
+MAX_EVENTS_PAGE = 1000
+EVENTS_PAGE_BYTES = 1024 * 1024
+# Events a worker's waiting heartbeat is woken by: a job scheduled for it
+# (created, moved to it, retried) or a stop requested on one of its jobs.
+HEARTBEAT_WAKE_EVENTS = frozenset({"SCHEDULED", "STOP_REQUESTED"})
 MAX_NODE_ID_LENGTH = 128
 NODE_ID_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]*$"
 TABLE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"

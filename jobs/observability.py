@@ -22,6 +22,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
@@ -86,6 +87,23 @@ def count_stale_report(kind: str) -> None:
     _stale_reports[kind].inc()
 
 
+# Requests waiting right now (waiting.py), by kind: heartbeat, events, follow.
+# Summed over the instance's live processes.
+WAIT_KINDS = ("heartbeat", "events", "follow")
+WAITING = Gauge(
+    "jobs_waiting_requests",
+    "Requests waiting right now (long-polled heartbeats and events, follow streams), by kind.",
+    ["kind"],
+    multiprocess_mode="livesum",
+)
+for _kind in WAIT_KINDS:
+    WAITING.labels(_kind)
+WAIT_CONNECTS = Counter(
+    "jobs_wait_connects_total",
+    "Connections the waiting machinery made, by mode (listen, or poll through a pooler);"
+    " more than one per process means it reconnected.",
+    ["mode"],
+)
 LATENCY = Histogram(
     "jobs_http_request_duration_seconds",
     "Time to answer HTTP requests, by method and route template.",

@@ -20,7 +20,9 @@ from jobs.domain import (
     DELETE_STATUS_TOKENS,
     JOB_ID_RULE,
     LIST_STATUS_TOKENS,
+    MAX_EVENTS_PAGE,
     MAX_PAGE_SIZE,
+    MAX_WAIT_S,
     NODE_ID_RULE,
     TABLE_PATTERN,
     is_node_id,
@@ -34,6 +36,7 @@ from jobs.errors import ApiError
 INVALID_PAYLOAD = "INVALID_PAYLOAD_FORMAT"
 QUERY_ERROR = "INVALID_QUERY_PARAMETERS"
 LONG_NUMBER = re.compile(rb"\d{20}")
+WAIT_SECONDS = re.compile(r"0|[1-9][0-9]?")
 MAX_JSON_DEPTH = 100
 
 
@@ -49,6 +52,16 @@ def event_id_from_path(text: str) -> int:
 def cursor_from_query(text: str) -> int:
     """``last_job_id``: the page holds only jobs with a smaller id."""
     return _job_id(text, QUERY_ERROR, "last_job_id")
+
+
+def after_from_query(text: str) -> int:
+    """``after``: only events with a larger id (an event id, by the job ID rule)."""
+    return _job_id(text, QUERY_ERROR, "after")
+
+
+def last_event_id_from_header(text: str) -> int:
+    """The Last-Event-ID header of a follow stream's reconnection: the same rule as ``after``."""
+    return _job_id(text.strip(), QUERY_ERROR, "Last-Event-ID")
 
 
 def _job_id(text: str, code: str, name: str) -> int:
@@ -87,6 +100,15 @@ def table_from_path(text: str) -> str:
 
 
 def limit_from_query(text: str) -> int:
+    return _limit(text, MAX_PAGE_SIZE)
+
+
+def events_limit_from_query(text: str) -> int:
+    """GET /jobs/{id}/events?limit=: the same rule and codes as GET /jobs's, to its own maximum."""
+    return _limit(text, MAX_EVENTS_PAGE)
+
+
+def _limit(text: str, maximum: int) -> int:
     stripped = text.strip()
     digits = stripped.lstrip("+-")
     if not digits.isdigit() or not digits.isascii() or len(stripped) - len(digits) > 1:
@@ -94,9 +116,34 @@ def limit_from_query(text: str) -> int:
     # No int() before the length check: a 5000-digit limit would raise (a 500).
     if stripped.startswith("-") or not digits.strip("0"):
         raise ApiError(400, "LIMIT_INVALID", "limit must be at least 1")
-    if len(digits) > 6 or int(digits) > MAX_PAGE_SIZE:
-        raise ApiError(400, "LIMIT_TOO_LARGE", f"limit must be at most {MAX_PAGE_SIZE}")
+    if len(digits) > 6 or int(digits) > maximum:
+        raise ApiError(400, "LIMIT_TOO_LARGE", f"limit must be at most {maximum}")
     return int(digits)
+
+
+def wait_from_query(text: str) -> int:
+    """``wait``: whole seconds, 0..MAX_WAIT_S, spelt as an integer is (no sign, no leading zero)."""
+    if not WAIT_SECONDS.fullmatch(text) or int(text) > MAX_WAIT_S:
+        raise ApiError(
+            400, QUERY_ERROR, f"wait must be a whole number of seconds in 0..{MAX_WAIT_S}"
+        )
+    return int(text)
+
+
+def follow_from_query(text: str) -> bool:
+    """``follow``: true or false, as JSON spells them."""
+    if text not in ("true", "false"):
+        raise ApiError(400, QUERY_ERROR, "follow must be true or false")
+    return text == "true"
+
+
+def check_follow_alone(query: dict[str, str], excluded: tuple[str, ...]) -> None:
+    """A follow stream has no pages and no timeout: a parameter it would ignore is refused."""
+    if query.get("follow") != "true":
+        return
+    for name in excluded:
+        if name in query:
+            raise ApiError(400, QUERY_ERROR, f"{name} cannot be combined with follow=true")
 
 
 def list_statuses_from_query(text: str) -> tuple[str, ...]:

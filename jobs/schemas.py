@@ -25,15 +25,18 @@ from jobs.domain import (
     ACTIVE_STATUSES,
     DEFAULT_PAGE_SIZE,
     EVENT_TYPES,
+    EVENTS_PAGE_BYTES,
     HASH_PATTERN,
     JOB_ID_RULE,
     MAX_ATTEMPT_VALUE,
     MAX_ATTEMPTS_LIMIT,
     MAX_BATCH,
     MAX_BLOCK,
+    MAX_EVENTS_PAGE,
     MAX_JOB_ID,
     MAX_NODE_ID_LENGTH,
     MAX_PAGE_SIZE,
+    MAX_WAIT_S,
     NODE_ID_PATTERN,
     REPORTABLE_STATUSES,
     STATUSES,
@@ -220,7 +223,19 @@ class EventSchema(Schema):
 
 class EventListSchema(Schema):
     job_id = fields.Integer(required=True)
-    events = fields.List(fields.Nested(EventSchema), required=True)
+    events = fields.List(
+        fields.Nested(EventSchema),
+        required=True,
+        metadata={
+            "description": f"oldest first, at most limit (default {MAX_EVENTS_PAGE}), and fewer "
+            f"once their JSON reaches {EVENTS_PAGE_BYTES // (1024 * 1024)} MiB (at least one)"
+        },
+    )
+    next_cursor = fields.Integer(
+        required=True,
+        allow_none=True,
+        metadata={"description": "after= for the next page: null when no more events follow"},
+    )
 
 
 class JobEventSchema(Schema):
@@ -413,6 +428,62 @@ class FilesQuerySchema(Schema):
         parse.attempt_from_query,
         {"type": "integer", "minimum": 1, "maximum": MAX_ATTEMPT_VALUE},
         metadata={"description": "the attempt it runs; not the job's: 409 STALE_ATTEMPT"},
+    )
+
+
+WAIT_DOC = {"type": "integer", "minimum": 0, "maximum": MAX_WAIT_S, "default": 0}
+
+
+class EventsQuerySchema(Schema):
+    after = Param(
+        parse.after_from_query,
+        JOB_ID_DOC,
+        metadata={"description": "only events with a larger id (an event id)"},
+    )
+    limit = Param(
+        parse.events_limit_from_query,
+        {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": MAX_EVENTS_PAGE,
+            "default": MAX_EVENTS_PAGE,
+        },
+        default=MAX_EVENTS_PAGE,
+        metadata={"description": f"page size, 1..{MAX_EVENTS_PAGE} (default {MAX_EVENTS_PAGE})"},
+    )
+    wait = Param(
+        parse.wait_from_query,
+        WAIT_DOC,
+        default=0,
+        metadata={
+            "description": "seconds to wait for the first event after `after` (or after "
+            "the latest one) when there is none yet"
+        },
+    )
+    follow = Param(
+        parse.follow_from_query,
+        {"type": "boolean", "default": False},
+        default=False,
+        metadata={
+            "description": "true: a text/event-stream of every event so far, then each new "
+            "one as it happens, until the job's end"
+        },
+    )
+
+    @pre_load
+    def follow_alone(self, data, **kwargs):
+        parse.check_follow_alone(data, ("limit", "wait"))
+        return data
+
+
+class HeartbeatQuerySchema(Schema):
+    wait = Param(
+        parse.wait_from_query,
+        WAIT_DOC,
+        default=0,
+        metadata={
+            "description": "seconds to wait for a job to start or stop when there is none yet"
+        },
     )
 
 

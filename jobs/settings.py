@@ -225,6 +225,11 @@ def _addresses() -> tuple[str, Callable, Callable]:
     return rule, parse, allows
 
 
+def _optional(kind: tuple[str, Callable, Callable]) -> tuple[str, Callable, Callable]:
+    rule, parse, allows = kind
+    return f"{rule}; unset: none", parse, lambda value: value is None or allows(value)
+
+
 def _setting(name, default, kind, **flags) -> Setting:
     rule, parse, allows = kind
     return Setting(name, default, rule, parse, allows, **flags)
@@ -294,6 +299,23 @@ SETTINGS: tuple[Setting, ...] = (
     # than the database is given connections for, and a client told to come
     # back soon does better than one kept waiting (docs/API.md, Overload).
     _setting("DB_POOL_TIMEOUT_S", 2.0, _seconds(0.1, 30)),
+    # Waiting without polling (waiting.py): where each process LISTENs. Unset:
+    # on DATABASE_URL itself when that reaches PostgreSQL directly; through a
+    # pooler (PgBouncer in transaction mode cannot keep a LISTEN) waiting
+    # falls back to polling every WAIT_POLL_INTERVAL_MS. Set it to a URL that
+    # reaches PostgreSQL directly to keep wake-ups instant there.
+    _setting("DATABASE_LISTEN_URL", None, _optional(_database_url()), secret=True),
+    # Polling mode only: one query per process per tick, for all its waiters.
+    _setting("WAIT_POLL_INTERVAL_MS", 250, _whole(10, 1000, "milliseconds")),
+    # Requests one process holds waiting at once (long polls and follow
+    # streams); more get 503 SERVICE_BUSY. Each holds one of gunicorn's
+    # WORKER_CONNECTIONS (default 1000): 100 stay free for every other request.
+    _setting("WAITERS_PER_PROCESS", 900, _whole(0, 10_000, "requests")),
+    # A follow stream sends a comment at least this often while nothing
+    # happens (proxies close silent connections), and ends after FOLLOW_MAX_S
+    # (the client resumes with Last-Event-ID).
+    _setting("FOLLOW_KEEPALIVE_S", 15.0, _seconds(0.1, 15)),
+    _setting("FOLLOW_MAX_S", 600.0, _seconds(1, 86400)),
     _setting("LOG_LEVEL", "INFO", _choice(("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), True)),
     # ---- gunicorn's (gunicorn.conf.py says how each is used) ----
     _setting("PORT", 8080, _whole(1, 65535), gunicorn=True),

@@ -149,7 +149,8 @@ def events(client, job_id) -> list[dict]:
     assert response.status_code == 200, response.data
     body = body_of(response)
     assert EventListSchema().validate(body) == {}, body
-    assert set(body) == {"job_id", "events"}
+    assert set(body) == {"job_id", "events", "next_cursor"}
+    assert body["next_cursor"] is None  # every history here fits one page
     assert body["job_id"] == job_id
     ids = [e["id"] for e in body["events"]]
     assert ids == sorted(set(ids)), "events are oldest first, each once"
@@ -1196,6 +1197,7 @@ def test_events_exact_shape(client):
                 "detail": None,
             }
         ],
+        "next_cursor": None,
     }
     assert isinstance(body["events"][0]["id"], int)
     assert TS.match(body["events"][0]["created_at"])

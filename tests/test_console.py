@@ -7,11 +7,11 @@ did in the database itself. Every page a test opens must log no console error
 and throw nothing (the ``page`` fixture checks at teardown), except the answers a
 test provokes on purpose (a 401 before the token is given, a worker token's 403).
 
-The follow stream (GET /jobs/{id}/events?follow=true) is not in the service yet:
-until it is, the service refuses the parameter (400) and the job page says live
-updates are unavailable; that one refused request is the only console error a
-job page may log (``expect_follow_refusal``), and the live-timeline test is an
-expected failure.
+The job page follows the service's event stream (GET /jobs/{id}/events?follow=true);
+against a service without it (one that refuses the parameter with a 400), the page
+says live updates are unavailable, and that one refused request is the only console
+error a job page may log (``expect_follow_refusal``, which asks the service's own
+document whether it has the stream).
 """
 
 from __future__ import annotations
@@ -738,7 +738,6 @@ def test_the_clean_up_can_be_cancelled_between_requests(fresh, server, page, db_
 # ---- Live: the follow stream ------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="needs the follow stream")
 def test_the_timeline_and_progress_follow_a_working_worker_live(fresh, server, page):
     call = server.caller()
     job_id = create_job(call, "node-a", descriptor={"end_block": 999})["id"]

@@ -450,6 +450,21 @@ def test_real_responses_conform_to_the_document(app, doc):
     check(c, "DELETE", "/jobs?status=terminal", 204)
     budgeted.extensions["jobs_db_pool"].drop_idle()
 
+    # Waiting (docs/API.md, Waiting without polling): a page after an id, a follow
+    # stream of a finished job (it ends at once), and a process that holds its
+    # WAITERS_PER_PROCESS already (0 here).
+    c = client
+    done = check(c, "POST", "/jobs", 201, json={"node_id": "w-wait"}).get_json()["id"]
+    check(c, "PUT", f"/jobs/{done}/status", 200, json={"status": "FAILED"})
+    check(c, "GET", f"/jobs/{done}/events?after=1&limit=5&wait=0", 200)
+    check(c, "GET", f"/jobs/{done}/events?follow=true", 200)
+    check(c, "GET", f"/jobs/{done}/events?wait=61", 400)
+    check(c, "POST", "/workers/w-1/heartbeat?wait=0", 200)
+    full = create_app({"TESTING": True, "DATABASE_URL": url, "WAITERS_PER_PROCESS": 0})
+    c = full.test_client()
+    check(c, "GET", f"/jobs/{done}/events?wait=5", 503)
+    check(c, "POST", "/workers/w-1/heartbeat?wait=5", 503)
+
     broken = create_app({"TESTING": True, "DATABASE_URL": closed_database_url()}).test_client()
     for method, path, kwargs in DB_ROUTES:
         check(broken, method, path, 500, **kwargs)

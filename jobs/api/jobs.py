@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 
-from flask import current_app
+from flask import current_app, request
 
-from jobs import db, observability, pruning
-from jobs.api import endpoint
-from jobs.domain import MAX_JOB_ID
+from jobs import db, observability, parse, pruning
+from jobs.api import endpoint, follow, waits
+from jobs.domain import MAX_EVENTS_PAGE, MAX_JOB_ID
 from jobs.errors import ApiError, database_errors_answer
 from jobs.responses import json_response, json_with_fragments, no_content
 from jobs.schemas import (
@@ -17,6 +18,7 @@ from jobs.schemas import (
     CreateJobSchema,
     DeleteJobsQuerySchema,
     EventListSchema,
+    EventsQuerySchema,
     JobEventPath,
     JobEventSchema,
     JobListSchema,
@@ -100,17 +102,85 @@ def get_job(job_id):
     "GET",
     access="read",
     error_code="GET_JOB_EVENTS_ERROR",
-    summary="The job's history of status changes, oldest first",
+    summary="The job's history, oldest first, a page at a time; ?wait=S waits for the next"
+    " event, ?follow=true streams them (text/event-stream)",
     path=JobPath,
-    responses={200: EventListSchema},
-    errors=JOB_ERRORS,
+    query=EventsQuerySchema,
+    responses={
+        200: {
+            "application/json": {"schema": EventListSchema},
+            "text/event-stream": {
+                "schema": {
+                    "type": "string",
+                    "description": "with follow=true: id:, event: and data: (the event's "
+                    "JSON) per event, comment lines as keep-alives",
+                }
+            },
+        }
+    },
+    errors={
+        **JOB_ERRORS,
+        400: ("INVALID_JOB_ID", "LIMIT_INVALID", "LIMIT_TOO_LARGE"),
+        **waits.BUSY_ERRORS,
+    },
 )
-def get_events(job_id):
-    with db.cursor() as cur:
-        events = job_store.get_events(cur, job_id)
-    if isinstance(events, NotFound):
+def get_events(job_id, after, limit, wait, follow):
+    if follow:
+        return follow_events(job_id, after)
+    if not wait or waits.hub().stopping:
+        with db.cursor() as cur:
+            return events_answer(job_id, job_store.events_page(cur, job_id, after or 0, limit))
+    # Registered before the first look, so nothing committed after it goes unheard.
+    hub, waiter = waits.register(("job", job_id), "events")
+    try:
+        deadline = time.monotonic() + wait
+        with db.cursor() as cur:
+            if after is None:  # what comes after the latest event at arrival
+                after = job_store.latest_event_id(cur, job_id)
+            page = (
+                after
+                if isinstance(after, NotFound)
+                else job_store.events_page(cur, job_id, after, limit)
+            )
+        # No event yet: wait, holding no connection, for the first (or a delete).
+        while not isinstance(page, NotFound) and not page.events:
+            db.release()
+            if not hub.sleep(waiter, deadline):
+                break
+            with db.cursor() as cur:
+                page = job_store.events_page(cur, job_id, after, limit)
+    finally:
+        hub.unregister(waiter)
+    return events_answer(job_id, page)
+
+
+def events_answer(job_id: int, page):
+    if isinstance(page, NotFound):
         raise job_not_found(job_id)
-    return json_with_fragments({"job_id": job_id}, events=events)
+    cursor = "null" if page.next_cursor is None else str(page.next_cursor)
+    return json_with_fragments({"job_id": job_id}, events=page.events_json, next_cursor=cursor)
+
+
+def follow_events(job_id: int, after: int | None):
+    last_event_id = request.headers.get("Last-Event-ID", "")
+    if last_event_id.strip():  # a reconnection resumes after what it has
+        after = parse.last_event_id_from_header(last_event_id)
+    after = after or 0
+    hub, waiter = waits.register(("job", job_id), "follow")
+    try:
+        with db.cursor() as cur:
+            first = job_store.events_page(cur, job_id, after, MAX_EVENTS_PAGE)
+        if isinstance(first, NotFound):
+            raise job_not_found(job_id)
+        stream = follow.EventStream(
+            job_id, first, after, hub, waiter, db.get_pool(), current_app.config
+        )
+    except BaseException:
+        hub.unregister(waiter)
+        raise
+    # The request's connection goes back when the view returns, before the stream
+    # starts; the stream borrows one for each look.
+    return current_app.response_class(stream, 200, follow.HEADERS, content_type="text/event-stream")
 
 
 @endpoint(

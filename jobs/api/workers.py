@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
+import time
 
 from flask import current_app
 
 from jobs import db
-from jobs.api import endpoint
+from jobs.api import endpoint, waits
 from jobs.errors import ApiError
 from jobs.responses import json_response, json_with_fragments
 from jobs.schemas import (
+    HeartbeatQuerySchema,
     HeartbeatSchema,
     RegisterWorkerSchema,
     WorkerListSchema,
@@ -55,17 +56,53 @@ def register_worker(node_id, body):
     access="worker",
     error_code="WORKER_HEARTBEAT_ERROR",
     summary="A worker is alive: its SCHEDULED and STOP_REQUESTED jobs, and its leases "
-    "(every active job with its attempt), oldest first",
+    "(every active job with its attempt), oldest first"
+    " (with ?wait=S, as soon as there are any, within S seconds)",
     path=WorkerPath,
+    query=HeartbeatQuerySchema,
     responses={200: HeartbeatSchema},
-    errors=WORKER_ERRORS,
+    errors={**WORKER_ERRORS, **waits.BUSY_ERRORS},
 )
-def heartbeat(node_id):
-    with db.cursor() as cur:
-        beat = worker_store.heartbeat(cur, node_id)
+def heartbeat(node_id, wait):
+    if not wait or waits.hub().stopping:
+        with db.cursor() as cur:
+            return heartbeat_answer(node_id, worker_store.heartbeat(cur, node_id))
+    # Registered before the first look, so nothing scheduled after it goes unheard.
+    hub, waiter = waits.register(("node", node_id), "heartbeat")
+    try:
+        deadline = time.monotonic() + wait
+        with db.cursor() as cur:
+            beat = worker_store.heartbeat(cur, node_id, wait_s=wait)
+        # Idle: nothing to start or stop yet; the worker is marked waiting (never
+        # LOST meanwhile: ``mine``) and this request holds no connection while it sleeps.
+        mine = None if isinstance(beat, NotFound) else beat.mine
+        while not isinstance(beat, NotFound) and beat.idle:
+            db.release()
+            final = not hub.sleep(waiter, deadline)
+            with db.cursor() as cur:
+                beat = worker_store.heartbeat(cur, node_id, mine=mine, final=final)
+            if final:
+                break
+    finally:
+        hub.unregister(waiter)
+    return heartbeat_answer(node_id, beat)
+
+
+def heartbeat_answer(node_id: str, beat):
     if isinstance(beat, NotFound):
         raise worker_not_found(node_id)
-    return json_response({"node_id": node_id, **dataclasses.asdict(beat)})
+    return json_response(heartbeat_body(node_id, beat))
+
+
+def heartbeat_body(node_id: str, beat: worker_store.Heartbeat) -> dict:
+    """The heartbeat's answer, built here only (whether it waited or not)."""
+    return {
+        "node_id": node_id,
+        "heartbeat_at": beat.heartbeat_at,
+        "scheduled": beat.scheduled,
+        "stop_requested": beat.stop_requested,
+        "leases": beat.leases,
+    }
 
 
 @endpoint(

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from jobs import pool
 from jobs.domain import (
     DEFAULT_PAGE_SIZE,
+    EVENTS_PAGE_BYTES,
     MAX_PAGE_SIZE,
     REASSIGNABLE_STATUSES,
     RETRY_CANCELLED,
@@ -500,20 +501,117 @@ def delete_jobs_by_ids(cur, job_ids: list[int]) -> Deleted | Blocked:
     return Deleted(removed)
 
 
-GET_EVENTS = """
-SELECT coalesce(json_agg(json_build_object(
-           'id', e.id, 'created_at', jobs_timestamp(e.created_at), 'event_type', e.event_type,
-           'node_id', e.node_id, 'detail', e.detail) ORDER BY e.id), '[]')::text
-FROM jobs j LEFT JOIN job_events e ON e.job_id = j.id
-WHERE j.id = %(job_id)s
-GROUP BY j.id
-"""
+# A page of a job's events after ``after``, oldest first: a walk along
+# job_events_job_id, one index probe per event, that renders each event's
+# JSON as it goes and stops at the first one that does not fit (``limit``
+# events, or ``budget`` bytes of JSON once one is in). That one is rendered
+# but not sent: it says that more follow. A window over LIMIT limit + 1 rows
+# would render them all first, a gigabyte for 1,000 events of 1 MiB each.
+# The job's row comes in the same snapshot: whether it exists (404 otherwise),
+# and for a follow stream whether it has said its last word (its status is
+# terminal and no automatic retry is pending).
+EVENT_JSON = """json_build_object(
+    'id', e.id, 'created_at', jobs_timestamp(e.created_at), 'event_type', e.event_type,
+    'node_id', e.node_id, 'detail', e.detail)::text"""
+# Whether a FAILED job waits for an automatic retry (retry_at is set only then).
+RETRY_PENDING = "(j.retry_at IS NOT NULL)"
+EVENTS_PAGE = pool.Prepared(
+    "events_page",
+    f"""
+WITH RECURSIVE walk AS (
+    (SELECT first.id, first.event_type, first.event_json, 1 AS n,
+            octet_length(first.event_json) + 1 AS bytes, true AS fits
+     FROM (SELECT e.id, e.event_type, {EVENT_JSON} AS event_json
+           FROM job_events e
+           WHERE e.job_id = %(job_id)s AND e.id > %(after)s
+           ORDER BY e.id
+           LIMIT 1) first)
+    UNION ALL
+    (SELECT next.id, next.event_type, next.event_json, walk.n + 1,
+            walk.bytes + octet_length(next.event_json) + 1,
+            walk.n < %(limit)s AND walk.bytes + octet_length(next.event_json) + 1 <= %(budget)s
+     FROM walk CROSS JOIN LATERAL (
+         SELECT e.id, e.event_type, {EVENT_JSON} AS event_json
+         FROM job_events e
+         WHERE e.job_id = %(job_id)s AND e.id > walk.id
+         ORDER BY e.id
+         LIMIT 1
+     ) next
+     WHERE walk.fits)
+)
+SELECT job.found, job.ended, page.ids, page.types, page.events, page.more
+FROM (SELECT count(*) > 0 AS found,
+             coalesce(bool_or(j.status = ANY(%(terminal)s) AND NOT {RETRY_PENDING}), false)
+                 AS ended
+      FROM jobs j WHERE j.id = %(job_id)s) job,
+     (SELECT coalesce(array_agg(id ORDER BY n) FILTER (WHERE fits), '{{}}') AS ids,
+             coalesce(array_agg(event_type ORDER BY n) FILTER (WHERE fits), '{{}}') AS types,
+             coalesce(array_agg(event_json ORDER BY n) FILTER (WHERE fits), '{{}}') AS events,
+             coalesce(bool_or(NOT fits), false) AS more
+      FROM walk) page
+""",
+    job_id="bigint",
+    after="bigint",
+    limit="integer",
+    budget="integer",
+    terminal="text[]",
+)
 
 
-def get_events(cur, job_id: int) -> str | NotFound:
-    """The job's events as a JSON array, oldest first."""
-    row = fetch_one(cur, GET_EVENTS, {"job_id": job_id})
-    return NOT_FOUND if row is None else row[0]
+@dataclass(frozen=True)
+class EventsPage:
+    events: list[tuple[int, str, str]]  # (id, event_type, the event's JSON), oldest first
+    more: bool  # events after the last one exist (the page is full)
+    ended: bool  # the job is terminal and no automatic retry is pending
+
+    @property
+    def last_id(self) -> int | None:
+        return self.events[-1][0] if self.events else None
+
+    @property
+    def next_cursor(self) -> int | None:
+        return self.last_id if self.more else None
+
+    @property
+    def events_json(self) -> str:
+        return f"[{','.join(event for _, _, event in self.events)}]"
+
+
+def events_page(
+    cur, job_id: int, after: int, limit: int, budget: int = EVENTS_PAGE_BYTES
+) -> EventsPage | NotFound:
+    """The job's events with id > ``after``, oldest first, at most ``limit`` and about
+    ``budget`` bytes of JSON (always at least one when there is one)."""
+    found, ended, ids, types, events, more = fetch_one(
+        cur,
+        EVENTS_PAGE,
+        {
+            "job_id": job_id,
+            "after": after,
+            "limit": limit,
+            "budget": budget,
+            "terminal": TERMINAL,
+        },
+    )
+    if not found:
+        return NOT_FOUND
+    return EventsPage(list(zip(ids, types, events, strict=True)), more, ended)
+
+
+LATEST_EVENT = pool.Prepared(
+    "latest_event",
+    """
+SELECT (SELECT max(e.id) FROM job_events e WHERE e.job_id = j.id)
+FROM jobs j WHERE j.id = %(job_id)s
+""",
+    job_id="bigint",
+)
+
+
+def latest_event_id(cur, job_id: int) -> int | NotFound:
+    """The id of the job's latest event (0 if it has none)."""
+    row = fetch_one(cur, LATEST_EVENT, {"job_id": job_id})
+    return NOT_FOUND if row is None else (row[0] or 0)
 
 
 GET_EVENT = """

@@ -53,7 +53,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     ),
     "service_chores": ("name", "ran_at"),
     "schema_upgrades": ("name", "done_at"),
-    "workers": ("node_id", "info", "created_at", "registered_at", "heartbeat_at"),
+    "workers": ("node_id", "info", "created_at", "registered_at", "heartbeat_at", "waiting_until"),
 }
 
 # NULL when every required column exists; else the missing ones, "table.column, ...".

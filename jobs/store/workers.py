@@ -1,13 +1,16 @@
 """Workers: registration, heartbeats, and the expiry of a lost worker's leases.
 
 A worker is LOST when its heartbeat_at is older than WORKER_LOST_AFTER_S
-(the database's clock decides, never the worker's). Every statement that
-shows a worker computes its status with the same expression (STATUS_SQL).
+(the database's clock decides, never the worker's), unless a heartbeat of it
+is waiting (waiting_until, set by a long-polled heartbeat, is still ahead).
+Every statement that shows, counts or expires a worker decides with the same
+expression (LOST_SQL).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 
 from jobs.domain import ACTIVE_STATUSES, LEASE_EXPIRY, LEASED_STATUSES, MAX_BATCH
 from jobs.store.jobs import DEFAULT_BACKOFF, RETRY_DELAY_SQL, Backoff
@@ -17,7 +20,13 @@ from jobs.store.sql import as_jsonb, fetch_one
 ACTIVE = list(ACTIVE_STATUSES)
 
 LOST_BEFORE = "clock_timestamp() - make_interval(secs => %(lost_after_s)s)"
-STATUS_SQL = f"CASE WHEN w.heartbeat_at < {LOST_BEFORE} THEN 'LOST' ELSE 'ALIVE' END"
+# A worker waiting in a heartbeat is never LOST, whichever replica holds the
+# wait: its mark is in its row (see HEARTBEAT).
+LOST_SQL = (
+    f"(w.heartbeat_at < {LOST_BEFORE}"
+    " AND (w.waiting_until IS NULL OR w.waiting_until < clock_timestamp()))"
+)
+STATUS_SQL = f"CASE WHEN {LOST_SQL} THEN 'LOST' ELSE 'ALIVE' END"
 WORKER_JSON = f"""json_build_object(
     'node_id', w.node_id, 'info', w.info,
     'created_at', jobs_timestamp(w.created_at),
@@ -45,54 +54,109 @@ def register(cur, node_id: str, info: dict, lost_after_s: float) -> str:
     return row[0]
 
 
+# How long past the end of its wait a waiting heartbeat's mark lasts: room for
+# the answering statement to wait for a pooled connection (DB_POOL_TIMEOUT_S)
+# and run, so that its worker is never LOST in between.
+WAIT_MARK_GRACE_S = 10
+
 # The lists come from jobs_node_status_newest (-id descending: oldest first),
 # so a worker with a long history reads only its active entries: one range
 # scan per status, at most MAX_BATCH entries each, merged. They are read in
 # the statement's snapshot, taken before the update. ``leases`` are the
 # fencing tokens: every active job of the worker with its attempt, which the
 # worker names in its reports (docs/API.md, "Writing a worker").
-HEARTBEAT = f"""
-WITH beat AS (
-    UPDATE workers SET heartbeat_at = clock_timestamp()
-    WHERE node_id = %(node_id)s
-    RETURNING node_id, heartbeat_at
+#
+# A long-polled heartbeat (?wait=S, api/workers.py) runs this statement when it
+# arrives, on each wake-up and when it answers. On arrival ({wait_s} set)
+# with nothing to start or stop, it marks the worker as waiting until the end
+# of its wait plus WAIT_MARK_GRACE_S: the later of its mark and any other, so
+# two waiting heartbeats of one worker keep the longer. It gets its own mark
+# back as "mine"; the statement that answers ({final}, or any that finds
+# something to start or stop) clears the mark only if it is still that one.
+# A replica that dies mid-wait leaves the mark, which then runs out.
+_HEARTBEAT = f"""
+WITH pending AS (
+    SELECT ARRAY(SELECT id FROM jobs
+                 WHERE jobs.node_id = %(node_id)s AND jobs.status = 'SCHEDULED'
+                 ORDER BY -jobs.id DESC LIMIT {MAX_BATCH}) AS scheduled,
+           ARRAY(SELECT id FROM jobs
+                 WHERE jobs.node_id = %(node_id)s AND jobs.status = 'STOP_REQUESTED'
+                 ORDER BY -jobs.id DESC LIMIT {MAX_BATCH}) AS stop_requested,
+           clock_timestamp() + make_interval(secs => {{wait_s}} + {WAIT_MARK_GRACE_S}) AS mark
+), facts AS (
+    SELECT *, cardinality(scheduled) = 0 AND cardinality(stop_requested) = 0 AS idle
+    FROM pending
 ), leased AS (
     SELECT l.id, l.attempt, l.status
-    FROM beat
-    CROSS JOIN unnest(%(active)s::text[]) AS wanted(status)
+    FROM unnest(%(active)s::text[]) AS wanted(status)
     CROSS JOIN LATERAL (
         SELECT id, attempt, status FROM jobs
-        WHERE jobs.node_id = beat.node_id AND jobs.status = wanted.status
+        WHERE jobs.node_id = %(node_id)s AND jobs.status = wanted.status
         ORDER BY -jobs.id DESC LIMIT {MAX_BATCH}
     ) l
     ORDER BY l.id
     LIMIT {MAX_BATCH}
+), beat AS (
+    UPDATE workers w
+    SET heartbeat_at = clock_timestamp(),
+        waiting_until = CASE
+            WHEN facts.idle AND facts.mark IS NOT NULL THEN greatest(w.waiting_until, facts.mark)
+            WHEN w.waiting_until = {{mine}} AND ({{final}} OR NOT facts.idle) THEN NULL
+            ELSE w.waiting_until
+        END
+    FROM facts
+    WHERE w.node_id = %(node_id)s
+    RETURNING w.heartbeat_at, CASE WHEN facts.idle THEN facts.mark END AS mine
 )
-SELECT jobs_timestamp(beat.heartbeat_at),
-       ARRAY(SELECT id FROM jobs
-             WHERE jobs.node_id = beat.node_id AND jobs.status = 'SCHEDULED'
-             ORDER BY -jobs.id DESC LIMIT {MAX_BATCH}),
-       ARRAY(SELECT id FROM jobs
-             WHERE jobs.node_id = beat.node_id AND jobs.status = 'STOP_REQUESTED'
-             ORDER BY -jobs.id DESC LIMIT {MAX_BATCH}),
+SELECT jobs_timestamp(beat.heartbeat_at), facts.scheduled, facts.stop_requested,
        (SELECT coalesce(json_agg(json_build_object(
                     'job_id', leased.id, 'attempt', leased.attempt, 'status', leased.status)
                 ORDER BY leased.id), '[]')
-        FROM leased)
-FROM beat
+        FROM leased),
+       beat.mine
+FROM beat, facts
 """
+# A heartbeat that does not wait, and one that does (its arrival, wake-ups, answer).
+HEARTBEAT = _HEARTBEAT.format(wait_s="NULL::float8", mine="NULL::timestamptz", final="false")
+WAITING_HEARTBEAT = _HEARTBEAT.format(
+    wait_s="%(wait_s)s::float8", mine="%(mine)s::timestamptz", final="%(final)s"
+)
 
 
 @dataclass(frozen=True)
 class Heartbeat:
+    """What the heartbeat answers (api/workers.heartbeat_body), and the request's own mark."""
+
     heartbeat_at: str
     scheduled: list[int]
     stop_requested: list[int]
     leases: list[dict]  # {"job_id", "attempt", "status"} of each active job, oldest first
+    # Not part of the answer: this request's waiting mark (see HEARTBEAT), or None.
+    mine: datetime | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to start or stop: a waiting heartbeat goes on waiting."""
+        return not self.scheduled and not self.stop_requested
 
 
-def heartbeat(cur, node_id: str) -> Heartbeat | NotFound:
-    row = fetch_one(cur, HEARTBEAT, {"node_id": node_id, "active": ACTIVE})
+def heartbeat(
+    cur, node_id: str, wait_s: float | None = None, mine=None, final: bool = False
+) -> Heartbeat | NotFound:
+    """Set heartbeat_at; the worker's SCHEDULED and STOP_REQUESTED jobs, and its leases.
+
+    ``wait_s``: the request arrives and will wait that long if there is nothing
+    (mark the worker waiting); ``mine``: the mark it got back then; ``final``:
+    this statement answers the request whatever it finds (clear the mark).
+    """
+    if wait_s is None and mine is None and not final:
+        row = fetch_one(cur, HEARTBEAT, {"node_id": node_id, "active": ACTIVE})
+    else:
+        row = fetch_one(
+            cur,
+            WAITING_HEARTBEAT,
+            {"node_id": node_id, "active": ACTIVE, "wait_s": wait_s, "mine": mine, "final": final},
+        )
     return NOT_FOUND if row is None else Heartbeat(*row)
 
 
@@ -119,8 +183,7 @@ def list_workers(cur, lost_after_s: float) -> str:
 
 
 COUNT_WORKERS = f"""
-SELECT count(*) FILTER (WHERE w.heartbeat_at >= {LOST_BEFORE}),
-       count(*) FILTER (WHERE w.heartbeat_at < {LOST_BEFORE})
+SELECT count(*) FILTER (WHERE NOT {LOST_SQL}), count(*) FILTER (WHERE {LOST_SQL})
 FROM workers w
 """
 
@@ -150,7 +213,7 @@ EXPIRE_LEASES = f"""
 WITH lost AS (
     SELECT w.node_id, w.heartbeat_at
     FROM workers w
-    WHERE w.heartbeat_at < {LOST_BEFORE}
+    WHERE {LOST_SQL}
       AND EXISTS (SELECT FROM jobs
                   WHERE jobs.node_id = w.node_id AND jobs.status = ANY(%(leased)s))
     ORDER BY w.heartbeat_at
@@ -257,19 +320,19 @@ def expire_leases(
 # index bound, so a sweep with nothing due reads one index entry.
 RETRY_DUE = f"""
 WITH alive AS (
-    SELECT w.node_id FROM workers w WHERE w.heartbeat_at >= {LOST_BEFORE}
+    SELECT w.node_id FROM workers w WHERE NOT {LOST_SQL}
 ), due AS (
     SELECT j.id FROM jobs j
     WHERE j.status = 'FAILED' AND j.retry_at IS NOT NULL AND j.retry_at <= now()
       AND (EXISTS (SELECT FROM alive)
            OR NOT EXISTS (SELECT FROM workers w
-                          WHERE w.node_id = j.node_id AND w.heartbeat_at < {LOST_BEFORE}))
+                          WHERE w.node_id = j.node_id AND {LOST_SQL}))
     ORDER BY j.retry_at
     LIMIT %(batch)s
 ), picked AS (
     SELECT jobs.id, jobs.node_id, jobs.retry_at,
            EXISTS (SELECT FROM workers w
-                   WHERE w.node_id = jobs.node_id AND w.heartbeat_at < {LOST_BEFORE}) AS lost
+                   WHERE w.node_id = jobs.node_id AND {LOST_SQL}) AS lost
     FROM jobs JOIN due ON due.id = jobs.id
     WHERE jobs.status = 'FAILED' AND jobs.retry_at IS NOT NULL AND jobs.retry_at <= now()
     ORDER BY jobs.id
