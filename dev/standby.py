@@ -33,9 +33,7 @@ class LocalStandby(LocalPostgres):
     ``durable`` defaults to the primary's.
     """
 
-    def __init__(
-        self, primary: LocalPostgres, datadir, port: int | None = None, durable=None
-    ):
+    def __init__(self, primary: LocalPostgres, datadir, port: int | None = None, durable=None):
         super().__init__(datadir, port, primary.durable if durable is None else durable)
         self.primary = primary
 
@@ -135,7 +133,7 @@ def main(argv: list[str] | None = None) -> int | str:
     parser.add_argument("action", choices=["start", "promote", "pause", "resume", "stop", "url"])
     parser.add_argument("--datadir", required=True, help="the standby's data directory")
     parser.add_argument(
-        "--primary-datadir", default=".pgdata", help="the primary's (a LocalPostgres), default .pgdata"
+        "--primary-datadir", default=".pgdata", help="the primary (default .pgdata)"
     )
     parser.add_argument(
         "--synchronous",
