@@ -7,11 +7,23 @@ create_app reads them once (``from_environment``); tests pass overrides as
 from __future__ import annotations
 
 import os
+import re
 
 
 def from_environment() -> dict:
     return dict(
         DATABASE_URL=os.environ.get("DATABASE_URL", "postgresql:///jobs"),
+        # Standbys for the operators' reads (replicas.py): a tuple of libpq
+        # URLs, empty when unset. Each gets a pool of DB_POOL_SIZE per process.
+        DATABASE_REPLICA_URL=_env_urls("DATABASE_REPLICA_URL"),
+        # A replica not known to hold every commit made up to this many seconds
+        # ago is skipped (the read goes to the primary). At most an hour: past
+        # that, a replica shows the operators a different service.
+        REPLICA_MAX_LAG_S=_env_seconds("REPLICA_MAX_LAG_S", 5, most=3600),
+        # How often each process checks each replica's replay position, while
+        # reads come in: two short queries. Keep it well below REPLICA_MAX_LAG_S
+        # (a replica's known age grows between checks).
+        REPLICA_CHECK_S=_env_seconds("REPLICA_CHECK_S", 1, most=60),
         ADMIN_TOKEN=os.environ.get("ADMIN_TOKEN") or None,
         WORKER_TOKEN=os.environ.get("WORKER_TOKEN") or None,
         STATEMENT_TIMEOUT_MS=_env_int("STATEMENT_TIMEOUT_MS", 5000),
@@ -60,9 +72,32 @@ def _env_int(name: str, default: int) -> int:
     return int(value)
 
 
-def _env_seconds(name: str, default: float) -> float:
+def _env_seconds(name: str, default: float, most: float = float("inf")) -> float:
     value = os.environ.get(name, "")
     seconds = float(value) if value.strip() else default
-    if not 0 < seconds < float("inf"):
-        raise ValueError(f"{name} must be a positive number of seconds")
+    if not 0 < seconds < float("inf") or seconds > most:
+        limit = "" if most == float("inf") else f" up to {most:g}"
+        raise ValueError(f"{name} must be a positive number of seconds{limit}")
     return seconds
+
+
+# A libpq URL's own commas separate the hosts of one server's URL
+# (postgresql://db1,db2/jobs), so between URLs only a comma that a scheme
+# follows counts, or white space.
+_URL_SEPARATOR = re.compile(r"\s+|,\s*(?=postgres(?:ql)?://)")
+_URL_SCHEME = re.compile(r"postgres(?:ql)?://")
+MAX_REPLICA_URLS = 8
+
+
+def _env_urls(name: str) -> tuple[str, ...]:
+    """libpq URLs separated by white space or commas; never repeated in a message
+    (one may hold a password)."""
+    urls = tuple(url for url in _URL_SEPARATOR.split(os.environ.get(name, "")) if url)
+    for number, url in enumerate(urls, start=1):
+        if not _URL_SCHEME.match(url):
+            raise ValueError(
+                f"{name}: entry {number} is not a postgresql:// URL (the value is not shown)"
+            )
+    if len(urls) > MAX_REPLICA_URLS:
+        raise ValueError(f"{name}: at most {MAX_REPLICA_URLS} URLs, not {len(urls)}")
+    return urls

@@ -72,6 +72,7 @@ def heartbeat(node_id):
     "GET",
     access="read",
     error_code="SCHEDULER_LIST_WORKERS_ERROR",
+    replica=True,
     summary="Registered workers, most recently registered first",
     responses={200: WorkerListSchema},
 )
@@ -85,6 +86,7 @@ def list_workers():
     "GET",
     access="read",
     error_code="SCHEDULER_GET_WORKER_ERROR",
+    replica=True,
     summary="One worker, with its build info and status",
     path=WorkerPath,
     responses={200: WorkerSchema},
