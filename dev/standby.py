@@ -23,6 +23,7 @@ from dev.postgres import CONF_FILE, LOG_FILE, PORT_FILE, LocalPostgres, _allow_t
 
 AUTO_CONF = "postgresql.auto.conf"
 PAUSE_TIMEOUT_S = 10
+PAGE_HEADER_MAX = 40  # bytes: the longer of a WAL page's two header sizes
 
 
 class LocalStandby(LocalPostgres):
@@ -63,8 +64,23 @@ class LocalStandby(LocalPostgres):
         return self.sql("SELECT pg_last_wal_replay_lsn()")
 
     def wait_caught_up(self, timeout: float = 30) -> None:
-        """Wait until it has replayed everything the primary has written so far."""
-        target = self.primary.sql("SELECT pg_current_wal_lsn()")
+        """Wait until it has replayed every commit the primary has made so far.
+
+        The primary's insert position, not its write position: with
+        synchronous_commit off (a throwaway server) a commit is acknowledged
+        before it is written. Past a page's header it counts from the page's
+        start, where replay stops when a record ends at a page's end.
+        """
+        position, page = map(
+            int,
+            self.primary.sql(
+                "SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn, "
+                "current_setting('wal_block_size')"
+            ).split("|"),
+        )
+        if position % page <= PAGE_HEADER_MAX:
+            position -= position % page
+        target = f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
         deadline = time.monotonic() + timeout
         query = f"SELECT pg_last_wal_replay_lsn() >= '{target}'::pg_lsn"
         while self.sql(query) != "t":

@@ -10,10 +10,11 @@ again on the primary. So a replica outage never fails a read, and everything
 else (writes, the workers' routes) never leaves the primary.
 
 How far behind: WAL positions, not timestamps. A check reads the primary's
-position (pg_current_wal_lsn) at time t, then the replica's replay position:
-once the replica has replayed at least that far, it holds every commit the
-primary had made by t, so at any later moment its data is at most (now - t)
-old. Each check remembers the primary's last few positions, and a replica is
+position (pg_current_wal_insert_lsn: every commit acknowledged so far is
+before it, with synchronous_commit off too) at time t, then the replica's
+replay position: once the replica has replayed at least that far, it holds
+every commit the primary had made by t, so at any later moment its data is at
+most (now - t) old. Each check remembers the primary's last few positions, and a replica is
 fresh as of the latest one it has replayed. An idle primary keeps its position,
 so a caught-up replica stays fresh however long ago the last write was (a replay
 timestamp, pg_last_xact_replay_timestamp, would grow and call it stale). Between
@@ -43,13 +44,22 @@ from jobs.pool import ConnectionPool, PoolExhausted
 
 log = logging.getLogger("jobs")
 
-# The primary's write position, and a replica's replay position (a server that
-# is not in recovery: its write position, as a primary's). In bytes from 0/0.
-PRIMARY_POSITION = "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint"
+# The primary's insert position and its WAL page size, and a replica's replay
+# position (a server that is not in recovery: its own insert position, as a
+# primary's). In bytes from 0/0.
+PRIMARY_POSITION = """
+SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint,
+       current_setting('wal_block_size')::int
+"""
 REPLICA_POSITION = """
 SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
-             ELSE pg_current_wal_lsn() END - '0/0'::pg_lsn)::bigint
+             ELSE pg_current_wal_insert_lsn() END - '0/0'::pg_lsn)::bigint
 """
+# The insert position points past a page's header when the last record ended
+# at the page's end, where replay stops: within a header of a page's start
+# (SizeOfXLogLongPHD, the longer), the page's start is the position to reach.
+# No record ends inside a header, so nothing is skipped.
+PAGE_HEADER_MAX = 40
 # The longest a check's query may take (its connection is closed past it). A
 # connection being opened has DB_CONNECT_TIMEOUT_S, as any other.
 CHECK_BUDGET_S = 1.0
@@ -142,7 +152,10 @@ class ReplicaSet:
     def _check(self, replica: Replica) -> None:
         asked_at = time.monotonic()
         try:
-            replica.samples.append((asked_at, _position(self.primary, PRIMARY_POSITION)))
+            position, page = _ask(self.primary, PRIMARY_POSITION)
+            if position % page <= PAGE_HEADER_MAX:
+                position -= position % page
+            replica.samples.append((asked_at, position))
         except (psycopg2.Error, PoolExhausted) as exc:
             # The primary down: the replica's freshness stays what it was, and ages.
             log.warning(
@@ -150,7 +163,7 @@ class ReplicaSet:
                 extra={"fields": {"replica": replica.number, "error": type(exc).__name__}},
             )
         try:
-            position = _position(replica.pool, REPLICA_POSITION)
+            (position,) = _ask(replica.pool, REPLICA_POSITION)
         except (psycopg2.Error, PoolExhausted) as exc:
             if not replica.down:
                 log.warning(
@@ -169,18 +182,19 @@ class ReplicaSet:
         observability.replica_age(replica.number, replica.age(time.monotonic()))
 
 
-def _position(pool: ConnectionPool, sql: str) -> int:
-    """One position query on a pooled connection, within CHECK_BUDGET_S once connected."""
+def _ask(pool: ConnectionPool, sql: str) -> tuple[int, ...]:
+    """One row of whole numbers, from a pooled connection, within CHECK_BUDGET_S once
+    connected."""
     conn = pool.getconn()
     broken = True
     try:
         saved, conn.budget_s = conn.budget_s, CHECK_BUDGET_S
         with conn.cursor() as cur:
             cur.execute(sql)
-            (position,) = cur.fetchone()
+            row = tuple(map(int, cur.fetchone()))
         conn.budget_s = saved
         broken = False
-        return int(position)
+        return row
     finally:
         with contextlib.suppress(psycopg2.Error):
             pool.putconn(conn, broken=broken)
