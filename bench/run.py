@@ -22,6 +22,8 @@ naive_app.py), and measures:
 - a worker's RSS after 1,000 and after 100,000 requests;
 - the list and get throughput again with the service's DATABASE_URL at a
   local PgBouncer in transaction pooling mode (through_pgbouncer.py);
+- the list and get throughput with the operators' reads on a hot standby,
+  next to primary-only, and the writes across a failover (replicas.py);
 - the same reads at 1M and at 5M jobs, then the time to prune the terminal
   jobs through the API and the read p99 meanwhile (growth.py).
 
@@ -41,7 +43,7 @@ This file is the orchestration: the scenarios, in order. The rest of the
 harness: load.py (wrk, single-client probes, pgbench), servers.py
 (PostgreSQL and the apps under gunicorn), plans.py (auto_explain capture and
 plan analysis), report.py (tables, verdicts, summary line), seed.py (the
-tables), through_pgbouncer.py and growth.py (those two scenarios),
+tables), through_pgbouncer.py, replicas.py and growth.py (those scenarios),
 console.py (progress).
 
 Everything shares two cores: wrk runs one thread, and numbers are only
@@ -60,7 +62,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import seed
+from bench import replicas, seed
 from bench.console import say
 from bench.growth import Prune, Stage, run_growth
 from bench.load import (
@@ -84,8 +86,8 @@ from bench.servers import (
     Server,
     connect,
     floor_launch,
-    free_port,
     rss_kib,
+    service_launch,
     start_postgres,
     start_server,
 )
@@ -138,6 +140,7 @@ class Bench:
         # (worker class, endpoint) -> wrk result with idle and slow clients held open
         self.slow_client_loads: dict[tuple[str, str], Load] = {}
         self.growth_stages: list[Stage] = []
+        self.replicas: replicas.Replicas | None = None
         self.prune: Prune | None = None
         self.servers = {
             "constant": self.serve("constant", floor_launch("constant_app", 2)),
@@ -165,20 +168,7 @@ class Bench:
                 raise SystemExit("--service app: wsgi.py does not exist yet")
             self.notes.append("The service (wsgi.py) does not exist yet: its rows read n/a.")
             return None
-        port = free_port()
-        # Its metrics files default to a directory per port under /tmp that
-        # outlives the server; in the workdir they go when the run ends.
-        env = {
-            "PORT": str(port),
-            "WEB_CONCURRENCY": str(workers),
-            "PROMETHEUS_MULTIPROC_DIR": str(self.workdir / f"metrics-{port}"),
-        }
-        return Launch(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
-            ROOT,
-            port,
-            env,
-        )
+        return service_launch(self.workdir, workers)
 
     def serve(
         self,
@@ -260,6 +250,23 @@ class Bench:
                 if app in ("constant", "naive+deadline") and endpoint != "GET /jobs/{id}":
                     continue
                 self.loads[(app, endpoint)] = self.wrk_endpoint(app, server, endpoint)
+
+    def run_replicas(self) -> None:
+        """Replica reads over the mixed table next to primary-only, and a failover."""
+        if self.service is None:
+            return
+
+        def serve(name: str, url: str, env: dict[str, str]) -> Server:
+            return self.serve(name, self.service_launch(workers=2), url, env)
+
+        self.replicas = replicas.run(
+            self.pg,
+            self.workdir,
+            serve,
+            self.throughput_endpoints(),
+            self.args.duration,
+            self.args.connections,
+        )
 
     def pgbench_lists(self) -> None:
         """pgbench on the very SQL each app runs for GET /jobs?limit=50."""
@@ -445,6 +452,13 @@ def main() -> None:
         help="skip the service through PgBouncer (transaction pooling)",
     )
     parser.add_argument(
+        "--no-replicas",
+        dest="replicas",
+        action="store_false",
+        help="skip the replica reads and the failover (replicas.py; run alone: python -m"
+        " bench.replicas)",
+    )
+    parser.add_argument(
         "--no-slow-clients",
         dest="slow_clients",
         action="store_false",
@@ -494,6 +508,8 @@ def main() -> None:
             bench.throughput()
             if args.pgbouncer:
                 through_pgbouncer(bench)
+            if args.replicas:
+                bench.run_replicas()
             if args.slow_clients:
                 slow_clients(bench)
             bench.pgbench_lists()

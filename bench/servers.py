@@ -109,6 +109,21 @@ def floor_launch(module: str, workers: int) -> Launch:
     )
 
 
+def service_launch(workdir: Path, workers: int) -> Launch:
+    """The service under its production config (gunicorn.conf.py, wsgi:app)."""
+    port = free_port()
+    # Its metrics files default to a directory per port under /tmp that
+    # outlives the server; in the workdir they go when the run ends.
+    env = {
+        "PORT": str(port),
+        "WEB_CONCURRENCY": str(workers),
+        "PROMETHEUS_MULTIPROC_DIR": str(workdir / f"metrics-{port}"),
+    }
+    return Launch(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"], ROOT, port, env
+    )
+
+
 def start_server(
     name: str, launch: Launch, env: dict[str, str], workdir: Path, ready_path: str
 ) -> Server:
