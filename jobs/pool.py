@@ -10,7 +10,10 @@ Outages: a pooled connection whose server went away (restart, failover) has a
 readable socket while idle (the server's goodbye or EOF), so it is dropped at
 checkout without a round trip; a connection that fails during a request is
 closed instead of returned, and the idle ones are dropped with it. The service
-therefore recovers by itself when PostgreSQL comes back.
+therefore recovers by itself when PostgreSQL comes back. So is one whose
+server refused a write (DISCARD_SQLSTATES: a standby, or a primary demoted
+behind the same name): after a failover the next connection goes, through
+libpq's target_session_attrs, to the server that accepts writes.
 
 A server that stops answering without closing (frozen: a storage stall, a
 paused VM) is caught by the client-side deadline of ``wait``: every connect
