@@ -169,6 +169,22 @@ class LocalPostgres:
         while not all(map(_dead, victims)) and time.monotonic() < deadline:
             time.sleep(0.005)
 
+    def freeze(self) -> None:
+        """SIGSTOP the server and its processes: connections stay open and nothing
+        answers (a storage stall, a paused VM). thaw() lets it go on."""
+        self._signal_all(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self._signal_all(signal.SIGCONT)
+
+    def _signal_all(self, signum: int) -> None:
+        pid = self._pid_file_line(1)
+        if not pid:
+            return
+        for target in [int(pid), *_children(int(pid))]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(target, signum)
+
     def sql(self, query: str) -> str:
         """Run ``query`` with psql as the superuser; its output, unaligned, tuples only."""
         result = self._run(

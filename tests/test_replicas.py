@@ -106,6 +106,10 @@ def reads(client) -> tuple[float, float, float, float]:
     )
 
 
+def lag_gauge(client) -> float:
+    return metric_value(metric_samples(client), "jobs_replica_lag_seconds", replica="1")
+
+
 def since(before, after) -> tuple[float, ...]:
     return tuple(b - a for a, b in zip(before, after, strict=True))
 
@@ -184,6 +188,7 @@ def test_reads_go_to_the_replica_until_it_lags_then_to_the_primary(pair, standby
     assert all(visible(client, job_id, event_id, "w-new").values())
     assert client.get(f"/jobs/{job_id}").get_json()["status"] == "RUNNING"
     assert since(before, reads(client)) == (8, 0, 8, 0)
+    assert lag_gauge(client) > MAX_LAG_S
 
     # Replaying again, the replica answers again.
     standby.resume_replay()
@@ -227,6 +232,7 @@ def test_a_replica_down_never_fails_a_read(pair, standby, make_app):
     primary, replica, lag, down = since(before, reads(client))
     assert (primary, replica, lag) == (40, 0, 0)
     assert down == 40  # the first read failed on the replica and ran again on the primary
+    wait_for(lambda: lag_gauge(client) == float("inf"), what="the replica's lag unknown")
 
     standby.start()
     standby.wait_caught_up()
@@ -236,6 +242,35 @@ def test_a_replica_down_never_fails_a_read(pair, standby, make_app):
         return since(before, reads(client))[1] > 0
 
     wait_for(on_the_replica, what="reads on the replica again")
+
+
+def test_a_frozen_replica_costs_one_deadline_then_reads_go_to_the_primary(
+    pair, standby, make_app
+):
+    app = make_app(STATEMENT_TIMEOUT_MS=300, DB_CONNECT_TIMEOUT_S=1)
+    client = app.test_client()
+    job_id, _ = new_job_and_worker(client, pair.primary.url, "w-frozen")
+    standby.wait_caught_up()
+    checked(app)
+    assert client.get(f"/jobs/{job_id}").status_code == 200
+    before = reads(client)
+    standby.freeze()
+    try:
+        started = time.monotonic()
+        response = client.get(f"/jobs/{job_id}")
+        # The replica's deadline (300 ms + 1 s), then the primary.
+        assert response.status_code == 200, response.get_json()
+        assert 1.2 < time.monotonic() - started < 2.5
+        started = time.monotonic()
+        for _ in range(10):
+            assert client.get(f"/jobs/{job_id}").status_code == 200
+        assert time.monotonic() - started < 1.0  # skipped at once while it is down
+        assert since(before, reads(client)) == (11, 0, 0, 11)
+    finally:
+        standby.thaw()
+    checked(app)
+    assert client.get(f"/jobs/{job_id}").status_code == 200
+    assert since(before, reads(client))[1] == 1
 
 
 def test_replica_reads_through_pgbouncer(pair, standby, make_app, pgbouncer_factory):
