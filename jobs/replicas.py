@@ -78,6 +78,7 @@ class Replica:
         # primary; None until a check has found one.
         self.fresh_as_of: float | None = None
         self.down = False  # its last check, or a read on it, could not reach it
+        self.primary_unknown = False  # its last check could not ask the primary (logged once)
         self.samples: deque[tuple[float, int]] = deque(maxlen=SAMPLES)
         self.checked_at = float("-inf")
         self.checking = threading.Lock()
@@ -157,11 +158,15 @@ class ReplicaSet:
                 position -= position % page
             replica.samples.append((asked_at, position))
         except (psycopg2.Error, PoolExhausted) as exc:
-            # The primary down: the replica's freshness stays what it was, and ages.
-            log.warning(
-                "replica check: the primary's position is unknown",
-                extra={"fields": {"replica": replica.number, "error": type(exc).__name__}},
-            )
+            # The primary away: the replica's freshness stays what it was, and ages.
+            if not replica.primary_unknown:
+                log.warning(
+                    "replica check: the primary's position is unknown",
+                    extra={"fields": {"replica": replica.number, "error": type(exc).__name__}},
+                )
+            replica.primary_unknown = True
+        else:
+            replica.primary_unknown = False
         try:
             (position,) = _ask(replica.pool, REPLICA_POSITION)
         except (psycopg2.Error, PoolExhausted) as exc:
