@@ -77,6 +77,7 @@ class Failover:
 class Replicas:
     loads: dict[tuple[str, str], Load] = field(default_factory=dict)  # (target, endpoint)
     replica_share: float | None = None  # of the measured reads, those the standby answered
+    fallbacks: dict[str, int] = field(default_factory=dict)  # the others, by reason
     standby_s: float | None = None  # pg_basebackup and start
     failover: Failover | None = None
 
@@ -130,6 +131,10 @@ def replica_reads(figures, pg, workdir, serve, paths, duration, connections) -> 
                 path, script = paths[endpoint]
                 for _ in range(ROUNDS):
                     for target, server in servers.items():
+                        # A second of warm-up: the replica's freshness was last
+                        # checked before this server's pause, and its first
+                        # reads go to the primary until a check has run.
+                        run_wrk(server.url(path), 1, connections, script)
                         load = run_wrk(server.url(path), duration, connections, script)
                         runs.setdefault((target, endpoint), []).append(load)
                         say(
@@ -142,9 +147,10 @@ def replica_reads(figures, pg, workdir, serve, paths, duration, connections) -> 
             for server in servers.values():
                 server.stop()
         figures.loads = {key: combined(loads) for key, loads in runs.items()}
-        answered = {k: after[k] - before.get(k, 0) for k in after}
-        total = sum(answered.values())
-        figures.replica_share = answered.get("replica", 0) / total if total else None
+        counted = {k: after[k] - before.get(k, 0) for k in after}
+        total = counted.get("primary", 0) + counted.get("replica", 0)
+        figures.replica_share = counted.get("replica", 0) / total if total else None
+        figures.fallbacks = {k: int(counted.get(k, 0)) for k in ("lag", "down")}
     finally:
         standby.destroy()
 
@@ -161,7 +167,8 @@ def combined(loads: list[Load]) -> Load:
 
 
 def read_counts(server: Server) -> dict[str, float]:
-    """jobs_db_reads_total by target, summed over the server's workers."""
+    """jobs_db_reads_total by target and jobs_replica_fallbacks_total by reason, summed
+    over the server's workers."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     try:
         conn.request("GET", "/metrics")
@@ -170,10 +177,11 @@ def read_counts(server: Server) -> dict[str, float]:
         conn.close()
     counts: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
-        if family.name == "jobs_db_reads":
-            for sample in family.samples:
-                if sample.name == "jobs_db_reads_total":
-                    counts[sample.labels["target"]] = sample.value
+        for sample in family.samples:
+            if sample.name == "jobs_db_reads_total":
+                counts[sample.labels["target"]] = sample.value
+            elif sample.name == "jobs_replica_fallbacks_total":
+                counts[sample.labels["reason"]] = sample.value
     return counts
 
 

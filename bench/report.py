@@ -140,6 +140,7 @@ def replicas_section(figures: Replicas | None) -> tuple[list[str], dict[str, str
             ]
         )
     share = figures.replica_share
+    others = ", ".join(f"{n} {reason}" for reason, n in figures.fallbacks.items())
     header = ["endpoint", "primary-only req/s", "primary-only p99 ms", "with replica req/s"]
     header += ["with replica p99 ms", "with replica errors", "replica / primary"]
     lines = [
@@ -149,7 +150,8 @@ def replicas_section(figures: Replicas | None) -> tuple[list[str], dict[str, str
         f"A hot standby of the same table (pg_basebackup and catch-up in"
         f" {fmt(figures.standby_s, 1)} s), the service primary-only and then with"
         " DATABASE_REPLICA_URL at it. Reads the standby answered in the measured runs:"
-        f" {'n/a' if share is None else f'{100 * share:.1f}%'}.",
+        f" {'n/a' if share is None else f'{100 * share:.1f}%'}"
+        f" (the primary's, by jobs_replica_fallbacks_total: {others or 'n/a'}).",
         "",
         table(header, rows),
     ]

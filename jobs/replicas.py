@@ -63,6 +63,9 @@ PAGE_HEADER_MAX = 40
 # The longest a check's query may take (its connection is closed past it). A
 # connection being opened has DB_CONNECT_TIMEOUT_S, as any other.
 CHECK_BUDGET_S = 1.0
+# A replica behind the position just read from the primary is asked again,
+# up to this many times this far apart.
+CATCH_UP_TRIES, CATCH_UP_WAIT_S = 3, 0.01
 # The primary's positions a replica is compared with: the last this many checks.
 # A replica further behind keeps the freshness it had, which only ages.
 SAMPLES = 64
@@ -169,6 +172,14 @@ class ReplicaSet:
             replica.primary_unknown = False
         try:
             (position,) = _ask(replica.pool, REPLICA_POSITION)
+            # Replay usually trails by milliseconds: a moment later it has the
+            # primary's position of this check, fresh as of now rather than of
+            # the previous check (or unknown, at the first).
+            for _ in range(CATCH_UP_TRIES):
+                if not replica.samples or position >= replica.samples[-1][1]:
+                    break
+                time.sleep(CATCH_UP_WAIT_S)
+                (position,) = _ask(replica.pool, REPLICA_POSITION)
         except (psycopg2.Error, PoolExhausted) as exc:
             if not replica.down:
                 log.warning(
