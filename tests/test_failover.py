@@ -20,7 +20,14 @@ import threading
 import time
 
 import pytest
-from helpers import Server, assert_error, route_plan, seed_two_jobs, wait_for_workers
+from helpers import (
+    Server,
+    assert_error,
+    route_plan,
+    seed_two_jobs,
+    wait_for_workers,
+    worker_pids,
+)
 from replication import primary_and_standby, query, wait_for
 
 from app import create_app
@@ -127,7 +134,7 @@ def test_failover_under_writes(pair):
         env={"STATEMENT_TIMEOUT_MS": str(STATEMENT_TIMEOUT_MS), "DB_CONNECT_TIMEOUT_S": "2"},
     ).start()
     try:
-        wait_for_workers(server.process.pid, 2)
+        workers = wait_for_workers(server.process.pid, 2)
         call = server.caller(timeout=30)
         a, b = seed_two_jobs(call)
         stream = Stream(call)
@@ -196,6 +203,8 @@ def test_failover_under_writes(pair):
                 status, answer = call(method, path, body)
                 assert status == expected, (method, path, status, answer)
         assert call("GET", "/readyz") == (200, {"status": "ok"})
+        # Without a restart: the same gunicorn workers throughout.
+        assert worker_pids(server.process.pid) == workers
         log = server.log()
         assert "Traceback" not in log and "WORKER TIMEOUT" not in log, log
     finally:
