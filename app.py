@@ -35,13 +35,15 @@ log = logging.getLogger("jobs")
 def create_app(test_config=None):
     # No static folder: every file the service serves is a declared route.
     app = Flask(__name__, static_folder=None)
+    # A malformed or out-of-range value stops the start-up with a message naming
+    # each such variable and its range (settings.SettingsError).
     app.config.from_mapping(settings.from_environment())
     if test_config is not None:
         app.config.update(test_config)
-    # A bad value stops the start-up with a message naming it, not at the first run.
+    # A test's JOB_RETENTION may be text, as the environment's is.
     app.config["JOB_RETENTION"] = pruning.retention_setting(app.config["JOB_RETENTION"])
 
-    observability.configure_logging()
+    observability.configure_logging(app.config["LOG_LEVEL"])
     # Werkzeug would answer /jobs//progress with an HTML 308 to /jobs/progress,
     # past every error handler; unmerged, it is an unknown route (JSON 404).
     app.url_map.merge_slashes = False

@@ -126,6 +126,48 @@ CREATE TABLE IF NOT EXISTS job_files (
 CREATE INDEX IF NOT EXISTS job_files_chain
     ON job_files (job_id, table_name, start_block, id DESC);
 
+-- The files of each table's canonical chain, one row per link (at most one
+-- file per start_block), so that a registration re-walks only from the point
+-- it affects and stops where the walk rejoins the old chain (chain.py).
+-- Written only under the job_tables row's lock, like the summary.
+CREATE TABLE IF NOT EXISTS job_chain (
+    job_id      bigint NOT NULL,
+    table_name  text   NOT NULL,
+    start_block bigint NOT NULL,
+    file_id     bigint NOT NULL,  -- job_files.id
+    size_bytes  bigint NOT NULL,  -- the file's, to take a dropped link off the summary
+    PRIMARY KEY (job_id, table_name, start_block),
+    CONSTRAINT job_chain_table_fk FOREIGN KEY (job_id, table_name)
+        REFERENCES job_tables (job_id, table_name) ON DELETE CASCADE
+);
+
+-- Whether job_chain holds this table's chain. A database made before
+-- job_chain existed has summaries but no links: they are rebuilt lazily, by
+-- the table's next registration (one walk of its files, as every registration
+-- before the tip cost until then), not here: init-db runs on every deploy and
+-- must stay quick, and replicas still on the previous release keep
+-- registering during a rolling deploy without writing job_chain, so a rebuild
+-- must be possible at any time anyway. Those replicas are caught by the
+-- trigger below: every update of this release bumps chain_writes; one that
+-- does not (a previous release, a hand-made fix) clears chain_ready.
+ALTER TABLE job_tables ADD COLUMN IF NOT EXISTS chain_ready boolean NOT NULL DEFAULT false;
+ALTER TABLE job_tables ADD COLUMN IF NOT EXISTS chain_writes bigint NOT NULL DEFAULT 0;
+
+CREATE OR REPLACE FUNCTION job_tables_chain_guard() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.chain_writes = OLD.chain_writes THEN
+        NEW.chain_ready := false;
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER job_tables_chain_guard
+    BEFORE UPDATE ON job_tables
+    FOR EACH ROW EXECUTE FUNCTION job_tables_chain_guard();
+ALTER TABLE job_tables ENABLE ALWAYS TRIGGER job_tables_chain_guard;
+
 -- Housekeeping runs (chores.py): when each chore last ran, for any replica.
 CREATE TABLE IF NOT EXISTS service_chores (
     name   text        PRIMARY KEY,

@@ -256,6 +256,8 @@ def report(bench: Bench) -> tuple[str, str]:
     whole_table = [s.label for s in bench.skews if s.reads_table()]
     service_progress = [v.p50_ms for k, v in bench.progress.items() if k.startswith("service")]
     progress_p50 = max(service_progress) if service_progress else None
+    registration = bench.registration
+    register_ms = registration and registration.p50_ms
     delete_s, delete_p99 = bench.delete.get("seconds"), bench.delete.get("p99_ms")
     rss_growth = (
         100 * (bench.rss["after_all_kib"] / bench.rss["after_1k_kib"] - 1) if bench.rss else None
@@ -428,6 +430,12 @@ def report(bench: Bench) -> tuple[str, str]:
                     else "n/a",
                 ],
                 [
+                    "registering one file before the tip of 200,000 (p50, POST)",
+                    f"{registration.p50_ms:.2f} ms over {registration.samples} requests"
+                    if registration
+                    else "n/a",
+                ],
+                [
                     "bulk delete",
                     f"HTTP {bench.delete['status']} in {fmt(delete_s, 1)} s,"
                     f" {bench.delete['completed_left']} completed and {bench.delete['jobs_left']:,}"
@@ -469,7 +477,8 @@ def report(bench: Bench) -> tuple[str, str]:
         f" deadline_cost_pct={fmt(deadline_cost_pct, 1)}"
         f" get_vs_constant={fmt(get_vs_constant)}"
         f" skew_spread={fmt(skew_spread)} skew_max_p50_ms={fmt(skew_max)}"
-        f" progress_p50_ms={fmt(progress_p50)} delete_500k_s={fmt(delete_s, 1)}"
+        f" progress_p50_ms={fmt(progress_p50)} file_register_200k_ms={fmt(register_ms)}"
+        f" delete_500k_s={fmt(delete_s, 1)}"
         f" read_p99_during_delete_ms={fmt(delete_p99)} rss_growth_pct={fmt(rss_growth, 1)}"
         f" list_pgbouncer_vs_direct={fmt(via_pgbouncer['list'])}"
         f" get_pgbouncer_vs_direct={fmt(via_pgbouncer['get'])}"

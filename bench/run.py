@@ -17,6 +17,8 @@ naive_app.py), and measures:
   BUFFERS) of the SQL each one ran and a check that none reads the table;
 - single-client p50 of the progress of a job with 10 x 10,000 files, before
   and right after a reorg registered through the service;
+- single-client p50 of registering one file before the tip of a table of
+  200,000 files (register.py);
 - the duration of DELETE /jobs?status=completed over 500,000 jobs, and the
   GET /jobs/{id} p99 that wrk sees meanwhile;
 - a worker's RSS after 1,000 and after 100,000 requests;
@@ -43,7 +45,8 @@ This file is the orchestration: the scenarios, in order. The rest of the
 harness: load.py (wrk, single-client probes, pgbench), servers.py
 (PostgreSQL and the apps under gunicorn), plans.py (auto_explain capture and
 plan analysis), report.py (tables, verdicts, summary line), seed.py (the
-tables), through_pgbouncer.py, replicas.py and growth.py (those scenarios),
+tables), through_pgbouncer.py, replicas.py, growth.py and register.py (those
+scenarios),
 console.py (progress).
 
 Everything shares two cores: wrk runs one thread, and numbers are only
@@ -79,6 +82,7 @@ from bench.load import (
     single_client,
 )
 from bench.plans import Plans, jobs_rows_read
+from bench.register import Registration, measure_registration
 from bench.report import fmt, report
 from bench.servers import (
     ROOT,
@@ -139,6 +143,7 @@ class Bench:
         self.pgbouncer_loads: dict[str, Load] = {}  # endpoint -> wrk result via PgBouncer
         # (worker class, endpoint) -> wrk result with idle and slow clients held open
         self.slow_client_loads: dict[tuple[str, str], Load] = {}
+        self.registration: Registration | None = None
         self.growth_stages: list[Stage] = []
         self.replicas: replicas.Replicas | None = None
         self.prune: Prune | None = None
@@ -325,6 +330,17 @@ class Bench:
             )
         say(
             "progress p50: " + ", ".join(f"{k} {v.p50_ms:.2f} ms" for k, v in self.progress.items())
+        )
+
+    def file_register(self) -> None:
+        """Registering one file before the tip of a 200,000-file table (register.py)."""
+        if self.service is None:
+            return
+        self.registration = measure_registration(self.conn, self.service.port)
+        self.notes += self.registration.problems
+        say(
+            f"file registration before the tip of {self.registration.files:,} files:"
+            f" p50 {self.registration.p50_ms:.2f} ms over {self.registration.samples} requests"
         )
 
     def leak(self, progress_job: int) -> None:
@@ -514,6 +530,7 @@ def main() -> None:
                 slow_clients(bench)
             bench.pgbench_lists()
             bench.progress_and_reorg(progress_job)
+            bench.file_register()
             bench.leak(progress_job)
             bench.seed("bulk_delete")
             bench.bulk_delete()

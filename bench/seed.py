@@ -228,7 +228,9 @@ def _bulk_load(conn) -> Iterator:
 
 def reset(conn) -> None:
     with conn.cursor() as cur:
-        cur.execute("TRUNCATE jobs, job_events, job_tables, job_files RESTART IDENTITY CASCADE")
+        cur.execute(
+            "TRUNCATE jobs, job_events, job_tables, job_files, job_chain RESTART IDENTITY CASCADE"
+        )
 
 
 def seed(conn, scenario: Scenario) -> None:
@@ -273,11 +275,18 @@ def add_jobs(conn, scenario: Scenario, first: int = 1, last: int | None = None) 
         cur.execute("SELECT setval(pg_get_serial_sequence('jobs', 'id'), %s)", (scenario.jobs,))
 
 
+# The seeded chains are clean: every file is one of its chain's files (schema.sql, job_chain).
+CHAIN_OF_EVERY_FILE = """
+    INSERT INTO job_chain (job_id, table_name, start_block, file_id, size_bytes)
+    SELECT job_id, table_name, start_block, id, size_bytes FROM job_files
+"""
+
+
 def add_files(conn, first: int, last: int, every: int, files: int, blocks_per_file: int = 1000):
     """Give every ``every``-th job of ``first``..``last`` one table of ``files`` files.
 
-    The chain is clean and job_tables holds its summary, as the service
-    maintains it; the files' hashes follow :func:`chain_hash`.
+    The chain is clean and job_tables holds its summary, and job_chain its
+    files, as the service maintains them; the files' hashes follow :func:`chain_hash`.
     """
     hash_sql = "'0x' || rpad(encode(convert_to('blocks:' || {i}, 'UTF8'), 'hex'), 64, '0')"
     params = {"first": first, "last": last, "every": every, "files": files, "bpf": blocks_per_file}
@@ -285,10 +294,10 @@ def add_files(conn, first: int, last: int, every: int, files: int, blocks_per_fi
         cur.execute(
             f"""
             INSERT INTO job_tables (job_id, table_name, start_block, current_block, tip_hash,
-                                    files_count, total_size_bytes)
+                                    files_count, total_size_bytes, chain_ready)
             SELECT g, 'blocks', 0, %(files)s * %(bpf)s - 1,
                    {hash_sql.format(i="(%(files)s - 1)")}, %(files)s,
-                   %(files)s * 110000000::numeric
+                   %(files)s * 110000000::numeric, true
             FROM generate_series(%(first)s::bigint, %(last)s) AS g
             WHERE mod(g, %(every)s) = 0
             """,
@@ -308,6 +317,7 @@ def add_files(conn, first: int, last: int, every: int, files: int, blocks_per_fi
             """,
             params,
         )
+        cur.execute(CHAIN_OF_EVERY_FILE + " WHERE job_id BETWEEN %(first)s AND %(last)s", params)
 
 
 def vacuum_analyze(conn) -> None:
@@ -320,7 +330,7 @@ def vacuum_analyze(conn) -> None:
     conn.autocommit = True  # VACUUM refuses to run inside a transaction
     try:
         with conn.cursor() as cur:
-            cur.execute("VACUUM (ANALYZE) jobs, job_events, job_tables, job_files")
+            cur.execute("VACUUM (ANALYZE) jobs, job_events, job_tables, job_files, job_chain")
     finally:
         conn.autocommit = autocommit
 
@@ -333,9 +343,11 @@ def chain_hash(table: str, index: int) -> str:
 def seed_progress_job(conn, tables: int, files_per_table: int, blocks_per_file: int = 1000) -> int:
     """Add one RUNNING job with ``tables`` x ``files_per_table`` files in one clean chain.
 
-    The job_tables summary is written as the service would have maintained it
-    while the files were registered one batch at a time, so progress can be
-    read at once; a later reorg goes through the service's own endpoint.
+    The job_tables summary and the chain's files in job_chain are written as
+    the service would have maintained them while the files were registered one
+    batch at a time, so progress can be read at once and the next registration
+    finds the chain as the service keeps it; a later reorg goes through the
+    service's own endpoint.
     Hashes are computed in SQL with the same formula as :func:`chain_hash`.
     """
     hash_sql = "'0x' || rpad(encode(convert_to(t.name || ':' || {i}, 'UTF8'), 'hex'), 64, '0')"
@@ -356,10 +368,10 @@ def seed_progress_job(conn, tables: int, files_per_table: int, blocks_per_file: 
         cur.execute(
             f"""
             INSERT INTO job_tables (job_id, table_name, start_block, current_block, tip_hash,
-                                    files_count, total_size_bytes)
+                                    files_count, total_size_bytes, chain_ready)
             SELECT %(job)s, t.name, 0, %(files)s * %(bpf)s - 1,
                    {hash_sql.format(i="(%(files)s - 1)")},
-                   %(files)s, %(files)s * 110000000::numeric
+                   %(files)s, %(files)s * 110000000::numeric, true
             FROM (SELECT 'table_' || n AS name FROM generate_series(0, %(tables)s - 1) n) t
             """,
             {"job": job_id, "tables": tables, "files": files_per_table, "bpf": blocks_per_file},
@@ -377,5 +389,6 @@ def seed_progress_job(conn, tables: int, files_per_table: int, blocks_per_file: 
             """,
             {"job": job_id, "tables": tables, "files": files_per_table, "bpf": blocks_per_file},
         )
+        cur.execute(CHAIN_OF_EVERY_FILE + " WHERE job_id = %(job)s", {"job": job_id})
     vacuum_analyze(conn)
     return job_id

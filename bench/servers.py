@@ -110,7 +110,7 @@ def floor_launch(module: str, workers: int) -> Launch:
 
 
 def service_launch(workdir: Path, workers: int) -> Launch:
-    """The service under its production config (gunicorn.conf.py, wsgi:app)."""
+    """The service as production runs it: gunicorn.conf.py, wsgi:app, on a free port."""
     port = free_port()
     # Its metrics files default to a directory per port under /tmp that
     # outlives the server; in the workdir they go when the run ends.
@@ -120,7 +120,10 @@ def service_launch(workdir: Path, workers: int) -> Launch:
         "PROMETHEUS_MULTIPROC_DIR": str(workdir / f"metrics-{port}"),
     }
     return Launch(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"], ROOT, port, env
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+        ROOT,
+        port,
+        env,
     )
 
 

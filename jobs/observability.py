@@ -61,6 +61,19 @@ PRUNED = Counter(
 _pruned = {via: PRUNED.labels(via) for via in PRUNED_VIA}
 
 
+# Requests answered 503 SERVICE_BUSY because no pooled database connection was
+# free within DB_POOL_TIMEOUT_S, by route template (a fixed set).
+OVERLOAD = Counter(
+    "jobs_overload_total",
+    "Requests answered 503 SERVICE_BUSY (no database connection free in time), by route template.",
+    ["route"],
+)
+
+
+def count_overload(route: str) -> None:
+    OVERLOAD.labels(route).inc()
+
+
 def count_pruned(via: str, jobs: int) -> None:
     if jobs:
         _pruned[via].inc(jobs)
@@ -274,8 +287,9 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def configure_logging() -> None:
-    """Send the service's logs to stdout as JSON lines (once per process)."""
+def configure_logging(level: str = "INFO") -> None:
+    """Send the service's logs to stdout as JSON lines, at ``level`` (LOG_LEVEL;
+    once per process)."""
     logger = logging.getLogger("jobs")
     if any(getattr(h, "jobs_json", False) for h in logger.handlers):
         return
@@ -283,5 +297,5 @@ def configure_logging() -> None:
     handler.setFormatter(JsonFormatter())
     handler.jobs_json = True
     logger.addHandler(handler)
-    logger.setLevel(os.environ.get("LOG_LEVEL", "INFO").upper())
+    logger.setLevel(level)
     logger.propagate = False

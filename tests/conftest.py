@@ -25,7 +25,7 @@ from dev import pgbouncer as devpgbouncer  # noqa: E402
 from dev.pgbouncer import LocalPgBouncer  # noqa: E402
 from dev.postgres import LocalPostgres  # noqa: E402
 
-TABLES = "jobs, job_events, job_tables, job_files, workers"
+TABLES = "jobs, job_events, job_tables, job_files, job_chain, workers"
 
 
 @pytest.fixture(scope="session")

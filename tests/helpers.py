@@ -9,7 +9,8 @@ Test modules import from here and never from each other. What is here, in order:
   ``LEASE_MOVES`` (what a lost worker's lease expiry does).
 - Workers: ``lose_worker`` (its heartbeat pushed into the past), ``sweep_leases``
   (the lease chore, run once in process).
-- The canonical chain recomputed from its definition: ``reference_progress``.
+- The canonical chain recomputed from its definition: ``reference_chain`` (its files),
+  ``reference_progress`` (its summary).
 - Databases that fail on purpose: ``closed_database_url``, ``Refuser``, ``Blackhole``;
   ``init_db`` for a database of a test's own.
 - The real service under gunicorn (as production runs it): ``Server``, ``serving``,
@@ -155,15 +156,15 @@ def _links(tip: dict, file: dict) -> bool:
     return file["prev_hash"].lower() == tip["block_hash"].lower()
 
 
-def reference_progress(files: list[dict]) -> dict:
-    """One table's progress entry; ``files`` is every file in registration order.
+def reference_chain(files: list[dict]) -> list[dict]:
+    """The files of one table's canonical chain, in order; ``files`` in registration order.
 
     Written from the definition alone and built differently from ``chain.walk``:
     the chain grows greedily, each step choosing, among every file that starts
     right after the tip and links to it by hash, the one registered last.
     """
     if not files:
-        return expected_progress(None, None, 0, 0)
+        return []
     lowest = min(f["start_block"] for f in files)
     # Registration order: a higher index is registered later, so it wins a tie.
     first = max(i for i, f in enumerate(files) if f["start_block"] == lowest)
@@ -174,6 +175,14 @@ def reference_progress(files: list[dict]) -> dict:
         if not linking:
             break
         picked.append(files[max(linking)])
+    return picked
+
+
+def reference_progress(files: list[dict]) -> dict:
+    """One table's progress entry; ``files`` is every file in registration order."""
+    picked = reference_chain(files)
+    if not picked:
+        return expected_progress(None, None, 0, 0)
     return expected_progress(
         picked[0]["start_block"],
         picked[-1]["end_block"],

@@ -740,7 +740,7 @@ def test_delete_terminal_job_cascades(client, db_conn, terminal):
     assert_error(client.get(f"/jobs/{job['id']}"), 404, "JOB_NOT_FOUND")
     assert_error(client.get(f"/jobs/{job['id']}/events"), 404, "JOB_NOT_FOUND")
     assert_error(client.get(f"/jobs/{job['id']}/progress"), 404, "JOB_NOT_FOUND")
-    for table in ("job_events", "job_tables", "job_files"):
+    for table in ("job_events", "job_tables", "job_files", "job_chain"):
         assert db_rows(db_conn, table, job["id"]) == 0, table
     # Idempotent.
     assert client.delete(f"/jobs/{job['id']}").status_code == 204
@@ -815,7 +815,7 @@ def test_delete_by_status(client, db_conn, two_of_each, token, deleted):
     for job_id in expected:
         assert remaining[job_id] == before[job_id]
     for job_id in set(two_of_each) - expected:
-        for table in ("job_events", "job_tables", "job_files"):
+        for table in ("job_events", "job_tables", "job_files", "job_chain"):
             assert db_rows(db_conn, table, job_id) == 0
         assert_error(client.get(f"/jobs/{job_id}/events"), 404, "JOB_NOT_FOUND")
     # Nothing left to match: still 204.

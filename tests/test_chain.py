@@ -9,13 +9,14 @@ can link at that start, so the first linking file in walk order is exactly the
 most recently registered linking file with that start.)
 
 First the reference's hand-worked examples, through the reference and through
-the API. Then three properties:
+the API. Then two properties:
 - ``chain.walk`` over the files in walk order equals the reference;
-- resuming the walk from a stored summary, as ``chain.refresh_table`` does when
-  every new file lies past the tip, equals the reference over all files;
 - registering random files through the real API, in random batches and
   orders (with identical retries), keeps the stored progress equal to the
   reference over every file registered so far, after every batch.
+
+test_chain_order.py registers longer chains out of order and checks the stored
+chain's files (job_chain) as well.
 """
 
 from __future__ import annotations
@@ -161,23 +162,6 @@ def file_sets(draw, max_noise: int = 8) -> list[dict]:
 def test_walk_matches_reference(files):
     got = chain.walk(as_chain_file(f) for f in walk_order(files))
     assert chain_as_progress(got) == reference_progress(files)
-
-
-@settings(max_examples=300, deadline=None)
-@given(file_sets(), file_sets(), st.data())
-def test_resumed_walk_matches_reference(old, more, data):
-    """refresh_table's shortcut: when every new file starts past the tip, resume there."""
-    stored = chain.walk(as_chain_file(f) for f in walk_order(old))
-    if stored is None:
-        return
-    new = [f for f in more if f["start_block"] > stored.current_block]
-    everything = old + new
-    past_tip = [f for f in walk_order(everything) if f["start_block"] > stored.current_block]
-    resumed = chain.walk((as_chain_file(f) for f in past_tip), stored)
-    assert chain_as_progress(resumed) == reference_progress(everything)
-    # And the full walk agrees too.
-    full = chain.walk(as_chain_file(f) for f in walk_order(everything))
-    assert full == resumed
 
 
 # ---- Incremental maintenance through the API --------------------------------------

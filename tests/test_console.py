@@ -330,8 +330,10 @@ def test_the_list_pages_newest_first_with_status_and_node_filters(fresh, server,
     expect(page.locator("#jobs-results .empty")).to_have_text("No stopping jobs.")
 
 
-def test_the_first_page_of_a_million_jobs_renders_well_under_a_second(fresh, server, page, db_conn):
-    """One API call of 50 jobs: the table's size must not show."""
+def test_the_first_page_of_a_large_table_shows_its_newest_jobs(fresh, server, page, db_conn):
+    """One API call of 50 jobs, whatever the table's size. How fast the first page
+    renders on a 1M-job table is a figure of `make bench` (console_first_page_ms),
+    not a timed assertion here."""
     try:
         execute(
             db_conn,
@@ -340,23 +342,17 @@ def test_the_first_page_of_a_million_jobs_renders_well_under_a_second(fresh, ser
             " CASE WHEN g % 1000 = 7 THEN 'RUNNING' ELSE 'COMPLETED' END,"
             " jsonb_build_object('dataset', 'eth/mainnet', 'start_block', g * 1000,"
             "                    'end_block', g * 1000 + 999)"
-            " FROM generate_series(1, 1000000) g",
+            " FROM generate_series(1, 20000) g",
         )
         execute(db_conn, "ANALYZE jobs")
-        assert server.caller()("GET", "/jobs?status=all")[0] == 200  # the service is up
-        for route, first in (("#/jobs?status=all", 1_000_000), ("#/jobs", 999_007)):
-            started = time.monotonic()
+        # 20 of them active (every thousandth): the active page is short.
+        for route, first, rows in (("#/jobs?status=all", 20_000, 50), ("#/jobs", 19_007, 20)):
             visit(page, server, route)
-            expect(page.locator("#jobs-table tbody tr")).to_have_count(50)
-            elapsed = time.monotonic() - started
+            expect(page.locator("#jobs-table tbody tr")).to_have_count(rows)
             assert shown_ids(page)[0] == first
-            rendered_ms = page.evaluate("performance.now()")
-            print(f"{route}: rendered {elapsed * 1000:.0f} ms after goto, {rendered_ms:.0f} ms")
-            assert elapsed < 1.0, f"{route}: {elapsed:.3f} s"
-            assert rendered_ms < 1000, f"{route}: {rendered_ms:.0f} ms after navigation"
             page.goto("about:blank")
     finally:
-        # Later test modules expect no million rows: the app fixture empties only its own tests.
+        # Later test modules expect none of these rows: the app fixture empties only its own tests.
         execute(db_conn, "TRUNCATE jobs, job_events, job_tables, job_files CASCADE")
 
 

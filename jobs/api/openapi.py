@@ -123,7 +123,7 @@ def _response(code: int, schema) -> dict:
 
 def _error_response(code: int, error_codes: tuple[str, ...]) -> dict:
     """The Error shape, with the error codes this route answers at this status."""
-    return {
+    response = {
         "description": f"{_reason(code)}: {', '.join(error_codes)}",
         "content": {
             "application/json": {
@@ -139,3 +139,11 @@ def _error_response(code: int, error_codes: tuple[str, ...]) -> dict:
             }
         },
     }
+    if "SERVICE_BUSY" in error_codes:
+        response["headers"] = {
+            "Retry-After": {
+                "description": "seconds to wait before trying again (then back off)",
+                "schema": {"type": "integer", "minimum": 1},
+            }
+        }
+    return response

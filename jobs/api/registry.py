@@ -61,6 +61,9 @@ class Route:
             if self.access == "admin":  # the worker token is refused here
                 add(403, "FORBIDDEN")
             add(500, self.error_code)
+            # Every such route takes a pooled database connection: none free
+            # within DB_POOL_TIMEOUT_S is an overload (errors.py), not an error.
+            add(503, "SERVICE_BUSY")
         if self.body is not None or self.access != "open":
             # Every such route reads what body the request has (to refuse one it
             # does not take), with a size limit and a deadline.

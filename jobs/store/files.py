@@ -43,14 +43,17 @@ def get_progress(cur, job_id: int) -> Progress | NotFound:
 # the table's summary row is locked so registrations to one table serialise.
 # FOR NO KEY UPDATE, not FOR SHARE: new share lockers pass a waiting FOR UPDATE,
 # so busy registrations could starve a stop or a transition past its timeout.
+# The upsert locks an existing row by bumping chain_writes: this release keeps
+# job_chain, so chain_ready stays as it was (schema.sql); a new table has no
+# files yet, so its (empty) chain is ready.
 INSERT_FILES = """
 WITH job AS (
     SELECT id, status FROM jobs WHERE id = %(job_id)s FOR NO KEY UPDATE
 ), tbl AS (
-    INSERT INTO job_tables (job_id, table_name)
-    SELECT id, %(table)s FROM job WHERE status = ANY(%(active)s)
-    ON CONFLICT (job_id, table_name) DO UPDATE SET table_name = EXCLUDED.table_name
-    RETURNING start_block, current_block, tip_hash, files_count, total_size_bytes
+    INSERT INTO job_tables (job_id, table_name, chain_ready)
+    SELECT id, %(table)s, true FROM job WHERE status = ANY(%(active)s)
+    ON CONFLICT (job_id, table_name) DO UPDATE SET chain_writes = job_tables.chain_writes + 1
+    RETURNING start_block, current_block, tip_hash, files_count, total_size_bytes, chain_ready
 ), inserted AS (
     INSERT INTO job_files (job_id, table_name, file_name, start_block, end_block,
                            size_bytes, block_hash, prev_hash)
@@ -63,8 +66,9 @@ WITH job AS (
 )
 SELECT job.status,
        tbl.start_block, tbl.current_block, tbl.tip_hash, tbl.files_count, tbl.total_size_bytes,
+       tbl.chain_ready,
        (SELECT coalesce(array_agg(file_name), '{}') FROM inserted),
-       (SELECT min(start_block) FROM inserted)
+       (SELECT coalesce(array_agg(DISTINCT start_block), '{}') FROM inserted)
 FROM job LEFT JOIN tbl ON true
 """
 
@@ -113,7 +117,7 @@ def register_files(
     row = cur.fetchone()
     if row is None:
         return NOT_FOUND
-    status, start, current, tip_hash, count, size, inserted_names, lowest_new_start = row
+    status, start, current, tip_hash, count, size, ready, inserted_names, new_starts = row
     if status not in ACTIVE_STATUSES:
         return Refused(status)
     inserted = set(inserted_names)
@@ -124,7 +128,7 @@ def register_files(
             return conflict
     if inserted:
         stored = None if start is None else chain.Chain(start, current, tip_hash, count, int(size))
-        chain.refresh_table(cur, job_id, table, stored, lowest_new_start)
+        chain.refresh_table(cur, job_id, table, stored, new_starts, ready)
     cur.execute(TABLE_PROGRESS, {"job_id": job_id, "table": table})
     return Registered(len(inserted), len(retried), cur.fetchone()[0])
 
