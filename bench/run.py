@@ -24,6 +24,8 @@ naive_app.py), and measures:
 - a worker's RSS after 1,000 and after 100,000 requests;
 - the list and get throughput again with the service's DATABASE_URL at a
   local PgBouncer in transaction pooling mode (through_pgbouncer.py);
+- the list and get throughput with the operators' reads on a hot standby,
+  next to primary-only, and the writes across a failover (replicas.py);
 - the same reads at 1M and at 5M jobs, then the time to prune the terminal
   jobs through the API and the read p99 meanwhile (growth.py);
 - the retry sweep retrying 500 due jobs and finding none due on the mixed
@@ -47,7 +49,8 @@ This file is the orchestration: the scenarios, in order. The rest of the
 harness: load.py (wrk, single-client probes, pgbench), servers.py
 (PostgreSQL and the apps under gunicorn), plans.py (auto_explain capture and
 plan analysis), report.py (tables, verdicts, summary line), seed.py (the
-tables), through_pgbouncer.py, growth.py and register.py (those scenarios),
+tables), through_pgbouncer.py, replicas.py, growth.py and register.py (those
+scenarios),
 console.py (progress).
 
 Everything shares two cores: wrk runs one thread, and numbers are only
@@ -66,7 +69,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import seed
+from bench import replicas, seed
 from bench.console import say
 from bench.growth import Prune, Stage, run_growth
 from bench.load import (
@@ -147,6 +150,7 @@ class Bench:
         self.slow_client_loads: dict[tuple[str, str], Load] = {}
         self.registration: Registration | None = None
         self.growth_stages: list[Stage] = []
+        self.replicas: replicas.Replicas | None = None
         self.prune: Prune | None = None
         self.retries = None  # retries.RetryFigures
         self.servers = {}
@@ -259,6 +263,23 @@ class Bench:
                 if app in ("constant", "naive+deadline") and endpoint != "GET /jobs/{id}":
                     continue
                 self.loads[(app, endpoint)] = self.wrk_endpoint(app, server, endpoint)
+
+    def run_replicas(self) -> None:
+        """Replica reads over the mixed table next to primary-only, and a failover."""
+        if self.service is None:
+            return
+
+        def serve(name: str, url: str, env: dict[str, str]) -> Server:
+            return self.serve(name, self.service_launch(workers=2), url, env)
+
+        self.replicas = replicas.run(
+            self.pg,
+            self.workdir,
+            serve,
+            self.throughput_endpoints(),
+            self.args.duration,
+            self.args.connections,
+        )
 
     def pgbench_lists(self) -> None:
         """pgbench on the very SQL each app runs for GET /jobs?limit=50."""
@@ -455,6 +476,13 @@ def main() -> None:
         help="skip the service through PgBouncer (transaction pooling)",
     )
     parser.add_argument(
+        "--no-replicas",
+        dest="replicas",
+        action="store_false",
+        help="skip the replica reads and the failover (replicas.py; run alone: python -m"
+        " bench.replicas)",
+    )
+    parser.add_argument(
         "--no-slow-clients",
         dest="slow_clients",
         action="store_false",
@@ -537,6 +565,8 @@ def run_all(args, bench: Bench) -> Bench:
     bench.throughput()
     if args.pgbouncer:
         through_pgbouncer(bench)
+    if args.replicas:
+        bench.run_replicas()
     if args.slow_clients:
         slow_clients(bench)
     bench.pgbench_lists()

@@ -142,6 +142,46 @@ def count_pruned(via: str, jobs: int) -> None:
         _pruned[via].inc(jobs)
 
 
+# Where the reads of routes declared replica=True were answered (api/registry.py,
+# db.read_on_replica), and why one went to the primary though replicas are set:
+# "lag" (none known to be within REPLICA_MAX_LAG_S), "down" (none reachable, or
+# the read failed on one and ran again on the primary). Fixed sets, each at zero.
+READ_TARGETS = ("primary", "replica")
+READS = Counter(
+    "jobs_db_reads_total",
+    "Reads of the routes that may go to a replica, by where they were answered.",
+    ["target"],
+)
+_reads = {target: READS.labels(target) for target in READ_TARGETS}
+FALLBACK_REASONS = ("lag", "down")
+FALLBACKS = Counter(
+    "jobs_replica_fallbacks_total",
+    "Reads that went to the primary though replicas are configured, by why.",
+    ["reason"],
+)
+_fallbacks = {reason: FALLBACKS.labels(reason) for reason in FALLBACK_REASONS}
+# Per replica (its position in DATABASE_REPLICA_URL, never its URL): the
+# largest over the instance's live processes, +Inf while down or not yet known.
+REPLICA_AGE = Gauge(
+    "jobs_replica_lag_seconds",
+    "How old a replica's data was at its last check (at most), by replica number.",
+    ["replica"],
+    multiprocess_mode="livemax",
+)
+
+
+def count_read(target: str) -> None:
+    _reads[target].inc()
+
+
+def count_fallback(reason: str) -> None:
+    _fallbacks[reason].inc()
+
+
+def replica_age(number: int, seconds: float | None) -> None:
+    REPLICA_AGE.labels(str(number)).set(float("inf") if seconds is None else seconds)
+
+
 access_log = logging.getLogger("jobs.access")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")

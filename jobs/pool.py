@@ -10,7 +10,10 @@ Outages: a pooled connection whose server went away (restart, failover) has a
 readable socket while idle (the server's goodbye or EOF), so it is dropped at
 checkout without a round trip; a connection that fails during a request is
 closed instead of returned, and the idle ones are dropped with it. The service
-therefore recovers by itself when PostgreSQL comes back.
+therefore recovers by itself when PostgreSQL comes back. So is one whose
+server refused a write (DISCARD_SQLSTATES: a standby, or a primary demoted
+behind the same name): after a failover the next connection goes, through
+libpq's target_session_attrs, to the server that accepts writes.
 
 A server that stops answering without closing (frozen: a storage stall, a
 paused VM) is caught by the client-side deadline of ``wait``: every connect
@@ -70,7 +73,19 @@ class Cursor(psycopg2.extensions.cursor):
             if not isinstance(query, str):  # psycopg2.sql.Composable, bytes
                 query = query.as_string(conn) if hasattr(query, "as_string") else query.decode()
             query = conn.transaction_prefix + query
-        return super().execute(query, vars)
+        try:
+            return super().execute(query, vars)
+        except psycopg2.Error as exc:
+            if exc.pgcode in DISCARD_SQLSTATES:
+                conn.discard = True
+            raise
+
+
+# Errors after which a connection is closed rather than pooled again, though
+# psycopg2 still finds it usable. 25006 read_only_sql_transaction: the server
+# behind it refuses writes (a standby, or a primary demoted behind the same
+# name): a new connection lets libpq pick a host again (target_session_attrs).
+DISCARD_SQLSTATES = frozenset({"25006"})
 
 
 # Set session state only if this connection reaches PostgreSQL itself. The
@@ -102,6 +117,7 @@ class Connection(psycopg2.extensions.connection):
         self.transaction_prefix = ""
         self.statement_timeout_ms: int | None = None
         self.budget_s: float | None = None
+        self.discard = False  # set by Cursor.execute: closed, not pooled, when given back
         self.cursor_factory = Cursor
 
     def configure(self, statement_timeout_ms: int) -> None:
@@ -209,7 +225,7 @@ class ConnectionPool:
 
     def putconn(self, conn: psycopg2.extensions.connection, broken: bool = False) -> None:
         try:
-            if not broken and not conn.closed:
+            if not broken and not conn.closed and not getattr(conn, "discard", False):
                 if conn.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
                     conn.rollback()
                 with self._lock:

@@ -230,6 +230,46 @@ def _optional(kind: tuple[str, Callable, Callable]) -> tuple[str, Callable, Call
     return f"{rule}; unset: none", parse, lambda value: value is None or allows(value)
 
 
+# A libpq URL's own commas separate the hosts of one server's URL
+# (postgresql://db1,db2/jobs), so between URLs only white space counts, or a
+# comma that a scheme follows.
+_URL_SEPARATOR = re.compile(r"\s+|,\s*(?=postgres(?:ql)?://)")
+_URL_SCHEME = re.compile(r"postgres(?:ql)?://")
+MAX_REPLICA_URLS = 8
+
+
+def _replica_urls() -> tuple[str, Callable, Callable]:
+    rule = (
+        f"1 to {MAX_REPLICA_URLS} libpq URLs (postgresql://user@host:5432/dbname), separated by"
+        " spaces or commas; unset: none"
+    )
+
+    def parse(text: str) -> tuple[str, ...]:
+        import psycopg2.extensions  # as in _database_url
+
+        urls = tuple(url for url in _URL_SEPARATOR.split(text) if url)
+        if not 1 <= len(urls) <= MAX_REPLICA_URLS:
+            raise ValueError(rule)
+        for url in urls:
+            if not _URL_SCHEME.match(url):
+                raise ValueError(rule)
+            try:
+                psycopg2.extensions.parse_dsn(url)
+            except psycopg2.Error:
+                raise ValueError(rule) from None
+        return urls
+
+    def allows(value) -> bool:
+        try:
+            return value is None or (
+                isinstance(value, tuple) and parse(" ".join(value)) == value
+            )
+        except (ValueError, TypeError):
+            return False
+
+    return rule, parse, allows
+
+
 def _setting(name, default, kind, **flags) -> Setting:
     rule, parse, allows = kind
     return Setting(name, default, rule, parse, allows, **flags)
@@ -239,6 +279,19 @@ def _setting(name, default, kind, **flags) -> Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     _setting("DATABASE_URL", "postgresql:///jobs", _database_url(), secret=True),
+    # Standbys for the operators' reads (replicas.py): a tuple of libpq URLs,
+    # each a pool of DB_POOL_SIZE per process. At most 8: each is a pool and
+    # a check per process.
+    _setting("DATABASE_REPLICA_URL", None, _replica_urls(), secret=True),
+    # A replica not known to hold every commit made this many seconds ago is
+    # skipped (the read goes to the primary). At most an hour: past that a
+    # replica shows the operators another service; at least 0.1 s, within
+    # what a check every REPLICA_CHECK_S can tell.
+    _setting("REPLICA_MAX_LAG_S", 5.0, _seconds(0.1, 3600)),
+    # How often each process checks each replica's replay position while reads
+    # come in: two short queries. Keep it well below REPLICA_MAX_LAG_S (a
+    # replica's known age grows between checks).
+    _setting("REPLICA_CHECK_S", 1.0, _seconds(0.05, 60)),
     _setting("ADMIN_TOKEN", None, _token(), secret=True),
     _setting("WORKER_TOKEN", None, _token(), secret=True),
     # A registered worker without a heartbeat for this long is LOST and its

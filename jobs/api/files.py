@@ -27,6 +27,7 @@ from jobs.store.outcomes import NotFound, Refused
     "GET",
     access="read",
     error_code="GET_JOB_ERROR",
+    replica=True,
     summary="Per-table progress along each table's canonical chain of files",
     path=JobPath,
     responses={200: ProgressSchema},

@@ -44,6 +44,7 @@ def job_not_found(job_id: int) -> ApiError:
     "GET",
     access="read",
     error_code="LIST_JOBS_ERROR",
+    replica=True,
     summary="List jobs, newest first, with cursor paging and status and node filters",
     query=ListJobsQuerySchema,
     responses={200: JobListSchema},
@@ -84,6 +85,7 @@ def create_job(body):
     "GET",
     access="read",
     error_code="GET_JOB_ERROR",
+    replica=True,
     summary="Get one job",
     path=JobPath,
     responses={200: JobSchema},
@@ -102,6 +104,9 @@ def get_job(job_id):
     "GET",
     access="read",
     error_code="GET_JOB_EVENTS_ERROR",
+    # A replica answers the plain read; a wait or a follow stream reads the primary,
+    # where the commit that wakes it is (a replica may not have replayed it yet).
+    replica=lambda args: not args["wait"] and not args["follow"],
     summary="The job's history, oldest first, a page at a time; ?wait=S waits for the next"
     " event, ?follow=true streams them (text/event-stream)",
     path=JobPath,
@@ -188,6 +193,7 @@ def follow_events(job_id: int, after: int | None):
     "GET",
     access="read",
     error_code="GET_JOB_EVENT_ERROR",
+    replica=True,
     summary="One event of the job's history",
     path=JobEventPath,
     responses={200: JobEventSchema},

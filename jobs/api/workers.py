@@ -110,6 +110,7 @@ def heartbeat_body(node_id: str, beat: worker_store.Heartbeat) -> dict:
     "GET",
     access="read",
     error_code="SCHEDULER_LIST_WORKERS_ERROR",
+    replica=True,
     summary="Registered workers, most recently registered first",
     responses={200: WorkerListSchema},
 )
@@ -123,6 +124,7 @@ def list_workers():
     "GET",
     access="read",
     error_code="SCHEDULER_GET_WORKER_ERROR",
+    replica=True,
     summary="One worker, with its build info and status",
     path=WorkerPath,
     responses={200: WorkerSchema},
