@@ -7,6 +7,7 @@ JSON (see app.py); the tests check those bytes against these schemas.
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import ClassVar
 
 from marshmallow import (
@@ -28,8 +29,12 @@ from jobs.domain import (
     JOB_ID_RULE,
     MAX_BATCH,
     MAX_BLOCK,
+    MAX_DESCRIPTOR_BYTES,
+    MAX_DETAIL_BYTES,
     MAX_JOB_ID,
     MAX_NODE_ID_LENGTH,
+    MAX_NUMERIC_FRACTION_DIGITS,
+    MAX_NUMERIC_INTEGER_DIGITS,
     MAX_PAGE_SIZE,
     NODE_ID_PATTERN,
     REPORTABLE_STATUSES,
@@ -39,26 +44,64 @@ from jobs.domain import (
     WORKER_STATUSES,
     parse_job_id,
 )
+from jobs.store.sql import json_bytes
 
 
-def _nul_free_json(value) -> bool:
-    """PostgreSQL text and jsonb cannot hold U+0000, so it is refused up front."""
-    if isinstance(value, str):
-        return "\x00" not in value
-    if isinstance(value, dict):
-        return all(_nul_free_json(k) and _nul_free_json(v) for k, v in value.items())
-    if isinstance(value, list):
-        return all(_nul_free_json(v) for v in value)
-    return True
+def _jsonb_check(value) -> tuple[str | None, int]:
+    """Why PostgreSQL's jsonb cannot store ``value`` as given (or None), and how many
+    bytes more than compact JSON with str(number) its numbers take as jsonb writes them.
+
+    jsonb cannot hold U+0000 in a string. Its numbers are numeric, which keeps
+    a decimal exactly (parse.load_body reads fractions as Decimal) within
+    MAX_NUMERIC_*_DIGITS, so a number beyond that is refused, not rounded; and
+    it writes them without an exponent: 1e300 comes back as 301 digits, so the
+    size bounds count that, not the 5 bytes of the body.
+    """
+    pending, growth = [value], 0
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                return "must not contain the character U+0000.", growth
+        elif isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+        elif isinstance(value, Decimal):
+            _, digits, exponent = value.as_tuple()
+            if -exponent > MAX_NUMERIC_FRACTION_DIGITS:
+                limit = f"{MAX_NUMERIC_FRACTION_DIGITS} digits after the point"
+                return f"numbers have at most {limit}.", growth
+            if value.adjusted() >= MAX_NUMERIC_INTEGER_DIGITS:
+                limit = f"{MAX_NUMERIC_INTEGER_DIGITS} digits before the point"
+                return f"numbers have at most {limit}.", growth
+            # At least as long as format(value, "f"), what PostgreSQL writes.
+            plain = 1 + len(digits) + (exponent if exponent >= 0 else 2 - exponent)
+            growth += max(0, plain - len(str(value)))
+    return None, growth
 
 
 class JsonObject(fields.Dict):
-    """Any JSON object, stored as JSONB."""
+    """Any JSON object, stored as JSONB (see _jsonb_check); when ``max_bytes`` is
+    given, at most that many bytes as compact JSON with numbers as jsonb writes them."""
+
+    def __init__(self, max_bytes: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.max_bytes = max_bytes
 
     def _deserialize(self, value, attr, data, **kwargs):
         result = super()._deserialize(value, attr, data, **kwargs)
-        if not _nul_free_json(result):
-            raise ValidationError("must not contain the character U+0000.")
+        problem, growth = _jsonb_check(result)
+        if problem:
+            raise ValidationError(problem)
+        if self.max_bytes is not None:
+            size = len(json_bytes(result)) + growth
+            if size > self.max_bytes:
+                raise ValidationError(
+                    f"must be at most {self.max_bytes} bytes as compact JSON (UTF-8);"
+                    f" this one is {size}."
+                )
         return result
 
 
@@ -361,7 +404,15 @@ class DeleteJobsQuerySchema(Schema):
 
 class CreateJobSchema(StrictSchema):
     node_id = NodeId(required=True)
-    descriptor = JsonObject(load_default=dict)
+    descriptor = JsonObject(
+        max_bytes=MAX_DESCRIPTOR_BYTES,
+        load_default=dict,
+        metadata={
+            "description": "any JSON object, stored as given (numbers exactly); at most"
+            f" {MAX_DESCRIPTOR_BYTES} bytes as compact JSON (UTF-8, numbers written out as"
+            " PostgreSQL writes them back); no U+0000"
+        },
+    )
     idempotency_key = fields.String(
         load_default=None,
         allow_none=True,
@@ -371,7 +422,15 @@ class CreateJobSchema(StrictSchema):
 
 class StatusReportSchema(StrictSchema):
     status = fields.String(required=True, validate=validate.OneOf(REPORTABLE_STATUSES))
-    detail = JsonObject(load_default=None, allow_none=True)
+    detail = JsonObject(
+        max_bytes=MAX_DETAIL_BYTES,
+        load_default=None,
+        allow_none=True,
+        metadata={
+            "description": f"recorded in the event; at most {MAX_DETAIL_BYTES} bytes as compact"
+            " JSON (UTF-8, numbers written out as PostgreSQL writes them back); no U+0000"
+        },
+    )
     node_id = NodeId(load_default=None)
 
     @validates_schema
