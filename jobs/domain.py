@@ -67,6 +67,11 @@ MAX_JOB_ID = 2**63 - 1
 MAX_BLOCK = 2**63 - 1
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
+# A page of GET /jobs holds at most this much job JSON (at least one job, so
+# paging always progresses; each job is at most ~1.5 MiB, the 1 MiB body
+# limit on its descriptor as PostgreSQL spells it back): 1000 jobs of 1 MiB
+# descriptors made a ~1 GB answer, held whole by the worker and by libpq.
+MAX_PAGE_BYTES = 4 * 1024 * 1024
 # The `detail` of a status report, as compact JSON (UTF-8): what a worker says
 # about a move (an error, a reason) fits in far less, and a job's history is
 # read whole; at 1 MiB each, FAILED -> SCHEDULED cycles grew one to 150 MB.

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from jobs import pool
 from jobs.domain import (
     DEFAULT_PAGE_SIZE,
+    MAX_PAGE_BYTES,
     MAX_PAGE_SIZE,
     REASSIGNABLE_STATUSES,
     TERMINAL_STATUSES,
@@ -51,12 +52,26 @@ WITH page AS (
     ) j
     ORDER BY j.id DESC
     LIMIT %(limit)s + 1
+), sized AS (
+    -- The page's byte budget (domain.MAX_PAGE_BYTES): a running sum of each
+    -- job's JSON size. octet_length of a TOASTed value reads its header
+    -- only, and the window keeps each row's pointer, not its text: neither
+    -- this backend nor the worker ever holds more than the page it sends.
+    SELECT page.id, jobs.job_json, octet_length(jobs.job_json) AS size,
+           row_number() OVER w AS n, sum(octet_length(jobs.job_json)) OVER w AS upto
+    FROM page JOIN jobs ON jobs.id = page.id
+    WINDOW w AS (ORDER BY page.id DESC ROWS UNBOUNDED PRECEDING)
 )
 -- Only the rows of the page are read from the table: the candidates come
 -- from the index alone (an index-only scan, see jobs_status_newest). Rows,
 -- not one aggregated string: string_agg and its concatenations cost
--- PostgreSQL more than joining 51 strings costs Python.
-SELECT page.id, jobs.job_json FROM page JOIN jobs ON jobs.id = page.id ORDER BY page.id DESC
+-- PostgreSQL more than joining 51 strings costs Python. The page is every
+-- row within the limit and the budget (the first one always); the row
+-- after it comes without its JSON, only to say that a next page exists.
+SELECT id, CASE WHEN n <= %(limit)s AND (n = 1 OR upto <= {budget}) THEN job_json END
+FROM sized
+WHERE n <= 2 OR upto - size <= {budget}
+ORDER BY id DESC
 """
 NODE_FILTER = "jobs.node_id = %(node_id)s AND "
 
@@ -72,6 +87,7 @@ PREPARED_PAGE_SIZES = frozenset(
 @functools.cache
 def list_statement(limit: int, by_node: bool = False) -> pool.Prepared | str:
     sql = LIST_JOBS.replace("%(limit)s", str(int(limit)))
+    sql = sql.replace("{budget}", str(int(MAX_PAGE_BYTES)))
     sql = sql.replace("{node_filter}", NODE_FILTER if by_node else "")
     if limit in PREPARED_PAGE_SIZES:
         if by_node:
@@ -91,13 +107,14 @@ class Page:
 def list_page(
     cur, statuses: tuple[str, ...], max_id: int, limit: int, node_id: str | None = None
 ) -> Page:
-    """Jobs in ``statuses`` (of ``node_id``, if given) with id <= max_id, newest first."""
+    """Jobs in ``statuses`` (of ``node_id``, if given) with id <= max_id, newest first,
+    as many as ``limit`` and MAX_PAGE_BYTES allow (always one, when any matches)."""
     params = {"statuses": list(statuses), "max_id": max_id, "node_id": node_id}
     rows = fetch_all(cur, list_statement(limit, node_id is not None), params)
-    page = rows[:limit]
-    # One row more than the page tells whether there is a next page.
-    cursor = page[-1][0] if len(rows) > limit else None
-    return Page([job for _, job in page], cursor)
+    page = [job for _, job in rows if job is not None]
+    # A row more than the page (sent without its JSON) tells that a next page exists.
+    cursor = rows[len(page) - 1][0] if len(rows) > len(page) else None
+    return Page(page, cursor)
 
 
 # A repeated idempotency_key finds the existing job; the no-op update makes
