@@ -150,5 +150,10 @@ CREATE TABLE IF NOT EXISTS workers (
     registered_at timestamptz NOT NULL,
     heartbeat_at  timestamptz NOT NULL
 );
--- The sweep looks for workers whose heartbeat is older than a cutoff.
+-- The lease sweep and the retention (WORKER_RETENTION) look for workers whose
+-- heartbeat is older than a cutoff.
 CREATE INDEX IF NOT EXISTS workers_heartbeat ON workers (heartbeat_at);
+-- GET /workers, most recently registered first, a page at a time: the
+-- cursor is a (registered_at, node_id) and each page one backward range scan
+-- of (limit + 1) entries from it (store/workers.py LIST_WORKERS).
+CREATE INDEX IF NOT EXISTS workers_registered ON workers (registered_at, node_id);

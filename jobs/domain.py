@@ -72,6 +72,7 @@ DEFAULT_PAGE_SIZE = 50
 # limit on its descriptor as PostgreSQL spells it back): 1000 jobs of 1 MiB
 # descriptors made a ~1 GB answer, held whole by the worker and by libpq.
 MAX_PAGE_BYTES = 4 * 1024 * 1024
+DEFAULT_WORKER_PAGE_SIZE = 100
 # The `detail` of a status report, as compact JSON (UTF-8): what a worker says
 # about a move (an error, a reason) fits in far less, and a job's history is
 # read whole; at 1 MiB each, FAILED -> SCHEDULED cycles grew one to 150 MB.

@@ -6,7 +6,9 @@ the same answer while the database is down.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import datetime
 import decimal
 import json
 import re
@@ -23,17 +25,20 @@ from jobs.domain import (
     MAX_PAGE_SIZE,
     NODE_ID_RULE,
     TABLE_PATTERN,
+    TIMESTAMP_PATTERN,
     is_node_id,
     is_table_name,
     parse_job_id,
     parse_status_tokens,
 )
 from jobs.errors import ApiError
+from jobs.store.workers import WorkerPosition
 
 INVALID_PAYLOAD = "INVALID_PAYLOAD_FORMAT"
 QUERY_ERROR = "INVALID_QUERY_PARAMETERS"
 LONG_NUMBER = re.compile(rb"\d{20}")
 MAX_JSON_DEPTH = 100
+WORKER_CURSOR_TIMESTAMP = re.compile(TIMESTAMP_PATTERN, re.ASCII)
 
 
 def job_id_from_path(text: str) -> int:
@@ -88,6 +93,28 @@ def limit_from_query(text: str) -> int:
     if len(digits) > 6 or int(digits) > MAX_PAGE_SIZE:
         raise ApiError(400, "LIMIT_TOO_LARGE", f"limit must be at most {MAX_PAGE_SIZE}")
     return int(digits)
+
+
+def worker_cursor_from_query(text: str) -> WorkerPosition:
+    """GET /workers?cursor=: a next_cursor this service gave (worker_cursor), as it was."""
+    try:
+        decoded = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+        registered_at, node_id = decoded.split(" ", 1)
+        # The format alone would let 2026-13-45 through to PostgreSQL (a 500).
+        datetime.datetime.strptime(registered_at, "%Y-%m-%dT%H:%M:%S.%fZ")
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        registered_at = node_id = ""
+    if not (WORKER_CURSOR_TIMESTAMP.fullmatch(registered_at) and is_node_id(node_id)):
+        raise ApiError(
+            400, QUERY_ERROR, "cursor must be a next_cursor of GET /workers, passed as it is"
+        )
+    return WorkerPosition(registered_at, node_id)
+
+
+def worker_cursor(position: WorkerPosition) -> str:
+    """The opaque next_cursor of GET /workers: where its page ended."""
+    text = f"{position.registered_at} {position.node_id}"
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
 def list_statuses_from_query(text: str) -> tuple[str, ...]:

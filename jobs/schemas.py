@@ -25,6 +25,7 @@ from jobs import parse
 from jobs.domain import (
     ACTIVE_STATUSES,
     DEFAULT_PAGE_SIZE,
+    DEFAULT_WORKER_PAGE_SIZE,
     HASH_PATTERN,
     JOB_ID_RULE,
     MAX_BATCH,
@@ -280,6 +281,11 @@ class WorkerListSchema(Schema):
         required=True,
         metadata={"description": "most recently registered first"},
     )
+    next_cursor = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={"description": "cursor=... for the next page, as it is; null on the last page"},
+    )
 
 
 class HeartbeatSchema(Schema):
@@ -388,6 +394,27 @@ class ListJobsQuerySchema(Schema):
         parse.node_id_from_query,
         NODE_ID_DOC,
         metadata={"description": "only jobs of this node"},
+    )
+
+
+class ListWorkersQuerySchema(Schema):
+    limit = Param(
+        parse.limit_from_query,
+        {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": MAX_PAGE_SIZE,
+            "default": DEFAULT_WORKER_PAGE_SIZE,
+        },
+        default=DEFAULT_WORKER_PAGE_SIZE,
+        metadata={
+            "description": f"page size, 1..{MAX_PAGE_SIZE} (default {DEFAULT_WORKER_PAGE_SIZE})"
+        },
+    )
+    cursor = Param(
+        parse.worker_cursor_from_query,
+        {"type": "string", "minLength": 1},
+        metadata={"description": "the next_cursor of the previous page, as it is"},
     )
 
 

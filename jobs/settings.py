@@ -33,6 +33,11 @@ def from_environment() -> dict:
         # Delete terminal jobs whose last change is older than this (30d, 12h,
         # 90m, 45s), continuously, as a chore (history.py). Unset: off.
         JOB_RETENTION=os.environ.get("JOB_RETENTION") or None,
+        # Forget a worker LOST for this long that has no active job (same
+        # durations; "off": never), as a chore (chores/workers.py): without it
+        # every node_id ever registered stays in the table, and in GET /workers.
+        # Unset or empty: the default.
+        WORKER_RETENTION=os.environ.get("WORKER_RETENTION", "").strip() or "7d",
         # A body of at most 1 MiB arrives in well under this from any real
         # client; one sent a byte at a time would otherwise hold its
         # connection (and, by the thousand, a worker's WORKER_CONNECTIONS) for

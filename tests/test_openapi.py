@@ -336,6 +336,13 @@ def exercise_happy_and_client_errors(check, client):
     check(c, "GET", "/workers/w-1", 200)
     check(c, "GET", "/workers/ghost", 404)
     check(c, "GET", "/workers/w%20x", 400)
+    check(c, "GET", "/workers?limit=1", 200)
+    check(c, "GET", "/workers?limit=0", 400)
+    check(c, "GET", "/workers?cursor=nope", 400)
+    check(c, "PUT", "/workers/w-gone", 200)
+    check(c, "DELETE", "/workers/w-gone", 204)
+    check(c, "DELETE", "/workers/w-gone", 204)
+    check(c, "DELETE", "/workers/9w", 400)
     check(c, "GET", "/jobs?node_id=w-9&status=all", 200)
     check(c, "GET", "/jobs?node_id=9", 400)
     # One event
@@ -349,6 +356,7 @@ def exercise_happy_and_client_errors(check, client):
         ("POST", "/workers/w-1/heartbeat"),
         ("GET", "/workers"),
         ("GET", "/workers/w-1"),
+        ("DELETE", "/workers/w-1"),
     ]:
         check(c, method, path, 400, json={"force": True})
         check(c, method, path, 413, data=BIG)
@@ -386,6 +394,7 @@ def exercise_auth(check, client, job_id):
         ("POST", "/workers/w/heartbeat", {}),
         ("GET", "/workers", {}),
         ("GET", "/workers/w", {}),
+        ("DELETE", "/workers/w", {}),
     ]:
         check(client, method, path, 401, **kwargs)
         check(client, method, path, 401, headers={"Authorization": "Bearer nope"}, **kwargs)
@@ -412,6 +421,7 @@ DB_ROUTES = [
     ("POST", "/workers/w/heartbeat", {}),
     ("GET", "/workers", {}),
     ("GET", "/workers/w", {}),
+    ("DELETE", "/workers/w", {}),
 ]
 
 
