@@ -462,13 +462,17 @@ class StatusReportSchema(StrictSchema):
 
     @validates_schema
     def node_only_when_rescheduling(self, data, **kwargs):
+        """node_id is accepted only with status SCHEDULED: the node a reschedule or a retry
+        moves the job to."""
         if data.get("node_id") is not None and data["status"] != "SCHEDULED":
             raise ValidationError("is only accepted with status SCHEDULED.", "node_id")
 
 
 class FileSchema(StrictSchema):
     file_name = fields.String(
-        required=True, validate=[validate.Length(1, 1024), validate.Predicate("isprintable")]
+        required=True,
+        validate=[validate.Length(1, 1024), validate.Predicate("isprintable")],
+        metadata={"description": "printable characters only (no control characters)"},
     )
     start_block = fields.Integer(required=True, strict=True, validate=validate.Range(0, MAX_BLOCK))
     end_block = fields.Integer(required=True, strict=True, validate=validate.Range(0, MAX_BLOCK))
@@ -478,6 +482,7 @@ class FileSchema(StrictSchema):
 
     @validates_schema
     def blocks_in_order(self, data, **kwargs):
+        """end_block must be >= start_block."""
         if data.get("end_block", 0) < data.get("start_block", 0):
             raise ValidationError("must be >= start_block.", "end_block")
 
@@ -508,6 +513,7 @@ class FileBatchSchema(StrictSchema):
 
     @validates_schema
     def unique_names(self, data, **kwargs):
+        """A batch names each file_name at most once."""
         seen = set()
         for file in data.get("files", ()):
             if file["file_name"] in seen:
