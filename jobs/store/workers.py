@@ -145,41 +145,54 @@ def delete_worker(cur, node_id: str) -> bool:
 
 
 # Retention (WORKER_RETENTION, chores/workers.py): up to ``batch`` workers
-# LOST for longer than the retention, with no active job, oldest heartbeat
-# first (workers_heartbeat). Each is locked, then deleted with its conditions
-# rechecked on its newest version: a heartbeat or a registration committed
-# meanwhile keeps the worker, and one arriving later waits for this statement
-# (and then finds no worker: a heartbeat answers 404 and the worker registers
-# again). A job created for such a worker meanwhile is no different from a
-# job of any node that is not registered.
-FORGET_WORKERS = f"""
-WITH forgotten AS (
-    SELECT w.node_id
+# LOST for longer than the retention that have no active job, oldest
+# heartbeat first, among the ``scan`` longest lost: one range scan of
+# workers_heartbeat (the cutoff comes from now(), the transaction's start;
+# clock_timestamp() made it a filter over every worker) and, per candidate,
+# one probe of jobs_node_status_newest (a subquery the planner cannot turn
+# into a hash anti-join reading every active job). Each is locked, then
+# deleted with its heartbeat rechecked on its newest version: a heartbeat or
+# a registration committed meanwhile keeps the worker, and one arriving later
+# waits for this statement (and then finds no worker: a heartbeat answers 404
+# and the worker registers again). A job created for such a worker meanwhile
+# is no different from a job of any node that is not registered. Workers a
+# lease sweep holds are skipped (they have jobs).
+FORGET_WORKERS = """
+WITH candidate AS (
+    SELECT w.node_id, w.heartbeat_at
     FROM workers w
-    WHERE w.heartbeat_at < clock_timestamp() - make_interval(secs => %(retention_s)s)
-      AND w.heartbeat_at < {LOST_BEFORE}
-      AND NOT EXISTS (SELECT FROM jobs
-                      WHERE jobs.node_id = w.node_id AND jobs.status = ANY(%(active)s))
+    WHERE w.heartbeat_at < now() - make_interval(secs => %(lost_for_s)s)
     ORDER BY w.heartbeat_at
+    LIMIT %(scan)s
+), forgotten AS (
+    SELECT w.node_id
+    FROM candidate c JOIN workers w ON w.node_id = c.node_id
+    WHERE (SELECT true FROM jobs
+           WHERE jobs.node_id = c.node_id AND jobs.status = ANY(%(active)s)
+           LIMIT 1) IS NULL
+    ORDER BY c.heartbeat_at
     LIMIT %(batch)s
     FOR UPDATE OF w SKIP LOCKED
 )
 DELETE FROM workers USING forgotten
 WHERE workers.node_id = forgotten.node_id
-  AND workers.heartbeat_at < clock_timestamp() - make_interval(secs => %(retention_s)s)
-  AND workers.heartbeat_at < {LOST_BEFORE}
+  AND workers.heartbeat_at < now() - make_interval(secs => %(lost_for_s)s)
 """
 
 
-def forget_workers(cur, retention_s: float, lost_after_s: float, batch: int) -> int:
-    """Delete up to ``batch`` long-LOST workers without active jobs; how many."""
+def forget_workers(
+    cur, retention_s: float, lost_after_s: float, batch: int, scan: int
+) -> int:
+    """Delete up to ``batch`` workers LOST for over ``retention_s`` without active jobs,
+    among the ``scan`` longest lost; how many."""
     cur.execute(
         FORGET_WORKERS,
         {
-            "retention_s": retention_s,
-            "lost_after_s": lost_after_s,
+            # LOST, and for longer than the retention.
+            "lost_for_s": max(retention_s, lost_after_s),
             "active": list(ACTIVE_STATUSES),
             "batch": int(batch),
+            "scan": int(scan),
         },
     )
     return cur.rowcount
