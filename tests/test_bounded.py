@@ -250,6 +250,29 @@ def test_the_answer_is_the_page_and_nothing_more(client, db_conn):
     assert MAX_PAGE_BYTES - 1_100_000 < len(answer.data) <= MAX_PAGE_BYTES + 100
 
 
+def test_a_large_job_deleted_while_its_page_is_read_is_left_out(client, db_conn, monkeypatch):
+    """Large jobs' JSON comes from a second statement (store/jobs.jobs_json): one
+    deleted in between is missing from the page, and paging goes on from its end."""
+    from jobs.store import jobs as job_store
+
+    ids = insert_jobs(db_conn, [2_000_000, 150, 2_000_000, 150], status="FAILED")
+    read = job_store.jobs_json
+
+    def deleted_first(cur, job_ids):
+        with db_conn.cursor() as other:
+            other.execute("DELETE FROM jobs WHERE id = %s", (max(job_ids),))
+        return read(cur, job_ids)
+
+    monkeypatch.setattr(job_store, "jobs_json", deleted_first)
+    body = client.get("/jobs?status=failed&limit=3").get_json()
+    # The page was ids[3], ids[2] (2 MB), ids[1]: ids[2] went, the cursor stays ids[1].
+    assert [j["id"] for j in body["jobs"]] == [ids[3], ids[1]]
+    assert body["next_cursor"] == ids[1]
+    monkeypatch.setattr(job_store, "jobs_json", read)
+    rest = client.get(f"/jobs?status=failed&limit=3&last_job_id={ids[1]}").get_json()
+    assert [j["id"] for j in rest["jobs"]] == [ids[0]] and rest["next_cursor"] is None
+
+
 # ---- A job with a huge history does not slow the others ----------------------------------
 
 
@@ -440,6 +463,29 @@ def test_one_run_forgets_a_bounded_batch(app, db_conn, monkeypatch):
         assert run_worker_retention(app, db_conn)
         forgotten.append(len(before - worker_names(db_conn)))
     assert forgotten == [40, 20, 0]
+
+
+def test_a_run_looks_at_a_bounded_number_of_the_longest_lost(app, db_conn, monkeypatch):
+    """FORGET_SCAN longest lost at most: busy ones (a SCHEDULED job waiting) are passed
+    over within it, and only as many busy ones as it looks at can hold the rest back."""
+    monkeypatch.setattr(worker_chore, "FORGET_BATCH", 40)
+    monkeypatch.setattr(worker_chore, "FORGET_SCAN", 5)
+    with db_conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO workers (node_id, created_at, registered_at, heartbeat_at)"
+            " SELECT 'w' || g, t, t, t FROM generate_series(1, 10) g,"
+            " LATERAL (SELECT now() - interval '30 days' - g * interval '1 s') x(t)"
+        )
+        # The three longest lost (w8, w9, w10) each keep a job waiting.
+        cur.execute("INSERT INTO jobs (node_id) SELECT 'w' || g FROM generate_series(8, 10) g")
+    busy = {"w8", "w9", "w10"}
+    assert run_worker_retention(app, db_conn)
+    assert worker_names(db_conn) == busy | {f"w{g}" for g in range(1, 6)}  # w6, w7 went
+    assert run_worker_retention(app, db_conn)
+    assert worker_names(db_conn) == busy | {"w1", "w2", "w3"}
+    monkeypatch.setattr(worker_chore, "FORGET_SCAN", 3)
+    assert run_worker_retention(app, db_conn)
+    assert worker_names(db_conn) == busy | {"w1", "w2", "w3"}  # held back, as documented
 
 
 def test_retention_follows_the_setting(app, database_url, db_conn, monkeypatch):
