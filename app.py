@@ -9,8 +9,8 @@
   caller's cursor and returning a named outcome.
 - ``jobs/domain.py``: statuses, the status machine, lease moves, id rules.
 - ``jobs/schemas.py``: every request and response shape (marshmallow).
-- ``jobs/chores/``: housekeeping after responses (lease expiry, retention,
-  automatic retries).
+- ``jobs/chores/``: housekeeping after responses (lease expiry, retention of
+  jobs and of lost workers, automatic retries).
 - ``jobs/db.py`` and ``jobs/pool.py``: connections; ``jobs/pruning.py``: bulk
   deletes in batches and ``flask prune``; ``jobs/settings.py``: every setting;
   ``jobs/errors.py``, ``jobs/auth.py``, ``jobs/parse.py``, ``jobs/responses.py``,
@@ -30,6 +30,8 @@ from jobs.api import api, endpoint
 from jobs.chores.leases import lease_chore
 from jobs.chores.retention import retention_chore
 from jobs.chores.retries import retry_chore
+from jobs.chores.workers import retention_setting as worker_retention_setting
+from jobs.chores.workers import worker_retention_chore
 
 log = logging.getLogger("jobs")
 
@@ -44,6 +46,7 @@ def create_app(test_config=None):
         app.config.update(test_config)
     # A test's JOB_RETENTION may be text, as the environment's is.
     app.config["JOB_RETENTION"] = pruning.retention_setting(app.config["JOB_RETENTION"])
+    app.config["WORKER_RETENTION"] = worker_retention_setting(app.config["WORKER_RETENTION"])
 
     observability.configure_logging(app.config["LOG_LEVEL"])
     # Werkzeug would answer /jobs//progress with an HTML 308 to /jobs/progress,
@@ -53,7 +56,9 @@ def create_app(test_config=None):
     observability.init_app(app)
     app.before_request(lambda: auth.refusal(endpoint.access_of(request.endpoint)))
     db.init_app(app)
-    chores.init_app(app, lease_chore(), retention_chore(), retry_chore())
+    chores.init_app(
+        app, lease_chore(), retention_chore(), retry_chore(), worker_retention_chore()
+    )
     pruning.init_app(app)
     errors.init_app(app, endpoint.error_code_of)
 

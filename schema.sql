@@ -242,7 +242,8 @@ CREATE TABLE IF NOT EXISTS workers (
     registered_at timestamptz NOT NULL,
     heartbeat_at  timestamptz NOT NULL
 );
--- The sweep looks for workers whose heartbeat is older than a cutoff.
+-- The lease sweep and the retention (WORKER_RETENTION) look for workers whose
+-- heartbeat is older than a cutoff.
 CREATE INDEX IF NOT EXISTS workers_heartbeat ON workers (heartbeat_at);
 
 -- Jobs waiting for an automatic retry, by when it is due: the retry sweep
@@ -302,3 +303,8 @@ CREATE OR REPLACE TRIGGER jobs_notify_deleted
 -- A replica that dies mid-wait leaves it set: the worker is then LOST once it
 -- has passed (store/workers.py, LOST_SQL).
 ALTER TABLE workers ADD COLUMN IF NOT EXISTS waiting_until timestamptz;
+
+-- GET /workers, most recently registered first, a page at a time: the
+-- cursor is a (registered_at, node_id) and each page one backward range scan
+-- of (limit + 1) entries from it (store/workers.py LIST_WORKERS).
+CREATE INDEX IF NOT EXISTS workers_registered ON workers (registered_at, node_id);

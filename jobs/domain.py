@@ -90,6 +90,23 @@ MAX_JOB_ID = 2**63 - 1
 MAX_BLOCK = 2**63 - 1
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
+# A page of GET /jobs holds at most this much job JSON (at least one job, so
+# paging always progresses; each job is at most ~1.5 MiB, the 1 MiB body
+# limit on its descriptor as PostgreSQL spells it back): 1000 jobs of 1 MiB
+# descriptors made a ~1 GB answer, held whole by the worker and by libpq.
+MAX_PAGE_BYTES = 4 * 1024 * 1024
+DEFAULT_WORKER_PAGE_SIZE = 100
+# The `detail` of a status report, as compact JSON (UTF-8): what a worker says
+# about a move (an error, a reason) fits in far less, and a job's history is
+# read whole; at 1 MiB each, FAILED -> SCHEDULED cycles grew one to 150 MB.
+MAX_DETAIL_BYTES = 16 * 1024
+# A descriptor (POST /jobs, admin) is bounded by the 1 MiB body; this bounds it
+# as PostgreSQL writes it back too, where 1e300 takes 301 digits instead of 5.
+MAX_DESCRIPTOR_BYTES = 1024 * 1024
+# What PostgreSQL's numeric (jsonb numbers) holds: decimals are kept exact,
+# so a number beyond these is refused rather than rounded or failing in SQL.
+MAX_NUMERIC_FRACTION_DIGITS = 16383
+MAX_NUMERIC_INTEGER_DIGITS = 131072
 MAX_BATCH = 1000
 # Waiting (docs/API.md, Waiting without polling): a long-polled heartbeat or
 # events request waits at most this many seconds (?wait=0..MAX_WAIT_S).

@@ -7,6 +7,7 @@ JSON (see app.py); the tests check those bytes against these schemas.
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import ClassVar
 
 from marshmallow import (
@@ -24,6 +25,7 @@ from jobs import parse
 from jobs.domain import (
     ACTIVE_STATUSES,
     DEFAULT_PAGE_SIZE,
+    DEFAULT_WORKER_PAGE_SIZE,
     EVENT_TYPES,
     EVENTS_PAGE_BYTES,
     HASH_PATTERN,
@@ -32,9 +34,13 @@ from jobs.domain import (
     MAX_ATTEMPTS_LIMIT,
     MAX_BATCH,
     MAX_BLOCK,
+    MAX_DESCRIPTOR_BYTES,
+    MAX_DETAIL_BYTES,
     MAX_EVENTS_PAGE,
     MAX_JOB_ID,
     MAX_NODE_ID_LENGTH,
+    MAX_NUMERIC_FRACTION_DIGITS,
+    MAX_NUMERIC_INTEGER_DIGITS,
     MAX_PAGE_SIZE,
     MAX_WAIT_S,
     NODE_ID_PATTERN,
@@ -45,26 +51,64 @@ from jobs.domain import (
     WORKER_STATUSES,
     parse_job_id,
 )
+from jobs.store.sql import json_bytes
 
 
-def _nul_free_json(value) -> bool:
-    """PostgreSQL text and jsonb cannot hold U+0000, so it is refused up front."""
-    if isinstance(value, str):
-        return "\x00" not in value
-    if isinstance(value, dict):
-        return all(_nul_free_json(k) and _nul_free_json(v) for k, v in value.items())
-    if isinstance(value, list):
-        return all(_nul_free_json(v) for v in value)
-    return True
+def _jsonb_check(value) -> tuple[str | None, int]:
+    """Why PostgreSQL's jsonb cannot store ``value`` as given (or None), and how many
+    bytes more than compact JSON with str(number) its numbers take as jsonb writes them.
+
+    jsonb cannot hold U+0000 in a string. Its numbers are numeric, which keeps
+    a decimal exactly (parse.load_body reads fractions as Decimal) within
+    MAX_NUMERIC_*_DIGITS, so a number beyond that is refused, not rounded; and
+    it writes them without an exponent: 1e300 comes back as 301 digits, so the
+    size bounds count that, not the 5 bytes of the body.
+    """
+    pending, growth = [value], 0
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                return "must not contain the character U+0000.", growth
+        elif isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+        elif isinstance(value, Decimal):
+            _, digits, exponent = value.as_tuple()
+            if -exponent > MAX_NUMERIC_FRACTION_DIGITS:
+                limit = f"{MAX_NUMERIC_FRACTION_DIGITS} digits after the point"
+                return f"numbers have at most {limit}.", growth
+            if value.adjusted() >= MAX_NUMERIC_INTEGER_DIGITS:
+                limit = f"{MAX_NUMERIC_INTEGER_DIGITS} digits before the point"
+                return f"numbers have at most {limit}.", growth
+            # At least as long as format(value, "f"), what PostgreSQL writes.
+            plain = 1 + len(digits) + (exponent if exponent >= 0 else 2 - exponent)
+            growth += max(0, plain - len(str(value)))
+    return None, growth
 
 
 class JsonObject(fields.Dict):
-    """Any JSON object, stored as JSONB."""
+    """Any JSON object, stored as JSONB (see _jsonb_check); when ``max_bytes`` is
+    given, at most that many bytes as compact JSON with numbers as jsonb writes them."""
+
+    def __init__(self, max_bytes: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.max_bytes = max_bytes
 
     def _deserialize(self, value, attr, data, **kwargs):
         result = super()._deserialize(value, attr, data, **kwargs)
-        if not _nul_free_json(result):
-            raise ValidationError("must not contain the character U+0000.")
+        problem, growth = _jsonb_check(result)
+        if problem:
+            raise ValidationError(problem)
+        if self.max_bytes is not None:
+            size = len(json_bytes(result)) + growth
+            if size > self.max_bytes:
+                raise ValidationError(
+                    f"must be at most {self.max_bytes} bytes as compact JSON (UTF-8);"
+                    f" this one is {size}."
+                )
         return result
 
 
@@ -291,6 +335,11 @@ class WorkerListSchema(Schema):
         required=True,
         metadata={"description": "most recently registered first"},
     )
+    next_cursor = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={"description": "cursor=... for the next page, as it is; null on the last page"},
+    )
 
 
 class LeaseSchema(Schema):
@@ -487,6 +536,27 @@ class HeartbeatQuerySchema(Schema):
     )
 
 
+class ListWorkersQuerySchema(Schema):
+    limit = Param(
+        parse.limit_from_query,
+        {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": MAX_PAGE_SIZE,
+            "default": DEFAULT_WORKER_PAGE_SIZE,
+        },
+        default=DEFAULT_WORKER_PAGE_SIZE,
+        metadata={
+            "description": f"page size, 1..{MAX_PAGE_SIZE} (default {DEFAULT_WORKER_PAGE_SIZE})"
+        },
+    )
+    cursor = Param(
+        parse.worker_cursor_from_query,
+        {"type": "string", "minLength": 1},
+        metadata={"description": "the next_cursor of the previous page, as it is"},
+    )
+
+
 class DeleteJobsQuerySchema(Schema):
     status = Param(
         parse.delete_statuses_from_query,
@@ -500,7 +570,15 @@ class DeleteJobsQuerySchema(Schema):
 
 class CreateJobSchema(StrictSchema):
     node_id = NodeId(required=True)
-    descriptor = JsonObject(load_default=dict)
+    descriptor = JsonObject(
+        max_bytes=MAX_DESCRIPTOR_BYTES,
+        load_default=dict,
+        metadata={
+            "description": "any JSON object, stored as given (numbers exactly); at most"
+            f" {MAX_DESCRIPTOR_BYTES} bytes as compact JSON (UTF-8, numbers written out as"
+            " PostgreSQL writes them back); no U+0000"
+        },
+    )
     idempotency_key = fields.String(
         load_default=None,
         allow_none=True,
@@ -518,7 +596,15 @@ class CreateJobSchema(StrictSchema):
 
 class StatusReportSchema(StrictSchema):
     status = fields.String(required=True, validate=validate.OneOf(REPORTABLE_STATUSES))
-    detail = JsonObject(load_default=None, allow_none=True)
+    detail = JsonObject(
+        max_bytes=MAX_DETAIL_BYTES,
+        load_default=None,
+        allow_none=True,
+        metadata={
+            "description": f"recorded in the event; at most {MAX_DETAIL_BYTES} bytes as compact"
+            " JSON (UTF-8, numbers written out as PostgreSQL writes them back); no U+0000"
+        },
+    )
     node_id = NodeId(
         load_default=None,
         metadata={
@@ -550,7 +636,9 @@ class StatusReportSchema(StrictSchema):
 
 class FileSchema(StrictSchema):
     file_name = fields.String(
-        required=True, validate=[validate.Length(1, 1024), validate.Predicate("isprintable")]
+        required=True,
+        validate=[validate.Length(1, 1024), validate.Predicate("isprintable")],
+        metadata={"description": "printable characters only (no control characters)"},
     )
     start_block = fields.Integer(required=True, strict=True, validate=validate.Range(0, MAX_BLOCK))
     end_block = fields.Integer(required=True, strict=True, validate=validate.Range(0, MAX_BLOCK))
@@ -560,6 +648,7 @@ class FileSchema(StrictSchema):
 
     @validates_schema
     def blocks_in_order(self, data, **kwargs):
+        """end_block must be >= start_block."""
         if data.get("end_block", 0) < data.get("start_block", 0):
             raise ValidationError("must be >= start_block.", "end_block")
 
@@ -590,6 +679,7 @@ class FileBatchSchema(StrictSchema):
 
     @validates_schema
     def unique_names(self, data, **kwargs):
+        """A batch names each file_name at most once."""
         seen = set()
         for file in data.get("files", ()):
             if file["file_name"] in seen:

@@ -270,6 +270,20 @@ def _replica_urls() -> tuple[str, Callable, Callable]:
     return rule, parse, allows
 
 
+def _worker_retention() -> tuple[str, Callable, Callable]:
+    rule = f"a duration from 1s to {MAX_DURATION.days}d (a whole number and d, h, m or s), or off"
+
+    def parse(text: str):
+        return None if text.lower() == "off" else parse_duration(text)
+
+    def allows(value) -> bool:
+        return value is None or (
+            isinstance(value, timedelta) and timedelta(seconds=1) <= value <= MAX_DURATION
+        )
+
+    return rule, parse, allows
+
+
 def _setting(name, default, kind, **flags) -> Setting:
     rule, parse, allows = kind
     return Setting(name, default, rule, parse, allows, **flags)
@@ -302,6 +316,8 @@ SETTINGS: tuple[Setting, ...] = (
     # Delete terminal jobs whose last change is older than this (30d, 12h,
     # 90m, 45s), continuously, as a chore (chores/retention.py). Unset: off.
     _setting("JOB_RETENTION", None, _duration()),
+    # Forget workers LOST this long that have no active jobs (chores/workers.py).
+    _setting("WORKER_RETENTION", "7d", _worker_retention()),
     # Attempts a job gets unless POST /jobs says otherwise: 1 is no automatic
     # retry (docs/API.md, "Attempts and retries").
     _setting("JOB_MAX_ATTEMPTS", 1, _whole(1, MAX_ATTEMPTS_LIMIT, "attempts")),

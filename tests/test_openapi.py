@@ -16,6 +16,7 @@ import socket
 import jsonschema
 import pytest
 from helpers import closed_database_url, file_entry, race, serving
+from openapi_schema import to_json_schema
 from openapi_spec_validator import validate as validate_spec
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
@@ -24,36 +25,6 @@ from jobs import db
 
 ADMIN = "openapi-admin-token"
 WORKER = "openapi-worker-token"
-
-# Schema keywords of OpenAPI 3.0 that JSON Schema does not know (or that only annotate).
-OAS_ONLY = {"nullable", "example", "discriminator", "xml", "externalDocs", "deprecated"}
-
-
-def to_json_schema(node, components: dict):
-    """An OpenAPI 3.0 schema object as a self-contained JSON Schema (draft 4)."""
-    if isinstance(node, list):
-        return [to_json_schema(item, components) for item in node]
-    if not isinstance(node, dict):
-        return node
-    if "$ref" in node:
-        name = node["$ref"].removeprefix("#/components/schemas/")
-        return to_json_schema(components[name], components)
-    out = {}
-    for key, value in node.items():
-        if key in OAS_ONLY:
-            continue
-        if key == "properties":
-            out[key] = {name: to_json_schema(sub, components) for name, sub in value.items()}
-        else:
-            out[key] = to_json_schema(value, components)
-    if node.get("nullable"):
-        if "type" in out:
-            out["type"] = [out["type"], "null"]
-            if "enum" in out:
-                out["enum"] = [*out["enum"], None]
-        else:
-            out = {"anyOf": [out, {"type": "null"}]}
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -342,6 +313,13 @@ def exercise_happy_and_client_errors(check, client):
     check(c, "GET", "/workers/w-1", 200)
     check(c, "GET", "/workers/ghost", 404)
     check(c, "GET", "/workers/w%20x", 400)
+    check(c, "GET", "/workers?limit=1", 200)
+    check(c, "GET", "/workers?limit=0", 400)
+    check(c, "GET", "/workers?cursor=nope", 400)
+    check(c, "PUT", "/workers/w-gone", 200)
+    check(c, "DELETE", "/workers/w-gone", 204)
+    check(c, "DELETE", "/workers/w-gone", 204)
+    check(c, "DELETE", "/workers/9w", 400)
     check(c, "GET", "/jobs?node_id=w-9&status=all", 200)
     check(c, "GET", "/jobs?node_id=9", 400)
     # One event
@@ -355,6 +333,7 @@ def exercise_happy_and_client_errors(check, client):
         ("POST", "/workers/w-1/heartbeat"),
         ("GET", "/workers"),
         ("GET", "/workers/w-1"),
+        ("DELETE", "/workers/w-1"),
     ]:
         check(c, method, path, 400, json={"force": True})
         check(c, method, path, 413, data=BIG)
@@ -392,6 +371,7 @@ def exercise_auth(check, client, job_id):
         ("POST", "/workers/w/heartbeat", {}),
         ("GET", "/workers", {}),
         ("GET", "/workers/w", {}),
+        ("DELETE", "/workers/w", {}),
     ]:
         check(client, method, path, 401, **kwargs)
         check(client, method, path, 401, headers={"Authorization": "Bearer nope"}, **kwargs)
@@ -418,6 +398,7 @@ DB_ROUTES = [
     ("POST", "/workers/w/heartbeat", {}),
     ("GET", "/workers", {}),
     ("GET", "/workers/w", {}),
+    ("DELETE", "/workers/w", {}),
 ]
 
 

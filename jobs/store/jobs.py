@@ -9,6 +9,7 @@ from jobs import pool
 from jobs.domain import (
     DEFAULT_PAGE_SIZE,
     EVENTS_PAGE_BYTES,
+    MAX_PAGE_BYTES,
     MAX_PAGE_SIZE,
     REASSIGNABLE_STATUSES,
     RETRY_CANCELLED,
@@ -58,7 +59,16 @@ WITH page AS (
 -- from the index alone (an index-only scan, see jobs_status_newest). Rows,
 -- not one aggregated string: string_agg and its concatenations cost
 -- PostgreSQL more than joining 51 strings costs Python.
-SELECT page.id, jobs.job_json FROM page JOIN jobs ON jobs.id = page.id ORDER BY page.id DESC
+-- The page's byte budget (domain.MAX_PAGE_BYTES): each row's JSON comes only
+-- when it is at most {inline_max} bytes, the budget shared by the limit + 1
+-- rows, so this statement never sends more than the budget; larger jobs come
+-- as their size alone (octet_length reads a TOASTed value's header, not the
+-- value) and list_page fetches those that fit (JOBS_JSON). A running sum
+-- here instead (a window over the rows) cost the hot page 0.044 ms of 0.200
+-- in execution, this CASE 0.006 ms (BENCHMARKS.md, "Bounded everywhere").
+SELECT page.id, octet_length(jobs.job_json),
+       CASE WHEN octet_length(jobs.job_json) <= {inline_max} THEN jobs.job_json END
+FROM page JOIN jobs ON jobs.id = page.id ORDER BY page.id DESC
 """
 NODE_FILTER = "jobs.node_id = %(node_id)s AND "
 
@@ -74,6 +84,7 @@ PREPARED_PAGE_SIZES = frozenset(
 @functools.cache
 def list_statement(limit: int, by_node: bool = False) -> pool.Prepared | str:
     sql = LIST_JOBS.replace("%(limit)s", str(int(limit)))
+    sql = sql.replace("{inline_max}", str(MAX_PAGE_BYTES // (int(limit) + 1)))
     sql = sql.replace("{node_filter}", NODE_FILTER if by_node else "")
     if limit in PREPARED_PAGE_SIZES:
         if by_node:
@@ -82,6 +93,15 @@ def list_statement(limit: int, by_node: bool = False) -> pool.Prepared | str:
             )
         return pool.Prepared(f"list_jobs_{limit}", sql, statuses="text[]", max_id="bigint")
     return sql
+
+
+# The JSON of a page's jobs too large to come with the listing (LIST_JOBS).
+JOBS_JSON = "SELECT id, job_json FROM jobs WHERE id = ANY(%(job_ids)s::bigint[])"
+
+
+def jobs_json(cur, job_ids: list[int]) -> dict[int, str]:
+    """The JSON of the jobs of ``job_ids`` that exist."""
+    return dict(fetch_all(cur, JOBS_JSON, {"job_ids": job_ids}))
 
 
 @dataclass(frozen=True)
@@ -93,13 +113,28 @@ class Page:
 def list_page(
     cur, statuses: tuple[str, ...], max_id: int, limit: int, node_id: str | None = None
 ) -> Page:
-    """Jobs in ``statuses`` (of ``node_id``, if given) with id <= max_id, newest first."""
+    """Jobs in ``statuses`` (of ``node_id``, if given) with id <= max_id, newest first,
+    as many as ``limit`` and MAX_PAGE_BYTES of their JSON allow (always one, when any
+    matches)."""
     params = {"statuses": list(statuses), "max_id": max_id, "node_id": node_id}
     rows = fetch_all(cur, list_statement(limit, node_id is not None), params)
-    page = rows[:limit]
-    # One row more than the page tells whether there is a next page.
-    cursor = page[-1][0] if len(rows) > limit else None
-    return Page([job for _, job in page], cursor)
+    page, total, more = [], 0, False
+    for job_id, size, job_json in rows:
+        # A row after the page (the limit's extra one, or one past the budget)
+        # tells that a next page exists.
+        if len(page) == limit or (page and total + size > MAX_PAGE_BYTES):
+            more = True
+            break
+        page.append((job_id, job_json))
+        total += size
+    del rows  # what came after the page, let go before the large jobs come
+    cursor = page[-1][0] if more else None
+    large = [job_id for job_id, job_json in page if job_json is None]
+    if large:
+        fetched = jobs_json(cur, large)
+        # A job deleted in between is left out; the cursor stays where the page ended.
+        page = [(i, fetched.get(i) if j is None else j) for i, j in page]
+    return Page([job_json for _, job_json in page if job_json is not None], cursor)
 
 
 # A repeated idempotency_key finds the existing job; the no-op update makes

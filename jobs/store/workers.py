@@ -15,7 +15,7 @@ from datetime import datetime
 from jobs.domain import ACTIVE_STATUSES, LEASE_EXPIRY, LEASED_STATUSES, MAX_BATCH
 from jobs.store.jobs import DEFAULT_BACKOFF, RETRY_DELAY_SQL, Backoff
 from jobs.store.outcomes import NOT_FOUND, NotFound
-from jobs.store.sql import as_jsonb, fetch_one
+from jobs.store.sql import as_jsonb, fetch_all, fetch_one
 
 ACTIVE = list(ACTIVE_STATUSES)
 
@@ -169,17 +169,119 @@ def get_worker(cur, node_id: str, lost_after_s: float) -> str | NotFound:
     return NOT_FOUND if row is None else row[0]
 
 
+# A page, most recently registered first, after the cursor's (registered_at,
+# node_id): one range scan of workers_registered, backwards, reading at most
+# (limit + 1) entries wherever the page starts. The extra row tells whether a
+# next page exists. Without a cursor the start is ('infinity', '').
 LIST_WORKERS = f"""
-SELECT coalesce(json_agg(json_build_object(
+SELECT w.node_id, jobs_timestamp(w.registered_at), json_build_object(
            'node_id', w.node_id, 'heartbeat_at', jobs_timestamp(w.heartbeat_at),
-           'status', {STATUS_SQL}) ORDER BY w.registered_at DESC, w.node_id), '[]')::text
+           'status', {STATUS_SQL})::text
 FROM workers w
+WHERE (w.registered_at, w.node_id) < (%(after_at)s::timestamptz, %(after_node)s::text)
+ORDER BY w.registered_at DESC, w.node_id DESC
+LIMIT %(limit)s + 1
 """
 
 
-def list_workers(cur, lost_after_s: float) -> str:
-    """Every registered worker as a JSON array, most recently registered first."""
-    return fetch_one(cur, LIST_WORKERS, {"lost_after_s": lost_after_s})[0]
+@dataclass(frozen=True)
+class WorkerPosition:
+    """Where a page of workers ends: its last worker's registered_at and node_id."""
+
+    registered_at: str = "infinity"  # a timestamp as the API writes it
+    node_id: str = ""
+
+
+@dataclass(frozen=True)
+class WorkerPage:
+    workers_json: list[str]
+    next: WorkerPosition | None  # None on the last page
+
+
+def list_workers(cur, after: WorkerPosition, limit: int, lost_after_s: float) -> WorkerPage:
+    """Up to ``limit`` registered workers after ``after``, most recently registered first."""
+    rows = fetch_all(
+        cur,
+        LIST_WORKERS,
+        {
+            "after_at": after.registered_at,
+            "after_node": after.node_id,
+            "limit": int(limit),
+            "lost_after_s": lost_after_s,
+        },
+    )
+    page = rows[:limit]
+    more = len(rows) > limit
+    return WorkerPage(
+        [worker for _, _, worker in page],
+        WorkerPosition(page[-1][1], page[-1][0]) if more else None,
+    )
+
+
+# Deregistration: the row goes, and with it the worker's leases (the sweep only
+# looks at registered workers); its jobs stay as they are. The sweep locks the
+# lost workers it moves jobs of, so a sweep under way finishes first.
+DELETE_WORKER = "DELETE FROM workers WHERE node_id = %(node_id)s"
+
+
+def delete_worker(cur, node_id: str) -> bool:
+    """Forget the worker; whether it was registered."""
+    cur.execute(DELETE_WORKER, {"node_id": node_id})
+    return cur.rowcount > 0
+
+
+# Retention (WORKER_RETENTION, chores/workers.py): up to ``batch`` workers
+# LOST for longer than the retention that have no active job, oldest
+# heartbeat first, among the ``scan`` longest lost: one range scan of
+# workers_heartbeat (the cutoff comes from now(), the transaction's start;
+# clock_timestamp() made it a filter over every worker) and, per candidate,
+# one probe of jobs_node_status_newest (a subquery the planner cannot turn
+# into a hash anti-join reading every active job). Each is locked, then
+# deleted with its heartbeat rechecked on its newest version: a heartbeat or
+# a registration committed meanwhile keeps the worker, and one arriving later
+# waits for this statement (and then finds no worker: a heartbeat answers 404
+# and the worker registers again). A job created for such a worker meanwhile
+# is no different from a job of any node that is not registered. Workers a
+# lease sweep holds are skipped (they have jobs).
+FORGET_WORKERS = """
+WITH candidate AS (
+    SELECT w.node_id, w.heartbeat_at
+    FROM workers w
+    WHERE w.heartbeat_at < now() - make_interval(secs => %(lost_for_s)s)
+    ORDER BY w.heartbeat_at
+    LIMIT %(scan)s
+), forgotten AS (
+    SELECT w.node_id
+    FROM candidate c JOIN workers w ON w.node_id = c.node_id
+    WHERE (SELECT true FROM jobs
+           WHERE jobs.node_id = c.node_id AND jobs.status = ANY(%(active)s)
+           LIMIT 1) IS NULL
+    ORDER BY c.heartbeat_at
+    LIMIT %(batch)s
+    FOR UPDATE OF w SKIP LOCKED
+)
+DELETE FROM workers USING forgotten
+WHERE workers.node_id = forgotten.node_id
+  AND workers.heartbeat_at < now() - make_interval(secs => %(lost_for_s)s)
+"""
+
+
+def forget_workers(
+    cur, retention_s: float, lost_after_s: float, batch: int, scan: int
+) -> int:
+    """Delete up to ``batch`` workers LOST for over ``retention_s`` without active jobs,
+    among the ``scan`` longest lost; how many."""
+    cur.execute(
+        FORGET_WORKERS,
+        {
+            # LOST, and for longer than the retention.
+            "lost_for_s": max(retention_s, lost_after_s),
+            "active": list(ACTIVE_STATUSES),
+            "batch": int(batch),
+            "scan": int(scan),
+        },
+    )
+    return cur.rowcount
 
 
 COUNT_WORKERS = f"""
