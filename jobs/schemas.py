@@ -630,6 +630,7 @@ class StatusReportSchema(StrictSchema):
 
     @validates_schema
     def retryable_only_when_failing(self, data, **kwargs):
+        """retryable is accepted only with status FAILED."""
         if data.get("retryable") is not None and data["status"] != "FAILED":
             raise ValidationError("is only accepted with status FAILED.", "retryable")
 
