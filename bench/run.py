@@ -47,7 +47,8 @@ prepared as the service runs it.
 
 This file is the orchestration: the scenarios, in order. The rest of the
 harness: load.py (wrk, single-client probes, pgbench), servers.py
-(PostgreSQL and the apps under gunicorn), plans.py (auto_explain capture and
+(PostgreSQL, and the floors' options for dev/gunicorn.py, which runs every
+app under gunicorn), plans.py (auto_explain capture and
 plan analysis), report.py (tables, verdicts, summary line), seed.py (the
 tables), through_pgbouncer.py, replicas.py, growth.py and register.py (those
 scenarios),
@@ -91,8 +92,6 @@ from bench.report import fmt, report
 from bench.retries import run_retries
 from bench.servers import (
     ROOT,
-    Launch,
-    Server,
     connect,
     floor_launch,
     rss_kib,
@@ -102,6 +101,7 @@ from bench.servers import (
 )
 from bench.slow_clients import slow_clients
 from bench.through_pgbouncer import through_pgbouncer
+from dev.gunicorn import Server
 
 RESULTS = ROOT / "bench" / "results" / "latest.md"
 
@@ -172,8 +172,9 @@ class Bench:
 
     # -- servers
 
-    def service_launch(self, workers: int) -> Launch | None:
-        """How to start the service, or None when it is absent and may be."""
+    def service_launch(self, workers: int) -> dict | None:
+        """dev.gunicorn.Server's options for the service, or None when it is absent and
+        may be."""
         if self.args.service == "naive":
             return floor_launch("naive_app", workers)
         if not (ROOT / "wsgi.py").exists():
@@ -181,19 +182,18 @@ class Bench:
                 raise SystemExit("--service app: wsgi.py does not exist yet")
             self.notes.append("The service (wsgi.py) does not exist yet: its rows read n/a.")
             return None
-        return service_launch(self.workdir, workers)
+        return service_launch(workers)
 
     def serve(
         self,
         name: str,
-        launch: Launch,
+        launch: dict,
         database_url: str | None = None,
         extra_env: dict[str, str] | None = None,
     ) -> Server:
-        # /jobs/1: a path every app answers, with a database round trip where
-        # there is a database, so the first measured request opens nothing.
-        env = {"DATABASE_URL": database_url or self.pg.url, **(extra_env or {})}
-        server = start_server(name, launch, env, self.workdir, "/jobs/1")
+        """Start an app under gunicorn (``launch``: dev.gunicorn.Server's options); it is
+        stopped when the run ends, if not before."""
+        server = start_server(name, launch, database_url or self.pg.url, self.workdir, extra_env)
         self.stack.callback(server.stop)
         return server
 
