@@ -249,8 +249,8 @@ class Bench:
         """wrk on one endpoint of one server: a warm-up, then the measured run."""
         path, script = self.throughput_endpoints()[endpoint]
         seconds, connections = self.args.duration, self.args.connections
-        run_wrk(server.url(path), min(2, seconds), connections, script)  # warm-up
-        load = run_wrk(server.url(path), seconds, connections, script)
+        run_wrk(server.url + path, min(2, seconds), connections, script)  # warm-up
+        load = run_wrk(server.url + path, seconds, connections, script)
         say(
             f"{app:8} {endpoint:20} {load.rps:8.0f} req/s  p50 {load.p50_ms:.2f} ms"
             f"  p99 {load.p99_ms:.2f} ms  errors {load.errors}"
@@ -375,7 +375,7 @@ class Bench:
         samples = {}
         for label, count in (("1k", 1_000), ("total", self.args.leak_requests - 1_000)):
             run_wrk_until(
-                server.url(),
+                server.url,
                 self.args.connections,
                 id_script(ids, *paths, stop_after=count, marker=str(marker)),
                 marker,
@@ -414,7 +414,7 @@ class Bench:
 
         # Two connections: one per worker, one of which is busy deleting.
         load = load_during(
-            self.service.url(),
+            self.service.url,
             2,
             id_script(ids, "/jobs/{id}"),
             delete,

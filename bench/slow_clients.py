@@ -79,7 +79,7 @@ def slow_clients(bench: Bench) -> None:
                     ("GET /healthz", "/healthz", None),
                     ("GET /jobs/{id}", "/", id_script(ids, "/jobs/{id}")),
                 ):
-                    load = run_wrk(server.url(path), seconds, bench.args.connections, script)
+                    load = run_wrk(server.url + path, seconds, bench.args.connections, script)
                     bench.slow_client_loads[(worker_class, endpoint)] = load
                     say(
                         f"{IDLE} idle + {DRIBBLING} slow clients, {worker_class:6} {endpoint:16}"

@@ -147,8 +147,9 @@ class Server:
         self.env = {k: v for k, v in merged.items() if v is not None}
         self.process: subprocess.Popen | None = None
 
-    def url(self, path: str = "") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def caller(self, **kwargs) -> Call:
         return http_caller(self.port, **kwargs)

@@ -1,7 +1,11 @@
-"""Fixtures in the style of Flask's tutorial: app, client, runner.
+"""Fixtures in the style of Flask's tutorial: app, client, runner; and apps, audit.
 
 The database is real PostgreSQL: DATABASE_URL when it is set, otherwise a
-throwaway server started here for the session and removed afterwards.
+throwaway server started here for the session and removed afterwards. Under
+pytest-xdist (`make test` runs the suite with ``-n``) every worker is a
+session of its own: without DATABASE_URL it starts its own server, with it
+it uses a database of its own on that server (``<name>_gw0``, ... created
+when missing; see support.databases.database_of_worker).
 
 JOBS_TEST_DATABASE_VIA=pgbouncer-transaction (or pgbouncer-session) puts a
 stock PgBouncer in that pool mode between every test's app and that database
@@ -20,12 +24,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app import create_app  # noqa: E402
 from dev import pgbouncer as devpgbouncer  # noqa: E402
 from dev.pgbouncer import LocalPgBouncer  # noqa: E402
 from dev.postgres import LocalPostgres  # noqa: E402
 
-TABLES = "jobs, job_events, job_tables, job_files, job_chain, workers"
+from support.databases import database_of_worker, init_db, truncate  # noqa: E402
+from support.races import audit_trail  # noqa: E402
+from support.service import drop_pool, make_app  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -46,9 +51,11 @@ def pg_factory():
 @pytest.fixture(scope="session")
 def postgres_url(pg_factory):
     """The session's PostgreSQL, reached directly."""
-    if os.environ.get("DATABASE_URL"):
-        return os.environ["DATABASE_URL"]
-    return pg_factory().url
+    url = os.environ.get("DATABASE_URL")
+    if not url:
+        return pg_factory().url
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ... under pytest-xdist
+    return database_of_worker(url, worker) if worker else url
 
 
 VIA_POOL_MODES = {
@@ -70,29 +77,41 @@ def database_url(postgres_url, pgbouncer_factory):
 
 @pytest.fixture(scope="session")
 def _schema(database_url):
-    app = create_app({"TESTING": True, "DATABASE_URL": database_url})
-    result = app.test_cli_runner().invoke(args=["init-db"])
-    assert result.exit_code == 0, result.output
+    init_db(database_url)
     return database_url
-
-
-def truncate_all(database_url):
-    conn = psycopg2.connect(database_url)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
-    finally:
-        conn.close()
 
 
 @pytest.fixture
 def app(_schema):
-    truncate_all(_schema)
-    app = create_app({"TESTING": True, "DATABASE_URL": _schema})
+    """The app on the session's database, emptied for the test."""
+    truncate(_schema)
+    app = make_app(_schema)
     yield app
-    pool = app.extensions.get("jobs_db_pool")
-    if pool is not None:
-        pool.drop_idle()
+    drop_pool(app)
+
+
+@pytest.fixture
+def apps(app):
+    """``apps(**config)``: more apps with settings of the test's own on the same (emptied)
+    database, or on another DATABASE_URL given in ``config``; their pools are dropped
+    afterwards."""
+    made = []
+
+    def make(**config):
+        made.append(make_app(app.config["DATABASE_URL"], **config))
+        return made[-1]
+
+    yield make
+    for each in made:
+        drop_pool(each)
+
+
+@pytest.fixture
+def audit(app):
+    """Every status change from the test's start on, recorded by the database
+    (support.races.Audit); ``app`` has emptied it first."""
+    with audit_trail(app.config["DATABASE_URL"]) as trail:
+        yield trail
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@
   header turns a request into a 500.
 - A 408 says "Connection: close" and closes.
 
-The gunicorn tests run the production command (helpers.Server) and talk to it
+The gunicorn tests run the production command (dev.gunicorn.Server) and talk to it
 over raw sockets where the exact bytes matter.
 """
 
@@ -32,25 +32,14 @@ import orjson
 import psycopg2
 import psycopg2.extensions
 import pytest
-from helpers import (
-    ROOT,
-    Blackhole,
-    Refuser,
-    Server,
-    closed_database_url,
-    http_caller,
-    init_db,
-    make_app,
-    metric_samples,
-    metric_value,
-    table_locked,
-    wait_for_workers,
-    worker_pids,
-)
 from prometheus_client.parser import text_string_to_metric_families
 
+from dev.gunicorn import ROOT, Server, http_caller, wait_for_workers, worker_pids
 from jobs import db, observability, readiness, settings
 from jobs.store import readiness as readiness_store
+
+from support.databases import Blackhole, Refuser, closed_database_url, init_db, table_locked
+from support.service import make_app, metric_samples, metric_value
 
 # ---- Settings: each at its bounds, one past them, malformed ------------------------------
 

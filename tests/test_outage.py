@@ -14,20 +14,13 @@ import time
 
 import psycopg2
 import pytest
-from helpers import (
-    Blackhole,
-    Server,
-    flask_caller,
-    init_db,
-    route_plan,
-    seed_two_jobs,
-    table_locked,
-    wait_for_workers,
-    worker_pids,
-)
 
 from app import create_app
+from dev.gunicorn import serving, wait_for_workers, worker_pids
 from jobs.domain import JOB_ID_RULE
+
+from support.databases import Blackhole, init_db, table_locked
+from support.service import flask_caller, route_plan, seed_two_jobs
 
 SLOW = 3.0  # seconds: "within a few seconds"
 
@@ -109,17 +102,12 @@ def restart_pg(pg):
 
 @pytest.fixture(scope="module")
 def server(pg):
-    server = Server(pg.url, workers=2, env={"STATEMENT_TIMEOUT_MS": "250"}).start()
-    try:
-        wait_for_workers(server.process.pid, 2)
+    with serving(pg.url, workers=2, env={"STATEMENT_TIMEOUT_MS": "250"}) as server:
         yield server
-    finally:
-        server.stop()
-        server.cleanup()
 
 
 def assert_clean_log(server) -> None:
-    log = server.log_path.read_text(errors="replace")
+    log = server.log()
     for bad in ("WORKER TIMEOUT", "Traceback", "Worker exiting", "was sent SIGKILL", "Booting"):
         if bad == "Booting":
             # Exactly the two workers of the start, none booted as a replacement.
@@ -333,8 +321,7 @@ def test_a_frozen_database_under_gunicorn(restart_pg, pgbouncer_factory, via):
     url = pg.url if via == "direct" else pgbouncer_factory(pg.url, "transaction").url
     timeout_s = 1.0
     env = {"STATEMENT_TIMEOUT_MS": str(int(timeout_s * 1000)), "DB_CONNECT_TIMEOUT_S": "2"}
-    server = Server(url, workers=2, env=env).start()
-    try:
+    with serving(url, workers=2, env=env) as server:
         call = server.caller(timeout=30)
         master = server.process.pid
         workers = wait_for_workers(master, 2)
@@ -381,6 +368,3 @@ def test_a_frozen_database_under_gunicorn(restart_pg, pgbouncer_factory, via):
         check_up(call, a, b, rounds=2)
         assert worker_pids(master) == workers, "a worker died or was replaced"
         assert_clean_log(server)
-    finally:
-        server.stop()
-        server.cleanup()

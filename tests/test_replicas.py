@@ -1,6 +1,6 @@
 """Reading from replicas (docs/API.md, Production topology, Replica reads).
 
-A primary and a hot standby on this box (tests/replication.py), the standby
+A primary and a hot standby on this box (tests/support/replication.py), the standby
 in DATABASE_REPLICA_URL. The operators' reads go to the standby: with its
 replay paused, a job just created is not there yet (404, missing from the
 lists), and once the standby is more than REPLICA_MAX_LAG_S behind the reads
@@ -16,12 +16,16 @@ import http.client
 import time
 
 import pytest
-from helpers import Server, assert_error, metric_samples, metric_value, wait_for_workers
-from replication import primary_and_standby, query, wait_for
 
 from app import create_app
+from dev.gunicorn import Server, wait_for_workers
 from jobs import db, settings
 from jobs.api import endpoint
+
+from support.databases import query_rows
+from support.replication import primary_and_standby
+from support.service import assert_error, metric_samples, metric_value
+from support.waiting import until
 
 MAX_LAG_S = 1.5
 CHECK_S = 0.05
@@ -92,7 +96,7 @@ def checked(app) -> None:
                 for r in replica_set.replicas
             )
 
-    wait_for(fresh, what="the replicas found fresh")
+    until(fresh, what="the replicas found fresh")
 
 
 def reads(client) -> tuple[float, float, float, float]:
@@ -124,7 +128,7 @@ def new_job_and_worker(client, primary_url: str, name: str) -> tuple[int, int]:
     file = {"file_name": f"{name}.parquet", "start_block": 1, "end_block": 9, "size_bytes": 5}
     assert client.post(f"/jobs/{job_id}/tables/blocks/files", json=file).status_code == 201
     sql = "SELECT min(id) FROM job_events WHERE job_id = %s"
-    ((event_id,),) = query(primary_url, sql, (job_id,))
+    ((event_id,),) = query_rows(primary_url, sql, (job_id,))
     return job_id, event_id
 
 
@@ -181,7 +185,7 @@ def test_reads_go_to_the_replica_until_it_lags_then_to_the_primary(pair, standby
     assert since(before, reads(client)) == (0, 8, 0, 0)
 
     # Past REPLICA_MAX_LAG_S the replica is skipped: the reads go to the primary.
-    wait_for(lambda: client.get(f"/jobs/{job_id}").status_code == 200, what="a read on the primary")
+    until(lambda: client.get(f"/jobs/{job_id}").status_code == 200, what="a read on the primary")
     # (From the last check that found it caught up, a moment before the pause.)
     assert time.monotonic() - paused_at > MAX_LAG_S / 2
     before = reads(client)
@@ -232,7 +236,7 @@ def test_a_replica_down_never_fails_a_read(pair, standby, make_app):
     primary, replica, lag, down = since(before, reads(client))
     assert (primary, replica, lag) == (40, 0, 0)
     assert down == 40  # the first read failed on the replica and ran again on the primary
-    wait_for(lambda: lag_gauge(client) == float("inf"), what="the replica's lag unknown")
+    until(lambda: lag_gauge(client) == float("inf"), what="the replica's lag unknown")
 
     standby.start()
     standby.wait_caught_up()
@@ -241,12 +245,10 @@ def test_a_replica_down_never_fails_a_read(pair, standby, make_app):
         assert client.get("/jobs").status_code == 200
         return since(before, reads(client))[1] > 0
 
-    wait_for(on_the_replica, what="reads on the replica again")
+    until(on_the_replica, what="reads on the replica again")
 
 
-def test_a_frozen_replica_costs_one_deadline_then_reads_go_to_the_primary(
-    pair, standby, make_app
-):
+def test_a_frozen_replica_costs_one_deadline_then_reads_go_to_the_primary(pair, standby, make_app):
     app = make_app(STATEMENT_TIMEOUT_MS=300, DB_CONNECT_TIMEOUT_S=1)
     client = app.test_client()
     job_id, _ = new_job_and_worker(client, pair.primary.url, "w-frozen")
@@ -291,7 +293,7 @@ def test_replica_reads_through_pgbouncer(pair, standby, make_app, pgbouncer_fact
     standby.pause_replay()
     job_id, event_id = new_job_and_worker(client, pair.primary.url, "w-bouncer")
     assert not any(visible(client, job_id, event_id, "w-bouncer").values())
-    wait_for(lambda: client.get(f"/jobs/{job_id}").status_code == 200, what="a read on the primary")
+    until(lambda: client.get(f"/jobs/{job_id}").status_code == 200, what="a read on the primary")
 
 
 def test_replicas_under_gunicorn(pair, standby):
@@ -316,13 +318,13 @@ def test_replicas_under_gunicorn(pair, standby):
                 if line.startswith('jobs_db_reads_total{target="replica"}')
             )
 
-        wait_for(lambda: replica_reads() >= 20, what="reads on the replica")
+        until(lambda: replica_reads() >= 20, what="reads on the replica")
         standby.pause_replay()
         status, job = call("POST", "/jobs", {"node_id": "w-gunicorn"})
         assert status == 201
         seen = [call("GET", f"/jobs/{job['id']}")[0] for _ in range(6)]
         assert 404 in seen, seen  # answered by the replica, which has not replayed it
-        wait_for(
+        until(
             lambda: all(call("GET", f"/jobs/{job['id']}")[0] == 200 for _ in range(6)),
             what="reads on the primary",
         )
@@ -386,4 +388,3 @@ def test_without_replicas_every_read_is_the_primarys(client):
     assert client.get("/jobs/1").status_code == 404
     assert client.post("/jobs", json={"node_id": "n"}).status_code == 201
     assert since(before, reads(client)) == (2, 0, 0, 0)
-
