@@ -30,13 +30,37 @@ from dev.gunicorn import free_port
 
 TABLES = "jobs, job_events, job_tables, job_files, job_chain, workers"
 
+# Before almost every test the tables hold a few rows: DELETE empties them in a
+# few milliseconds where TRUNCATE (new files for every table and index) takes
+# tens, which summed to a sixth of the suite's time. A test that filled them
+# (100,000 rows) gets TRUNCATE, which leaves no dead rows for the next tests to
+# wade through. Either way the identities restart at 1, as RESTART IDENTITY does.
+EMPTY_TABLES = f"""
+DO $$
+BEGIN
+    IF (SELECT count(*) FROM (SELECT FROM jobs LIMIT 1000) AS j)
+       + (SELECT count(*) FROM (SELECT FROM job_events LIMIT 1000) AS e)
+       + (SELECT count(*) FROM (SELECT FROM job_files LIMIT 1000) AS f) >= 1000 THEN
+        TRUNCATE {TABLES} RESTART IDENTITY CASCADE;
+    ELSE
+        DELETE FROM job_files;
+        DELETE FROM job_tables;
+        DELETE FROM job_events;
+        DELETE FROM jobs;
+        DELETE FROM workers;
+        PERFORM setval(pg_get_serial_sequence(t, 'id'), 1, false)
+        FROM unnest(ARRAY['jobs', 'job_events', 'job_files']) AS t;
+    END IF;
+END $$;
+"""
+
 
 def truncate(database_url: str) -> None:
-    """Every table of the service emptied, its sequences restarted."""
+    """Every table of the service emptied, its identities restarted at 1."""
     conn = psycopg2.connect(database_url)
     try:
         with conn, conn.cursor() as cur:
-            cur.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
+            cur.execute(EMPTY_TABLES)
     finally:
         conn.close()
 
