@@ -309,6 +309,9 @@ def test_a_frozen_database_fails_a_pooled_request_in_seconds(restart_pg):
     app.extensions["jobs_db_pool"].drop_idle()
 
 
+ASKERS = 6  # within the pools of both workers (DB_POOL_SIZE 4 each)
+
+
 @pytest.mark.parametrize("via", ["direct", "pgbouncer-transaction"])
 def test_a_frozen_database_under_gunicorn(restart_pg, pgbouncer_factory, via):
     """Frozen: every API request answers its *_ERROR in seconds, and no worker dies.
@@ -334,9 +337,10 @@ def test_a_frozen_database_under_gunicorn(restart_pg, pgbouncer_factory, via):
                 answers.append((method, path, code, timed(call, method, path, body)))
 
         plan = route_plan(a, b)
-        # Two clients at once: each request's time is its own (no queue behind
-        # another request's wait), whatever the worker class.
-        askers = [threading.Thread(target=ask, args=(plan[i::2],)) for i in range(2)]
+        # Six clients at once, three requests each: each request's time is its
+        # own (no queue behind another request's wait), whatever the worker
+        # class; and the frozen phase lasts three requests' waits, not nine.
+        askers = [threading.Thread(target=ask, args=(plan[i::ASKERS],)) for i in range(ASKERS)]
         with frozen(pg):
             for asker in askers:
                 asker.start()
