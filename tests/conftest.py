@@ -16,10 +16,12 @@ stock PgBouncer in that pool mode between every test's app and that database
 import os
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import psycopg2
 import pytest
+from _pytest.nodeid import coerce_node_id
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -31,6 +33,34 @@ from dev.postgres import LocalPostgres  # noqa: E402
 from support.databases import database_of_worker, init_db, truncate  # noqa: E402
 from support.races import audit_trail  # noqa: E402
 from support.service import drop_pool, make_app  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """Node IDs that pytest-xdist can tell apart and group. pytest 9 keeps an item's ID in
+    ``_id``, and two plugins expect otherwise:
+
+    - schemathesis names the items of test_fuzz.py ``test_api[GET /jobs]`` and so on,
+      but gives all 19 the one ID ``test_api``: xdist, which schedules by ID, ran one;
+    - xdist 3.8's ``--dist loadgroup`` sends the tests of an ``xdist_group`` to one
+      worker by an ``@group`` suffix on their IDs, which it writes where pytest 9 no
+      longer reads (``_nodeid``): every group was spread over the workers.
+    """
+    counts = Counter(item.nodeid for item in items)
+    loadgroup = getattr(config.option, "loadgroup", False)  # on xdist's workers
+    for item in items:
+        nodeid = item.nodeid
+        if counts[nodeid] > 1:
+            nodeid = f"{nodeid.rpartition('::')[0]}::{item.name}"
+        groups = sorted(
+            {
+                str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                for m in item.iter_markers("xdist_group")
+            }
+        )
+        if loadgroup and groups and "@" not in nodeid:
+            nodeid = f"{nodeid}@{'_'.join(groups)}"
+        if nodeid != item.nodeid:
+            item._id = coerce_node_id(nodeid)
 
 
 @pytest.fixture(scope="session")

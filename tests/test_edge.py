@@ -23,6 +23,9 @@ from dev.gunicorn import Server, free_port, http_caller, serving, worker_pids
 
 from support.service import metric_value, scrape_metrics
 
+# Under pytest-xdist, on one worker: its gunicorn is the module's.
+pytestmark = pytest.mark.xdist_group("edge")
+
 IDLE = 50
 DRIBBLING = 10
 # Generous: "within a second or two" on an idle box; this one is shared.

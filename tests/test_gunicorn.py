@@ -34,6 +34,9 @@ from dev.gunicorn import Server, free_port, http_caller, serving
 
 from support.races import wait_until_blocked
 
+# Under pytest-xdist, on one worker: its PostgreSQL and gunicorn are the module's.
+pytestmark = pytest.mark.xdist_group("gunicorn")
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 ADMIN = "gunicorn-admin-5e0c1f2a9b7d"

@@ -22,6 +22,9 @@ from jobs.domain import JOB_ID_RULE
 from support.databases import Blackhole, init_db, table_locked
 from support.service import flask_caller, route_plan, seed_two_jobs
 
+# Under pytest-xdist, on one worker: its PostgreSQL and gunicorn are the module's.
+pytestmark = pytest.mark.xdist_group("outage")
+
 SLOW = 3.0  # seconds: "within a few seconds"
 
 

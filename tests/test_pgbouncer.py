@@ -27,6 +27,9 @@ from jobs import db
 from support.databases import table_locked
 from support.service import flask_caller, route_plan, seed_two_jobs
 
+# Under pytest-xdist, on one worker: its PgBouncers are the module's.
+pytestmark = pytest.mark.xdist_group("pgbouncer")
+
 MODES = ["direct", "session", "transaction"]
 
 

@@ -28,6 +28,9 @@ from support.races import (
 )
 from support.service import job_statuses
 
+# Under pytest-xdist, on one worker: its two gunicorn instances are the module's.
+pytestmark = pytest.mark.xdist_group("scaleout")
+
 
 @pytest.fixture(scope="module")
 def instances(database_url):
