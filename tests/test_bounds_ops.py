@@ -34,7 +34,7 @@ import psycopg2.extensions
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dev.gunicorn import ROOT, Server, http_caller, wait_for_workers, worker_pids
+from dev.gunicorn import ROOT, Server, http_caller, serving, wait_for_workers, worker_pids
 from jobs import db, observability, readiness, settings
 from jobs.store import readiness as readiness_store
 
@@ -387,14 +387,8 @@ def test_the_readiness_columns_are_exactly_the_schemas(_schema, db_conn):
 @pytest.fixture(scope="module")
 def server(_schema):
     """The production command with its defaults (FORWARDED_ALLOW_IPS unset), 2 workers."""
-    instance = Server(_schema, workers=2, env={"BODY_READ_TIMEOUT_S": "1"})
-    try:
-        instance.start()
-        wait_for_workers(instance.process.pid, 2)
+    with serving(_schema, workers=2, env={"BODY_READ_TIMEOUT_S": "1"}) as instance:
         yield instance
-    finally:
-        instance.stop()
-        instance.cleanup()
 
 
 def readyz_backends(conn, server, known: dict[int, bool]) -> int:

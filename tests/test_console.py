@@ -29,12 +29,15 @@ import pytest
 pytest.register_assert_rewrite("support.browser")
 pytest_plugins = ["support.browser"]
 
-from dev.gunicorn import Server  # noqa: E402
+from dev.gunicorn import serving  # noqa: E402
 from jobs.api.console import CONSOLE_DIR, CONSOLE_FILES  # noqa: E402
 
 from support.browser import ConsoleWatch, expect, screenshot  # noqa: E402
 from support.databases import lose_worker  # noqa: E402
 from support.service import create_job, file_entry, move_to  # noqa: E402
+
+# Under pytest-xdist, on one worker: its gunicorn instances (and browser) are the module's.
+pytestmark = pytest.mark.xdist_group("console")
 
 ADMIN = "console-admin-token-7f3a9c2e51"
 WORKER = "console-worker-token-0b8d4e6f13"
@@ -58,19 +61,16 @@ CSP_PARTS = {
 def server(_schema):
     """The service as production runs it, open (no ADMIN_TOKEN); a bulk delete does one
     batch of 100 jobs per request, so the clean-up takes many rounds."""
-    instance = Server(_schema, env={"BULK_DELETE_BATCH": "100", "BULK_DELETE_BUDGET_MS": "1"})
-    instance.start()
-    yield instance
-    instance.stop()
-    instance.cleanup()
+    with serving(
+        _schema, env={"BULK_DELETE_BATCH": "100", "BULK_DELETE_BUDGET_MS": "1"}
+    ) as instance:
+        yield instance
 
 
 @pytest.fixture(scope="module")
 def tokened_server(_schema):
-    instance = Server(_schema, env={"ADMIN_TOKEN": ADMIN, "WORKER_TOKEN": WORKER}).start()
-    yield instance
-    instance.stop()
-    instance.cleanup()
+    with serving(_schema, env={"ADMIN_TOKEN": ADMIN, "WORKER_TOKEN": WORKER}) as instance:
+        yield instance
 
 
 @pytest.fixture

@@ -43,6 +43,7 @@ BEGIN
        + (SELECT count(*) FROM (SELECT FROM job_files LIMIT 1000) AS f) >= 1000 THEN
         TRUNCATE {TABLES} RESTART IDENTITY CASCADE;
     ELSE
+        DELETE FROM job_chain;
         DELETE FROM job_files;
         DELETE FROM job_tables;
         DELETE FROM job_events;
