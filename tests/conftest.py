@@ -13,6 +13,7 @@ stock PgBouncer in that pool mode between every test's app and that database
 ``postgres_url`` is always the database itself.
 """
 
+import fcntl
 import os
 import sys
 import tempfile
@@ -61,6 +62,32 @@ def pytest_collection_modifyitems(config, items):
             nodeid = f"{nodeid}@{'_'.join(groups)}"
         if nodeid != item.nodeid:
             item._id = coerce_node_id(nodeid)
+
+
+@pytest.fixture(autouse=True)
+def _alone_or_together(request, tmp_path_factory):
+    """Under pytest-xdist, a test marked ``alone`` runs while no other test does.
+
+    A test whose verdict is a time bound tight enough that three other workers
+    busy on two cores could break it (``@pytest.mark.alone``) waits for the tests
+    running on the other workers to finish and keeps new ones from starting: it
+    takes the run's lock exclusively, every other test takes it shared. The gate
+    in front of the lock keeps a waiting ``alone`` test from being starved by a
+    stream of shared holders. Module fixtures (a gunicorn of the module's) stay up.
+    """
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    # The workers' temporary directories (popen-gw0, ...) share the run's own.
+    run = tmp_path_factory.getbasetemp().parent
+    with open(run / "alone.gate", "a") as gate, open(run / "alone.lock", "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        if request.node.get_closest_marker("alone"):
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the gate stays shut until it is done
+        else:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        yield  # closing the files releases both
 
 
 @pytest.fixture(scope="session")

@@ -610,6 +610,7 @@ def parse_answer(received: bytes):
     return int(status_line.split()[1]), headers, body
 
 
+@pytest.mark.alone  # 503s within DB_POOL_TIMEOUT_S + 1.5 s: 2.7 s with three other workers busy
 def test_overload_through_gunicorn_is_503_with_retry_after_and_never_500(_schema):
     """A pool of one per worker, its connection stuck behind a table lock: 200 clients at once."""
     pool_timeout, clients = 0.5, 200
