@@ -1,4 +1,5 @@
-"""Fixtures in the style of Flask's tutorial: app, client, runner; and apps, audit.
+"""Fixtures in the style of Flask's tutorial: app, client, runner; and apps, audit,
+db_conn, refuser, blackhole, the PostgreSQL and PgBouncer factories.
 
 The database is real PostgreSQL: DATABASE_URL when it is set, otherwise a
 throwaway server started here for the session and removed afterwards. Under
@@ -31,7 +32,13 @@ from dev import pgbouncer as devpgbouncer  # noqa: E402
 from dev.pgbouncer import LocalPgBouncer  # noqa: E402
 from dev.postgres import LocalPostgres  # noqa: E402
 
-from support.databases import database_of_worker, init_db, truncate  # noqa: E402
+from support.databases import (  # noqa: E402
+    Blackhole,
+    Refuser,
+    database_of_worker,
+    init_db,
+    truncate,
+)
 from support.races import audit_trail  # noqa: E402
 from support.service import drop_pool, make_app  # noqa: E402
 
@@ -179,6 +186,22 @@ def client(app):
 @pytest.fixture
 def runner(app):
     return app.test_cli_runner()
+
+
+@pytest.fixture
+def refuser():
+    """A database that accepts and hangs up at once (support.databases.Refuser)."""
+    listener = Refuser()
+    yield listener
+    listener.close()
+
+
+@pytest.fixture
+def blackhole():
+    """A database that accepts and never answers (support.databases.Blackhole)."""
+    listener = Blackhole()
+    yield listener
+    listener.close()
 
 
 @pytest.fixture

@@ -38,8 +38,8 @@ from dev.gunicorn import ROOT, Server, http_caller, serving, wait_for_workers, w
 from jobs import db, observability, readiness, settings
 from jobs.store import readiness as readiness_store
 
-from support.databases import Blackhole, Refuser, closed_database_url, init_db, table_locked
-from support.service import make_app, metric_samples, metric_value
+from support.databases import closed_database_url, init_db, table_locked
+from support.service import make_app, metric_samples, metric_value, parse_http_answer
 
 # ---- Settings: each at its bounds, one past them, malformed ------------------------------
 
@@ -241,20 +241,6 @@ def test_gunicorn_refuses_to_start_with_a_bad_value(_schema):
 
 
 # ---- /readyz -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def blackhole():
-    listener = Blackhole()
-    yield listener
-    listener.close()
-
-
-@pytest.fixture
-def refuser():
-    listener = Refuser()
-    yield listener
-    listener.close()
 
 
 def readyz_json(app, method="GET"):
@@ -597,17 +583,7 @@ def raw_request(port: int, head: str, body: bytes = b"", timeout: float = 15):
         with contextlib.suppress(ConnectionResetError):
             while chunk := sock.recv(65536):
                 received += chunk
-    return parse_answer(received)
-
-
-def parse_answer(received: bytes):
-    head, _, body = received.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), headers, body
+    return parse_http_answer(received)
 
 
 @pytest.mark.alone  # 503s within DB_POOL_TIMEOUT_S + 1.5 s: 2.7 s with three other workers busy
@@ -805,7 +781,7 @@ def test_a_408_says_connection_close_and_closes(server):
             while chunk := sock.recv(65536):  # the client sends nothing more and never closes
                 received += chunk
         closed_after = time.monotonic() - started
-    status, headers, body = parse_answer(received)
+    status, headers, body = parse_http_answer(received)
     assert status == 408, received
     assert headers["connection"] == "close", headers
     assert json.loads(body)["error_code"] == "REQUEST_TIMEOUT"
@@ -817,5 +793,5 @@ def test_a_408_says_connection_close_and_closes(server):
         head = b""
         while b"\r\n\r\n" not in head:
             head += sock.recv(65536)
-    assert parse_answer(head)[1]["connection"] == "keep-alive"
+    assert parse_http_answer(head)[1]["connection"] == "keep-alive"
     assert http_caller(server.port)("GET", "/workers/slow-408")[0] == 404

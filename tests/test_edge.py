@@ -21,7 +21,7 @@ import pytest
 from app import create_app
 from dev.gunicorn import Server, free_port, http_caller, serving, worker_pids
 
-from support.service import metric_value, scrape_metrics
+from support.service import metric_value, parse_http_answer, scrape_metrics
 
 # Under pytest-xdist, on one worker: its gunicorn is the module's.
 pytestmark = pytest.mark.xdist_group("edge")
@@ -178,13 +178,7 @@ def raw_exchange(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
         with contextlib.suppress(ConnectionResetError):
             while chunk := sock.recv(65536):
                 received += chunk
-    head, _, body = received.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in header_lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), headers, body
+    return parse_http_answer(received)
 
 
 GUNICORN_ERRORS = [

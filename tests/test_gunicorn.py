@@ -11,7 +11,6 @@ and the container's HEALTHCHECK command from the Dockerfile.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
@@ -28,11 +27,11 @@ from pathlib import Path
 import psycopg2
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
-from prometheus_client.parser import text_string_to_metric_families
 
 from dev.gunicorn import Server, free_port, http_caller, serving
 
 from support.races import wait_until_blocked
+from support.service import parse_metrics, scrape_metrics
 
 # Under pytest-xdist, on one worker: its PostgreSQL and gunicorn are the module's.
 pytestmark = pytest.mark.xdist_group("gunicorn")
@@ -145,14 +144,6 @@ COUNT = "jobs_http_requests_total"
 HIST_COUNT = "jobs_http_request_duration_seconds_count"
 
 
-def parse(text: str) -> dict[tuple[str, frozenset], float]:
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples[(s.name, frozenset(s.labels.items()))] = s.value
-    return samples
-
-
 def healthz_count(samples) -> float:
     labels = frozenset({"method": "GET", "route": "/healthz", "status": "200"}.items())
     return samples.get((COUNT, labels), 0.0)
@@ -161,19 +152,6 @@ def healthz_count(samples) -> float:
 def healthz_latency_count(samples) -> float:
     labels = frozenset({"method": "GET", "route": "/healthz"}.items())
     return samples.get((HIST_COUNT, labels), 0.0)
-
-
-def scrape(server) -> dict:
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-    try:
-        conn.request("GET", "/metrics")
-        response = conn.getresponse()
-        body = response.read().decode()
-        assert response.status == 200
-        assert response.getheader("Content-Type").startswith("text/plain")
-    finally:
-        conn.close()
-    return parse(body)
 
 
 def per_worker_healthz(metrics_dir: Path) -> dict[int, float]:
@@ -185,7 +163,7 @@ def per_worker_healthz(metrics_dir: Path) -> dict[int, float]:
             shutil.copy(path, alone)
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=alone)
-            counts[pid] = healthz_count(parse(generate_latest(registry).decode()))
+            counts[pid] = healthz_count(parse_metrics(generate_latest(registry).decode()))
     return counts
 
 
@@ -197,7 +175,7 @@ def hit_healthz(server, n: int) -> None:
 
 
 def test_metrics_sum_over_workers_and_survive_a_killed_worker(server):
-    before = scrape(server)
+    before = scrape_metrics(server.port)
     base = healthz_count(before)
     base_per_worker = per_worker_healthz(metrics_dir(server))
     workers = server.workers()
@@ -212,7 +190,7 @@ def test_metrics_sum_over_workers_and_survive_a_killed_worker(server):
             break
     else:
         pytest.fail(f"one worker served everything: {counts}")
-    samples = scrape(server)
+    samples = scrape_metrics(server.port)
     assert healthz_count(samples) == base + sent
     assert healthz_latency_count(samples) - healthz_latency_count(before) == sent
     assert sum(counts.values()) == base + sent
@@ -230,9 +208,9 @@ def test_metrics_sum_over_workers_and_survive_a_killed_worker(server):
     else:
         pytest.fail(f"the killed worker was not replaced: {server.workers()}")
     replacement = (now - workers).pop()
-    assert healthz_count(scrape(server)) == base + sent
+    assert healthz_count(scrape_metrics(server.port)) == base + sent
     hit_healthz(server, 50)
-    samples = scrape(server)
+    samples = scrape_metrics(server.port)
     assert healthz_count(samples) == base + sent + 50
     assert healthz_latency_count(samples) - healthz_latency_count(before) == sent + 50
     counts = per_worker_healthz(metrics_dir(server))

@@ -1,7 +1,8 @@
 """Operations (docs/API.md, Operations): health, readiness, auth, request IDs, logs,
 database errors that never leak, and metrics.
 
-The database failures here are made on 127.0.0.1 with support/databases.py:
+The database failures here are made on 127.0.0.1 with support/databases.py
+(conftest.py's ``refuser`` and ``blackhole`` fixtures):
 ``closed_database_url`` (nothing listens: connection refused), ``Refuser``
 (accepts and hangs up at once, counting the connections, so a test can tell
 whether the database was touched at all) and ``Blackhole`` (accepts and never
@@ -20,7 +21,7 @@ import pytest
 
 from jobs import observability
 
-from support.databases import Blackhole, Refuser, closed_database_url
+from support.databases import closed_database_url
 from support.service import assert_error, drop_pool, make_app, metric_samples, metric_value
 
 ADMIN = "adm-7f3c9e1b5d2a4c68-secret"
@@ -38,23 +39,6 @@ LEAK_MARKERS = (
     "127.0.0.1",
     'File "',
 )
-
-
-# ---- Databases that fail -----------------------------------------------------
-
-
-@pytest.fixture
-def refuser():
-    listener = Refuser()
-    yield listener
-    listener.close()
-
-
-@pytest.fixture
-def blackhole():
-    listener = Blackhole()
-    yield listener
-    listener.close()
 
 
 # ---- Capturing the service's log ---------------------------------------------

@@ -14,7 +14,8 @@ check written once runs both ways.
   ``new_job`` and ``register_files``.
 - Every route once: ``seed_two_jobs`` and ``route_plan``.
 - Values and bodies: ``MAX_ID``, ``block_hash``, ``file_entry``.
-- Answers: ``assert_error`` (the error shape of every 4xx/5xx; returns the message).
+- Answers: ``assert_error`` (the error shape of every 4xx/5xx; returns the message),
+  ``parse_http_answer`` (an answer read off a raw socket).
 - Metrics: ``parse_metrics`` (a /metrics text), ``metric_samples`` (/metrics
   through a test client), ``scrape_metrics`` (/metrics over HTTP),
   ``metric_value``, ``served_metric`` (one sample of a server's /metrics).
@@ -236,6 +237,17 @@ def assert_error(response, status: int, code: str) -> str:
     for leak in LEAKS_IN_MESSAGES:
         assert leak not in message, body
     return message
+
+
+def parse_http_answer(received: bytes) -> tuple[int, dict[str, str], bytes]:
+    """An HTTP answer as read off a socket: (status, {lower-case header: value}, body)."""
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers, body
 
 
 # ---- Metrics -------------------------------------------------------------------------
