@@ -38,7 +38,7 @@ from dev.gunicorn import ROOT, Server, http_caller, serving, wait_for_workers, w
 from jobs import db, observability, readiness, settings
 from jobs.store import readiness as readiness_store
 
-from support.databases import closed_database_url, init_db, table_locked
+from support.databases import closed_database_url, init_db, query, table_locked
 from support.service import make_app, metric_samples, metric_value, parse_http_answer
 
 # ---- Settings: each at its bounds, one past them, malformed ------------------------------
@@ -316,15 +316,6 @@ def scratch_database(postgres_url: str, name: str) -> str:
     return psycopg2.extensions.make_dsn(postgres_url, dbname=name)
 
 
-def run_sql(url: str, sql: str) -> None:
-    conn = psycopg2.connect(url)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
-
-
 def test_readyz_503_when_the_schema_is_missing_then_ready_after_init_db(postgres_url):
     url = scratch_database(postgres_url, "bounds_no_schema")
     unavailable = {
@@ -337,9 +328,9 @@ def test_readyz_503_when_the_schema_is_missing_then_ready_after_init_db(postgres
     init_db(url)
     assert readyz_json(make_app(url)) == (200, {"status": "ok"})
     # One column gone (a half-applied migration, a restore of an old dump).
-    run_sql(url, "ALTER TABLE jobs DROP COLUMN job_json")
+    query(url, "ALTER TABLE jobs DROP COLUMN job_json")
     assert readyz_json(make_app(url)) == (503, unavailable)
-    run_sql(url, "DROP TABLE workers")
+    query(url, "DROP TABLE workers")
     assert readyz_json(make_app(url)) == (503, unavailable)
     init_db(url)  # schema.sql adds both back
     assert readyz_json(make_app(url)) == (200, {"status": "ok"})
