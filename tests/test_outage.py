@@ -198,6 +198,7 @@ def check_blocked(call, a, b, timeout_s: float, only=None, bulk_timeout_s=None):
     assert call("GET", "/readyz")[0] == 200
 
 
+@pytest.mark.alone  # each route fails between 0.8x and its limit + 1.5 s
 def test_statement_timeout_under_gunicorn(server, pg):
     call = server.caller(timeout=15)
     master = server.process.pid
@@ -210,6 +211,7 @@ def test_statement_timeout_under_gunicorn(server, pg):
     assert worker_pids(master) == workers
 
 
+@pytest.mark.alone  # each route fails between 0.8x and its limit + 1.5 s
 def test_statement_timeout_in_process(app):
     url = app.config["DATABASE_URL"]
     timed_app = create_app(
@@ -242,6 +244,7 @@ def test_statement_timeout_in_process(app):
     timed_app.extensions["jobs_db_pool"].drop_idle()
 
 
+@pytest.mark.alone  # answers within 0.5 s once the database is back
 def test_no_connection_leaks_after_failures(restart_pg):
     """Failed requests hand their connections back: a pool of 2 never runs dry."""
     pg = restart_pg

@@ -613,6 +613,7 @@ def test_one_sweep_is_bounded_and_the_next_takes_the_rest(client, database_url, 
         assert cur.fetchone() == (700, 700)
 
 
+@pytest.mark.alone  # a 1.5 s lease kept by heartbeats every 0.1 s
 def test_a_heartbeating_worker_keeps_its_jobs_across_several_lease_periods(app, database_url):
     """Real time: a lease of 1.5 s, heartbeats every 0.1 s and a sweep every 0.1 s for
     5 s (over three lease periods). The worker that stopped heartbeating loses its job."""
