@@ -29,6 +29,9 @@ from support.replication import primary_and_standby
 from support.service import assert_error, route_plan, seed_two_jobs
 from support.waiting import until
 
+# Under pytest-xdist, on one worker: its primary and standby are the module's.
+pytestmark = pytest.mark.xdist_group("failover")
+
 STATEMENT_TIMEOUT_MS = 1000
 # The usual bound on any answer while the database is away: the statement
 # timeout plus a few seconds (docs/API.md, Database failures).

@@ -17,7 +17,6 @@ import time
 
 import pytest
 
-from app import create_app
 from dev.gunicorn import Server, wait_for_workers
 from jobs import db, settings
 from jobs.api import endpoint
@@ -26,6 +25,9 @@ from support.databases import query_rows
 from support.replication import primary_and_standby
 from support.service import assert_error, metric_samples, metric_value
 from support.waiting import until
+
+# Under pytest-xdist, on one worker: its primary and standby are the module's.
+pytestmark = pytest.mark.xdist_group("replicas")
 
 MAX_LAG_S = 1.5
 CHECK_S = 0.05
@@ -57,29 +59,21 @@ def standby(pair):
 
 
 @pytest.fixture
-def make_app(pair):
-    apps = []
+def replica_app(pair, apps):
+    """``replica_app(replica_urls=None, **config)``: an app on the pair's primary reading
+    from ``replica_urls`` (the standby by default); conftest's ``apps`` closes its pool
+    and its replicas' connections afterwards."""
 
     def make(replica_urls=None, **config):
-        app = create_app(
-            {
-                "TESTING": True,
-                "DATABASE_URL": pair.primary.url,
-                "DATABASE_REPLICA_URL": tuple(replica_urls or [pair.standby.url]),
-                "REPLICA_MAX_LAG_S": MAX_LAG_S,
-                "REPLICA_CHECK_S": CHECK_S,
-                **config,
-            }
+        return apps(
+            DATABASE_URL=pair.primary.url,
+            DATABASE_REPLICA_URL=tuple(replica_urls or [pair.standby.url]),
+            REPLICA_MAX_LAG_S=MAX_LAG_S,
+            REPLICA_CHECK_S=CHECK_S,
+            **config,
         )
-        apps.append(app)
-        return app
 
-    yield make
-    for app in apps:
-        for key in ("jobs_db_pool", "jobs_db_replicas"):
-            held = app.extensions.get(key)
-            if held is not None:
-                held.close() if key == "jobs_db_replicas" else held.drop_idle()
+    return make
 
 
 def checked(app) -> None:
@@ -158,8 +152,8 @@ def test_exactly_the_operators_reads_are_declared_for_replicas():
     assert declared == REPLICA_ROUTES
 
 
-def test_reads_go_to_the_replica_until_it_lags_then_to_the_primary(pair, standby, make_app):
-    app = make_app()
+def test_reads_go_to_the_replica_until_it_lags_then_to_the_primary(pair, standby, replica_app):
+    app = replica_app()
     client = app.test_client()
     old_job, old_event = new_job_and_worker(client, pair.primary.url, "w-old")
     standby.wait_caught_up()
@@ -203,8 +197,8 @@ def test_reads_go_to_the_replica_until_it_lags_then_to_the_primary(pair, standby
     assert since(before, reads(client)) == (0, 7, 0, 0)
 
 
-def test_an_idle_primary_keeps_a_caught_up_replica_fresh(pair, standby, make_app):
-    app = make_app()
+def test_an_idle_primary_keeps_a_caught_up_replica_fresh(pair, standby, replica_app):
+    app = replica_app()
     client = app.test_client()
     standby.wait_caught_up()
     checked(app)
@@ -219,8 +213,8 @@ def test_an_idle_primary_keeps_a_caught_up_replica_fresh(pair, standby, make_app
     assert replica > 10
 
 
-def test_a_replica_down_never_fails_a_read(pair, standby, make_app):
-    app = make_app()
+def test_a_replica_down_never_fails_a_read(pair, standby, replica_app):
+    app = replica_app()
     client = app.test_client()
     job_id, _ = new_job_and_worker(client, pair.primary.url, "w-down")
     standby.wait_caught_up()
@@ -248,8 +242,10 @@ def test_a_replica_down_never_fails_a_read(pair, standby, make_app):
     until(on_the_replica, what="reads on the replica again")
 
 
-def test_a_frozen_replica_costs_one_deadline_then_reads_go_to_the_primary(pair, standby, make_app):
-    app = make_app(STATEMENT_TIMEOUT_MS=300, DB_CONNECT_TIMEOUT_S=1)
+def test_a_frozen_replica_costs_one_deadline_then_reads_go_to_the_primary(
+    pair, standby, replica_app
+):
+    app = replica_app(STATEMENT_TIMEOUT_MS=300, DB_CONNECT_TIMEOUT_S=1)
     client = app.test_client()
     job_id, _ = new_job_and_worker(client, pair.primary.url, "w-frozen")
     standby.wait_caught_up()
@@ -275,9 +271,9 @@ def test_a_frozen_replica_costs_one_deadline_then_reads_go_to_the_primary(pair, 
     assert since(before, reads(client))[1] == 1
 
 
-def test_replica_reads_through_pgbouncer(pair, standby, make_app, pgbouncer_factory):
+def test_replica_reads_through_pgbouncer(pair, standby, replica_app, pgbouncer_factory):
     bouncer = pgbouncer_factory(standby.url, "transaction")
-    app = make_app([bouncer.url])
+    app = replica_app([bouncer.url])
     client = app.test_client()
     standby.wait_caught_up()
     checked(app)

@@ -41,6 +41,9 @@ from support.waiting import (
     until_waiting,
 )
 
+# Under pytest-xdist, on one worker: its gunicorn instances are the module's.
+pytestmark = pytest.mark.xdist_group("waiting")
+
 WAKE_S = 1.0  # a wake-up reaches the waiter within this of the change's answer
 
 

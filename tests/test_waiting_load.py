@@ -41,6 +41,7 @@ def get_latencies(call, path: str, count: int) -> list[float]:
     return timings
 
 
+@pytest.mark.alone  # a thousand waiters on one instance, answered within their bounds
 def test_an_instance_holds_a_thousand_waiting_heartbeats(app, server, db_conn):
     call = server.caller()
     job_id = create_job(call, "elsewhere")["id"]

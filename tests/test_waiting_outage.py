@@ -19,6 +19,9 @@ from support.databases import init_db
 from support.service import create_job, served_metric
 from support.waiting import Background, until, until_requests_wait
 
+# Under pytest-xdist, on one worker: its PostgreSQL and gunicorn are the module's.
+pytestmark = pytest.mark.xdist_group("waiting_outage")
+
 GENERIC = "database error; the request was not completed"
 
 

@@ -52,10 +52,14 @@ def make_app(database_url: str | None, **config):
 
 
 def drop_pool(app) -> None:
-    """Close the app's idle pooled connections (if it ever opened a pool)."""
+    """Close the app's idle pooled connections (if it ever opened a pool), and its
+    replicas' connections (if it has any)."""
     pool = app.extensions.get("jobs_db_pool")
     if pool is not None:
         pool.drop_idle()
+    replicas = app.extensions.get("jobs_db_replicas")
+    if replicas is not None:
+        replicas.close()
 
 
 # ---- Requests through a Call --------------------------------------------------------
