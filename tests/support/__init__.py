@@ -11,6 +11,11 @@ and never from each other:
   Flask test client and over HTTP), bodies, the error shape, metrics.
 - ``support.races``: racing requests, the audit trail, the race workloads and
   the checks of what they saw.
+- ``support.waiting``: waiting requests in the background, follow streams,
+  many waiters on raw sockets, ``until`` (poll a condition).
+- ``support.retrying``: attempts, fencing and automatic retries (workers'
+  leases, fenced reports, retries made due).
+- ``support.replication``: a primary and a hot standby on this box.
 - ``support.browser``: a real browser for the console's tests (a pytest plugin
   of test_console.py).
 

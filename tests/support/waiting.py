@@ -2,6 +2,8 @@
 knowing when a request waits, reading a follow stream, and many waiters on raw sockets.
 
 - ``Background``: one HTTP request in a thread, its answer and when it came.
+- ``until(predicate)``: poll until it returns something true (also for
+  test_failover and test_replicas).
 - ``until_waiting(db_conn, node_id)``: a long-polled heartbeat of that worker
   has arrived (its mark is in the worker's row, which the arrival statement
   writes after the request registered to be woken).
