@@ -23,6 +23,12 @@ run: venv
 # tests run the service through PgBouncer, and the console's tests drive headless
 # Chromium through Playwright (from requirements-dev.txt; never its own browser
 # download). Where they cannot be, those tests skip, or fail when CI=true.
+# The tests run in PYTEST_XDIST's processes (pytest-xdist): most of them wait on
+# PostgreSQL, gunicorn or a clock more than they use a core, so 4 beat 2 on a
+# 2-core machine (BENCHMARKS.md, "The test suite"). A module whose tests share a
+# server of its own is marked xdist_group (--dist loadgroup keeps it on one
+# process). PYTEST_XDIST= runs them in this one process.
+PYTEST_XDIST ?= -n 4 --dist loadgroup
 test: venv
 	@test -x /usr/sbin/pgbouncer || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 		apt-get install -y -qq pgbouncer >/dev/null 2>&1 || \
@@ -32,7 +38,7 @@ test: venv
 		apt-get install -y -qq chromium >/dev/null 2>&1 || \
 		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
 		echo "make test: could not install chromium: the console's tests will say so"
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

@@ -108,8 +108,7 @@ def main() -> None:
             conn = connect(pg.url)
             with conn.cursor() as cur:
                 cur.execute((ROOT / "schema.sql").read_text())
-            launch = service_launch(workdir, workers=2)
-            server = start_server("service", launch, {"DATABASE_URL": pg.url}, workdir, "/jobs/1")
+            server = start_server("service", service_launch(workers=2), pg.url, workdir)
             stack.callback(server.stop)
             result = measure_registration(conn, server.port)
     except BaseException:

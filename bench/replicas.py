@@ -46,7 +46,8 @@ from bench import seed
 from bench.console import say
 from bench.load import Load, ensure_wrk, id_script, run_wrk
 from bench.report import fmt, replicas_section, replicas_summary
-from bench.servers import ROOT, Server, connect, service_launch, start_postgres, start_server
+from bench.servers import ROOT, connect, service_launch, start_postgres, start_server
+from dev.gunicorn import Server
 from dev.postgres import LocalPostgres
 from dev.standby import LocalStandby, make_synchronous
 
@@ -122,7 +123,7 @@ def replica_reads(figures, pg, workdir, serve, paths, duration, connections) -> 
         try:
             for server in servers.values():  # warm-up: caches, pools, the replica checks
                 for path, script in paths.values():
-                    run_wrk(server.url(path), 2, connections, script)
+                    run_wrk(server.url + path, 2, connections, script)
             before = read_counts(servers["replica"])
             # In turns, ROUNDS times over: the box's load drifts more between
             # runs than the routing costs, and both targets see the same drift.
@@ -134,8 +135,8 @@ def replica_reads(figures, pg, workdir, serve, paths, duration, connections) -> 
                         # A second of warm-up: the replica's freshness was last
                         # checked before this server's pause, and its first
                         # reads go to the primary until a check has run.
-                        run_wrk(server.url(path), 1, connections, script)
-                        load = run_wrk(server.url(path), duration, connections, script)
+                        run_wrk(server.url + path, 1, connections, script)
+                        load = run_wrk(server.url + path, duration, connections, script)
                         runs.setdefault((target, endpoint), []).append(load)
                         say(
                             f"{target:8} {endpoint:20} {load.rps:8.0f} req/s"
@@ -313,8 +314,7 @@ def main() -> None:
             seed.seed(conn, mixed)
 
             def serve(name: str, url: str, env: dict[str, str]) -> Server:
-                env = {"DATABASE_URL": url, **env}
-                server = start_server(name, service_launch(workdir, 2), env, workdir, "/jobs/1")
+                server = start_server(name, service_launch(2), url, workdir, env)
                 stack.callback(server.stop)
                 return server
 

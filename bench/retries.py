@@ -183,7 +183,7 @@ def reports(bench: Bench, figures: RetryFigures) -> None:
         conn.close()
     jobs_file = bench.workdir / "report-jobs.txt"
     jobs_file.write_text("".join(f"{i} {node} {attempt}\n" for i, node, attempt in rows))
-    url = bench.service.url("/")
+    url = bench.service.url + "/"
     seconds, connections = bench.args.duration, bench.args.connections
 
     def wrk(fenced: bool, duration: int) -> Load:

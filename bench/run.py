@@ -47,7 +47,8 @@ prepared as the service runs it.
 
 This file is the orchestration: the scenarios, in order. The rest of the
 harness: load.py (wrk, single-client probes, pgbench), servers.py
-(PostgreSQL and the apps under gunicorn), plans.py (auto_explain capture and
+(PostgreSQL, and the floors' options for dev/gunicorn.py, which runs every
+app under gunicorn), plans.py (auto_explain capture and
 plan analysis), report.py (tables, verdicts, summary line), seed.py (the
 tables), through_pgbouncer.py, replicas.py, growth.py and register.py (those
 scenarios),
@@ -91,8 +92,6 @@ from bench.report import fmt, report
 from bench.retries import run_retries
 from bench.servers import (
     ROOT,
-    Launch,
-    Server,
     connect,
     floor_launch,
     rss_kib,
@@ -102,6 +101,7 @@ from bench.servers import (
 )
 from bench.slow_clients import slow_clients
 from bench.through_pgbouncer import through_pgbouncer
+from dev.gunicorn import Server
 
 RESULTS = ROOT / "bench" / "results" / "latest.md"
 
@@ -172,8 +172,9 @@ class Bench:
 
     # -- servers
 
-    def service_launch(self, workers: int) -> Launch | None:
-        """How to start the service, or None when it is absent and may be."""
+    def service_launch(self, workers: int) -> dict | None:
+        """dev.gunicorn.Server's options for the service, or None when it is absent and
+        may be."""
         if self.args.service == "naive":
             return floor_launch("naive_app", workers)
         if not (ROOT / "wsgi.py").exists():
@@ -181,19 +182,18 @@ class Bench:
                 raise SystemExit("--service app: wsgi.py does not exist yet")
             self.notes.append("The service (wsgi.py) does not exist yet: its rows read n/a.")
             return None
-        return service_launch(self.workdir, workers)
+        return service_launch(workers)
 
     def serve(
         self,
         name: str,
-        launch: Launch,
+        launch: dict,
         database_url: str | None = None,
         extra_env: dict[str, str] | None = None,
     ) -> Server:
-        # /jobs/1: a path every app answers, with a database round trip where
-        # there is a database, so the first measured request opens nothing.
-        env = {"DATABASE_URL": database_url or self.pg.url, **(extra_env or {})}
-        server = start_server(name, launch, env, self.workdir, "/jobs/1")
+        """Start an app under gunicorn (``launch``: dev.gunicorn.Server's options); it is
+        stopped when the run ends, if not before."""
+        server = start_server(name, launch, database_url or self.pg.url, self.workdir, extra_env)
         self.stack.callback(server.stop)
         return server
 
@@ -249,8 +249,8 @@ class Bench:
         """wrk on one endpoint of one server: a warm-up, then the measured run."""
         path, script = self.throughput_endpoints()[endpoint]
         seconds, connections = self.args.duration, self.args.connections
-        run_wrk(server.url(path), min(2, seconds), connections, script)  # warm-up
-        load = run_wrk(server.url(path), seconds, connections, script)
+        run_wrk(server.url + path, min(2, seconds), connections, script)  # warm-up
+        load = run_wrk(server.url + path, seconds, connections, script)
         say(
             f"{app:8} {endpoint:20} {load.rps:8.0f} req/s  p50 {load.p50_ms:.2f} ms"
             f"  p99 {load.p99_ms:.2f} ms  errors {load.errors}"
@@ -375,7 +375,7 @@ class Bench:
         samples = {}
         for label, count in (("1k", 1_000), ("total", self.args.leak_requests - 1_000)):
             run_wrk_until(
-                server.url(),
+                server.url,
                 self.args.connections,
                 id_script(ids, *paths, stop_after=count, marker=str(marker)),
                 marker,
@@ -414,7 +414,7 @@ class Bench:
 
         # Two connections: one per worker, one of which is busy deleting.
         load = load_during(
-            self.service.url(),
+            self.service.url,
             2,
             id_script(ids, "/jobs/{id}"),
             delete,

@@ -1,24 +1,19 @@
 """The processes under test: the throwaway PostgreSQL and the apps under gunicorn.
 
-The floors (constant_app.py, naive_app.py) get the service's own worker
+Every app runs under dev/gunicorn.py's ``Server``, the launcher the tests use
+too. The floors (constant_app.py, naive_app.py) get the service's own worker
 settings, read from gunicorn.conf.py: its worker class (gevent), keep-alive,
 and the same worker count, so that the ratios compare request handling alone.
 """
 
 from __future__ import annotations
 
-import os
 import runpy
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg2
 
-from bench.load import request
+from dev.gunicorn import Server, free_port
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -42,54 +37,17 @@ SERVER_SETTINGS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class Server:
-    name: str
-    port: int
-    process: subprocess.Popen
-
-    def url(self, path: str = "") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def workers(self) -> list[int]:
-        pid = self.process.pid
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        return sorted(map(int, children))
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()  # gunicorn: graceful shutdown
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-@dataclass
-class Launch:
-    """How to start one app under gunicorn."""
-
-    argv: list[str]
-    cwd: Path
-    port: int
-    env: dict[str, str] = field(default_factory=dict)
-
-
-def floor_launch(module: str, workers: int) -> Launch:
+def floor_launch(module: str, workers: int) -> dict:
+    """dev.gunicorn.Server's options for a floor app (bench/<module>.py) with the
+    service's worker settings; Bench.serve starts it."""
     production = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
     port = free_port()
-    return Launch(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
+    return {
+        "app": f"{module}:app",
+        "config": None,
+        "port": port,
+        "workers": workers,
+        "args": [
             "--workers",
             str(workers),
             "--worker-class",
@@ -100,57 +58,38 @@ def floor_launch(module: str, workers: int) -> Launch:
             str(production["worker_connections"]),
             "--bind",
             f"127.0.0.1:{port}",
-            f"{module}:app",
         ],
-        BENCH,
-        port,
+        "cwd": BENCH,
         # naive_app imports jobs.pool (its deadline variant).
-        {"PYTHONPATH": str(ROOT)},
-    )
-
-
-def service_launch(workdir: Path, workers: int) -> Launch:
-    """The service as production runs it: gunicorn.conf.py, wsgi:app, on a free port."""
-    port = free_port()
-    # Its metrics files default to a directory per port under /tmp that
-    # outlives the server; in the workdir they go when the run ends.
-    env = {
-        "PORT": str(port),
-        "WEB_CONCURRENCY": str(workers),
-        "PROMETHEUS_MULTIPROC_DIR": str(workdir / f"metrics-{port}"),
+        "env": {"PYTHONPATH": str(ROOT)},
     }
-    return Launch(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
-        ROOT,
-        port,
-        env,
-    )
+
+
+def service_launch(workers: int) -> dict:
+    """dev.gunicorn.Server's options for the service as production runs it
+    (gunicorn.conf.py, wsgi:app, on a free port): its defaults."""
+    return {"workers": workers}
 
 
 def start_server(
-    name: str, launch: Launch, env: dict[str, str], workdir: Path, ready_path: str
+    name: str,
+    launch: dict,
+    database_url: str,
+    workdir: Path,
+    extra_env: dict[str, str] | None = None,
 ) -> Server:
-    log = workdir / f"{name}.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            launch.argv,
-            cwd=launch.cwd,
-            env={**os.environ, **launch.env, **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    server = Server(name, launch.port, process)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited at start-up:\n{log.read_text()[-3000:]}")
-        try:
-            request(launch.port, "GET", ready_path)
-            return server
-        except OSError:
-            time.sleep(0.1)
-    server.stop()
-    raise RuntimeError(f"{name} did not answer within 30 s:\n{log.read_text()[-3000:]}")
+    """Start an app under gunicorn (``launch``: dev.gunicorn.Server's options), its log
+    and metrics in ``workdir``/``name``; ready once /jobs/1 answers: a path every app
+    answers, with a database round trip where there is a database, so the first
+    measured request opens nothing."""
+    env = {**launch.get("env", {}), **(extra_env or {})}
+    return Server(
+        database_url,
+        **{**launch, "env": env},
+        name=name,
+        workdir=workdir / name,
+        ready_path="/jobs/1",
+    ).start()
 
 
 def rss_kib(pid: int) -> int:

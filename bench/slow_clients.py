@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 from bench.console import say
 from bench.load import id_script, run_wrk
-from bench.servers import Launch
 
 if TYPE_CHECKING:
     from bench.run import Bench
@@ -72,15 +71,15 @@ def slow_clients(bench: Bench) -> None:
         if base is None:
             return
         # Command-line settings override gunicorn.conf.py's.
-        argv = [*base.argv[:-1], "--worker-class", worker_class, base.argv[-1]]
-        server = bench.serve(f"service-{worker_class}", Launch(argv, base.cwd, base.port, base.env))
+        launch = {**base, "args": ["--worker-class", worker_class]}
+        server = bench.serve(f"service-{worker_class}", launch)
         try:
             with held_connections(server.port):
                 for endpoint, path, script in (
                     ("GET /healthz", "/healthz", None),
                     ("GET /jobs/{id}", "/", id_script(ids, "/jobs/{id}")),
                 ):
-                    load = run_wrk(server.url(path), seconds, bench.args.connections, script)
+                    load = run_wrk(server.url + path, seconds, bench.args.connections, script)
                     bench.slow_client_loads[(worker_class, endpoint)] = load
                     say(
                         f"{IDLE} idle + {DRIBBLING} slow clients, {worker_class:6} {endpoint:16}"

@@ -1,7 +1,12 @@
-"""Fixtures in the style of Flask's tutorial: app, client, runner.
+"""Fixtures in the style of Flask's tutorial: app, client, runner; and apps, audit,
+db_conn, refuser, blackhole, the PostgreSQL and PgBouncer factories.
 
 The database is real PostgreSQL: DATABASE_URL when it is set, otherwise a
-throwaway server started here for the session and removed afterwards.
+throwaway server started here for the session and removed afterwards. Under
+pytest-xdist (`make test` runs the suite with ``-n``) every worker is a
+session of its own: without DATABASE_URL it starts its own server, with it
+it uses a database of its own on that server (``<name>_gw0``, ... created
+when missing; see support.databases.database_of_worker).
 
 JOBS_TEST_DATABASE_VIA=pgbouncer-transaction (or pgbouncer-session) puts a
 stock PgBouncer in that pool mode between every test's app and that database
@@ -9,23 +14,87 @@ stock PgBouncer in that pool mode between every test's app and that database
 ``postgres_url`` is always the database itself.
 """
 
+import fcntl
 import os
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import psycopg2
 import pytest
+from _pytest.nodeid import coerce_node_id
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app import create_app  # noqa: E402
 from dev import pgbouncer as devpgbouncer  # noqa: E402
 from dev.pgbouncer import LocalPgBouncer  # noqa: E402
 from dev.postgres import LocalPostgres  # noqa: E402
 
-TABLES = "jobs, job_events, job_tables, job_files, job_chain, workers"
+from support.databases import (  # noqa: E402
+    Blackhole,
+    Refuser,
+    database_of_worker,
+    init_db,
+    truncate,
+)
+from support.races import audit_trail  # noqa: E402
+from support.service import drop_pool, make_app  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """Node IDs that pytest-xdist can tell apart and group. pytest 9 keeps an item's ID in
+    ``_id``, and two plugins expect otherwise:
+
+    - schemathesis names the items of test_fuzz.py ``test_api[GET /jobs]`` and so on,
+      but gives all 19 the one ID ``test_api``: xdist, which schedules by ID, ran one;
+    - xdist 3.8's ``--dist loadgroup`` sends the tests of an ``xdist_group`` to one
+      worker by an ``@group`` suffix on their IDs, which it writes where pytest 9 no
+      longer reads (``_nodeid``): every group was spread over the workers.
+    """
+    counts = Counter(item.nodeid for item in items)
+    loadgroup = getattr(config.option, "loadgroup", False)  # on xdist's workers
+    for item in items:
+        nodeid = item.nodeid
+        if counts[nodeid] > 1:
+            nodeid = f"{nodeid.rpartition('::')[0]}::{item.name}"
+        groups = sorted(
+            {
+                str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                for m in item.iter_markers("xdist_group")
+            }
+        )
+        if loadgroup and groups and "@" not in nodeid:
+            nodeid = f"{nodeid}@{'_'.join(groups)}"
+        if nodeid != item.nodeid:
+            item._id = coerce_node_id(nodeid)
+
+
+@pytest.fixture(autouse=True)
+def _alone_or_together(request, tmp_path_factory):
+    """Under pytest-xdist, a test marked ``alone`` runs while no other test does.
+
+    A test whose verdict is a time bound tight enough that three other workers
+    busy on two cores could break it (``@pytest.mark.alone``) waits for the tests
+    running on the other workers to finish and keeps new ones from starting: it
+    takes the run's lock exclusively, every other test takes it shared. The gate
+    in front of the lock keeps a waiting ``alone`` test from being starved by a
+    stream of shared holders. Module fixtures (a gunicorn of the module's) stay up.
+    """
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    # The workers' temporary directories (popen-gw0, ...) share the run's own.
+    run = tmp_path_factory.getbasetemp().parent
+    with open(run / "alone.gate", "a") as gate, open(run / "alone.lock", "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        if request.node.get_closest_marker("alone"):
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the gate stays shut until it is done
+        else:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        yield  # closing the files releases both
 
 
 @pytest.fixture(scope="session")
@@ -46,9 +115,11 @@ def pg_factory():
 @pytest.fixture(scope="session")
 def postgres_url(pg_factory):
     """The session's PostgreSQL, reached directly."""
-    if os.environ.get("DATABASE_URL"):
-        return os.environ["DATABASE_URL"]
-    return pg_factory().url
+    url = os.environ.get("DATABASE_URL")
+    if not url:
+        return pg_factory().url
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ... under pytest-xdist
+    return database_of_worker(url, worker) if worker else url
 
 
 VIA_POOL_MODES = {
@@ -70,29 +141,41 @@ def database_url(postgres_url, pgbouncer_factory):
 
 @pytest.fixture(scope="session")
 def _schema(database_url):
-    app = create_app({"TESTING": True, "DATABASE_URL": database_url})
-    result = app.test_cli_runner().invoke(args=["init-db"])
-    assert result.exit_code == 0, result.output
+    init_db(database_url)
     return database_url
-
-
-def truncate_all(database_url):
-    conn = psycopg2.connect(database_url)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
-    finally:
-        conn.close()
 
 
 @pytest.fixture
 def app(_schema):
-    truncate_all(_schema)
-    app = create_app({"TESTING": True, "DATABASE_URL": _schema})
+    """The app on the session's database, emptied for the test."""
+    truncate(_schema)
+    app = make_app(_schema)
     yield app
-    pool = app.extensions.get("jobs_db_pool")
-    if pool is not None:
-        pool.drop_idle()
+    drop_pool(app)
+
+
+@pytest.fixture
+def apps(app):
+    """``apps(**config)``: more apps with settings of the test's own on the same (emptied)
+    database, or on another DATABASE_URL given in ``config``; their pools are dropped
+    afterwards."""
+    made = []
+
+    def make(**config):
+        made.append(make_app(app.config["DATABASE_URL"], **config))
+        return made[-1]
+
+    yield make
+    for each in made:
+        drop_pool(each)
+
+
+@pytest.fixture
+def audit(app):
+    """Every status change from the test's start on, recorded by the database
+    (support.races.Audit); ``app`` has emptied it first."""
+    with audit_trail(app.config["DATABASE_URL"]) as trail:
+        yield trail
 
 
 @pytest.fixture
@@ -103,6 +186,22 @@ def client(app):
 @pytest.fixture
 def runner(app):
     return app.test_cli_runner()
+
+
+@pytest.fixture
+def refuser():
+    """A database that accepts and hangs up at once (support.databases.Refuser)."""
+    listener = Refuser()
+    yield listener
+    listener.close()
+
+
+@pytest.fixture
+def blackhole():
+    """A database that accepts and never answers (support.databases.Blackhole)."""
+    listener = Blackhole()
+    yield listener
+    listener.close()
 
 
 @pytest.fixture

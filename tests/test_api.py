@@ -2,7 +2,7 @@
 status codes and error codes of docs/API.md (Conventions to Events).
 
 Expected values come from docs/API.md, written out by hand (the filter tokens
-here, the transition table in helpers.py), never from the service's own
+here, the transition table in support/oracle.py), never from the service's own
 constants, so a wrong constant in schemas.py fails these tests instead of
 being copied by them.
 Every successful body is also checked against the marshmallow schema that
@@ -19,20 +19,11 @@ from datetime import UTC, datetime, timedelta
 from itertools import product
 
 import pytest
-from helpers import (
-    ACTIVE,
-    MAX_ID,
-    REPORTABLE,
-    STATUSES,
-    STOPPABLE,
-    TERMINAL,
-    WORKER_MOVES,
-    assert_error,
-    block_hash,
-    file_entry,
-)
 
 from jobs.schemas import EventListSchema, JobListSchema, JobSchema, ProgressSchema
+
+from support.oracle import ACTIVE, REPORTABLE, STATUSES, STOPPABLE, TERMINAL, WORKER_MOVES
+from support.service import MAX_ID, assert_error, block_hash, file_entry, register_files
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 # attempt, max_attempts and retry_at: docs/API.md, "Attempts and retries".
@@ -213,12 +204,6 @@ def make_job(client, status: str, node_id="worker-01", descriptor=None) -> dict:
     return job
 
 
-def register(client, job_id, table, payload, expect=201):
-    response = client.post(f"/jobs/{job_id}/tables/{table}/files", json=payload)
-    assert response.status_code == expect, response.data
-    return response
-
-
 def db_rows(db_conn, table: str, job_id: int) -> int:
     with db_conn.cursor() as cur:
         cur.execute(f"SELECT count(*) FROM {table} WHERE job_id = %s", (job_id,))
@@ -364,7 +349,7 @@ def test_updated_at_changes_on_every_status_change_and_only_then(client):
     changed(report(client, job["id"], "RUNNING"))
     report(client, job["id"], "RUNNING")  # no-op
     unchanged()
-    register(client, job["id"], "blocks", file_entry("f0", 0, 9))
+    register_files(client, job["id"], "blocks", file_entry("f0", 0, 9))
     unchanged()
     report(client, job["id"], "STOPPED", expect=409)
     unchanged()
@@ -742,9 +727,9 @@ def test_stop_then_worker_winds_down(client):
 def test_delete_terminal_job_cascades(client, db_conn, terminal):
     job = create(client)
     keep = create(client)
-    register(client, job["id"], "blocks", [file_entry("a", 0, 9), file_entry("b", 10, 19)])
-    register(client, job["id"], "logs", file_entry("c", 0, 9))
-    register(client, keep["id"], "blocks", file_entry("a", 0, 9))
+    register_files(client, job["id"], "blocks", [file_entry("a", 0, 9), file_entry("b", 10, 19)])
+    register_files(client, job["id"], "logs", file_entry("c", 0, 9))
+    register_files(client, keep["id"], "blocks", file_entry("a", 0, 9))
     job = drive(client, job, terminal)
     keep = drive(client, keep, terminal)
     assert db_rows(db_conn, "job_files", job["id"]) == 3
@@ -769,7 +754,7 @@ def test_delete_terminal_job_cascades(client, db_conn, terminal):
 @pytest.mark.parametrize("active", ACTIVE)
 def test_delete_active_job_is_409_naming_its_status(client, db_conn, active):
     job = make_job(client, active)
-    register(client, job["id"], "blocks", file_entry("a", 0, 9))
+    register_files(client, job["id"], "blocks", file_entry("a", 0, 9))
     before_events = events(client, job["id"])
     message = assert_error(client.delete(f"/jobs/{job['id']}"), 409, "JOB_CONFLICT")
     assert names(active, message), message
@@ -813,7 +798,7 @@ def two_of_each(client):
     for status in STATUSES:
         for _ in range(2):
             job = create(client)
-            register(client, job["id"], "blocks", file_entry("f", 0, 9))
+            register_files(client, job["id"], "blocks", file_entry("f", 0, 9))
             job = drive(client, job, status)
             jobs[job["id"]] = status
     return jobs
@@ -878,7 +863,7 @@ def test_delete_by_ids_deletes_exactly_those(client, db_conn):
     done = [make_job(client, s) for s in TERMINAL for _ in range(2)]
     running = make_job(client, "RUNNING")
     chosen = [done[0]["id"], done[3]["id"], done[5]["id"]]
-    register(client, running["id"], "blocks", file_entry("f", 0, 9))
+    register_files(client, running["id"], "blocks", file_entry("f", 0, 9))
     response = client.delete("/jobs", json={"job_ids": [*chosen, 99999, chosen[0]]})
     assert response.status_code == 204, response.data
     assert response.data == b""
@@ -947,7 +932,9 @@ def test_delete_by_ids_is_all_or_nothing(client, db_conn, active):
 
 def test_register_single_file(client):
     job = create(client)
-    response = register(client, job["id"], "blocks", file_entry("b0", 0, 99, 1000, block_hash(1)))
+    response = register_files(
+        client, job["id"], "blocks", file_entry("b0", 0, 99, 1000, block_hash(1))
+    )
     assert response.headers["Content-Type"].split(";")[0] == "application/json"
     assert isinstance(body_of(response), dict)
     assert progress(client, job["id"])["tables"] == {
@@ -963,7 +950,7 @@ def test_register_single_file(client):
 def test_register_batch(client):
     job = create(client)
     batch = [file_entry(f"b{i}", i * 100, i * 100 + 99, 10 + i) for i in range(5)]
-    register(client, job["id"], "blocks", batch)
+    register_files(client, job["id"], "blocks", batch)
     assert progress(client, job["id"])["tables"]["blocks"] == {
         "start_block": 0,
         "current_block": 499,
@@ -975,7 +962,7 @@ def test_register_batch(client):
 def test_register_1000_files_in_one_batch(client, db_conn):
     job = create(client)
     batch = [file_entry(f"b{i:04}", i * 10, i * 10 + 9, 1) for i in range(1000)]
-    register(client, job["id"], "blocks", batch)
+    register_files(client, job["id"], "blocks", batch)
     assert db_rows(db_conn, "job_files", job["id"]) == 1000
     assert progress(client, job["id"])["tables"]["blocks"] == {
         "start_block": 0,
@@ -987,11 +974,11 @@ def test_register_1000_files_in_one_batch(client, db_conn):
 
 def test_register_boundaries(client):
     job = create(client)
-    register(client, job["id"], "a" * 63, file_entry("max", 0, MAX_ID, MAX_ID))
-    register(
+    register_files(client, job["id"], "a" * 63, file_entry("max", 0, MAX_ID, MAX_ID))
+    register_files(
         client, job["id"], "_", file_entry("zero", 0, 0, 0, block_hash(0), block_hash(2**256 - 1))
     )
-    register(client, job["id"], "Table_9", file_entry("x" * 200, MAX_ID, MAX_ID, 0))
+    register_files(client, job["id"], "Table_9", file_entry("x" * 200, MAX_ID, MAX_ID, 0))
     tables = progress(client, job["id"])["tables"]
     assert tables == {
         "a" * 63: {
@@ -1017,17 +1004,17 @@ def test_identical_reregistration_is_200_and_stores_nothing(client, db_conn):
         file_entry("b1", 100, 199, 5, block_hash(2), block_hash(1)),
         file_entry("b2", 200, 299, 7),
     ]
-    register(client, job["id"], "blocks", one)
-    register(client, job["id"], "blocks", batch)
+    register_files(client, job["id"], "blocks", one)
+    register_files(client, job["id"], "blocks", batch)
     before = progress(client, job["id"])
     assert before["tables"]["blocks"]["files_count"] == 3
-    register(client, job["id"], "blocks", one, expect=200)
-    register(client, job["id"], "blocks", batch, expect=200)
-    register(client, job["id"], "blocks", [batch[1], one], expect=200)
+    register_files(client, job["id"], "blocks", one, expect=200)
+    register_files(client, job["id"], "blocks", batch, expect=200)
+    register_files(client, job["id"], "blocks", [batch[1], one], expect=200)
     assert progress(client, job["id"]) == before
     assert db_rows(db_conn, "job_files", job["id"]) == 3
     # A batch with one new file among retried ones is stored: 201, one more file.
-    register(client, job["id"], "blocks", [one, file_entry("b3", 300, 399, 1), batch[0]])
+    register_files(client, job["id"], "blocks", [one, file_entry("b3", 300, 399, 1), batch[0]])
     assert db_rows(db_conn, "job_files", job["id"]) == 4
     assert progress(client, job["id"])["tables"]["blocks"]["files_count"] == 4
 
@@ -1046,7 +1033,7 @@ def test_identical_reregistration_is_200_and_stores_nothing(client, db_conn):
 def test_same_name_different_fields_is_409_file_conflict(client, db_conn, changed):
     job = create(client)
     original = file_entry("b0", 0, 99, 1000, block_hash(1), block_hash(0))
-    register(client, job["id"], "blocks", original)
+    register_files(client, job["id"], "blocks", original)
     before = progress(client, job["id"])
     message = assert_error(
         client.post(f"/jobs/{job['id']}/tables/blocks/files", json={**original, **changed}),
@@ -1060,7 +1047,7 @@ def test_same_name_different_fields_is_409_file_conflict(client, db_conn, change
 
 def test_a_conflict_rolls_back_the_whole_batch(client, db_conn):
     job = create(client)
-    register(client, job["id"], "blocks", file_entry("b0", 0, 99, 10))
+    register_files(client, job["id"], "blocks", file_entry("b0", 0, 99, 10))
     before = progress(client, job["id"])
     batch = [
         file_entry("b1", 100, 199, 10),
@@ -1077,7 +1064,7 @@ def test_a_conflict_rolls_back_the_whole_batch(client, db_conn):
     )
     assert_error(response, 409, "FILE_CONFLICT")
     # The good files were not stored: now they are new.
-    register(
+    register_files(
         client,
         job["id"],
         "blocks",
@@ -1089,7 +1076,7 @@ def test_a_conflict_rolls_back_the_whole_batch(client, db_conn):
 @pytest.mark.parametrize("status", STATUSES)
 def test_register_only_while_active(client, db_conn, status):
     job = create(client)
-    register(client, job["id"], "blocks", file_entry("b0", 0, 9, 1))
+    register_files(client, job["id"], "blocks", file_entry("b0", 0, 9, 1))
     job = drive(client, job, status)
     before = progress(client, job["id"])
     response = client.post(
@@ -1131,7 +1118,7 @@ def test_register_for_unknown_job_is_404(client, db_conn):
 def test_registration_does_not_change_the_job_or_its_events(client):
     job = make_job(client, "RUNNING")
     before_events = events(client, job["id"])
-    register(client, job["id"], "blocks", file_entry("b0", 0, 9))
+    register_files(client, job["id"], "blocks", file_entry("b0", 0, 9))
     assert get_job(client, job["id"]) == job
     assert events(client, job["id"]) == before_events
 
@@ -1157,7 +1144,7 @@ def test_events_full_history(client):
     report(client, jid, "STOPPING")  # no-op
     report(client, jid, "STOPPED", detail={"at_block": 123})
     report(client, jid, "FAILED", expect=409)
-    register(client, other["id"], "blocks", file_entry("x", 0, 1))
+    register_files(client, other["id"], "blocks", file_entry("x", 0, 1))
     stop(client, other["id"])
 
     evs = events(client, jid)
@@ -1230,14 +1217,14 @@ def test_progress_reports_the_job_status(client, status):
 def test_progress_tables_keyed_by_name(client):
     job = create(client)
     other = create(client)
-    register(
+    register_files(
         client, job["id"], "blocks", [file_entry("b0", 0, 99, 100), file_entry("b1", 100, 199, 50)]
     )
-    register(client, job["id"], "transactions", file_entry("t0", 5, 9, 7))
-    register(
+    register_files(client, job["id"], "transactions", file_entry("t0", 5, 9, 7))
+    register_files(
         client, job["id"], "Logs_2", [file_entry("l0", 10, 19, 1), file_entry("l1", 30, 39, 1)]
     )
-    register(client, other["id"], "blocks", file_entry("b0", 0, 5, 3))
+    register_files(client, other["id"], "blocks", file_entry("b0", 0, 5, 3))
     body = progress(client, job["id"])
     assert body == {
         "job_id": job["id"],

@@ -18,28 +18,20 @@ from urllib.parse import quote
 
 import psycopg2
 import pytest
-from helpers import (
+
+from app import create_app
+from jobs.store import jobs as job_store
+
+from support.databases import init_db, lose_worker
+from support.oracle import (
     LEASE_MOVES,
     LEGAL_MOVES,
-    assert_error,
-    audit_trail,
-    create_job,
-    events_of,
     expected_progress,
-    file_entry,
-    flask_caller,
     history_problems,
-    init_db,
-    lose_worker,
-    metric_samples,
-    metric_value,
-    move_to,
-    race,
     reference_progress,
-    sweep_leases,
-    wait_until_blocked,
 )
-from retrying import (
+from support.races import audit_trail, race, wait_until_blocked
+from support.retrying import (
     leases_of,
     make_due,
     register,
@@ -48,9 +40,17 @@ from retrying import (
     rows_of,
     sweep_retries,
 )
-
-from app import create_app
-from jobs.store import jobs as job_store
+from support.service import (
+    assert_error,
+    create_job,
+    events_of,
+    file_entry,
+    flask_caller,
+    metric_samples,
+    metric_value,
+    move_to,
+    sweep_leases,
+)
 
 ALL_MOVES = LEGAL_MOVES | LEASE_MOVES | {("SCHEDULED", "SCHEDULED")}
 

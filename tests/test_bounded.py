@@ -29,24 +29,25 @@ from datetime import timedelta
 
 import jsonschema
 import pytest
-from helpers import (
-    assert_error,
-    create_job,
-    flask_caller,
-    lose_worker,
-    make_app,
-    move_to,
-    serving,
-    sweep_leases,
-)
-from openapi_schema import to_json_schema
 
+from dev.gunicorn import serving
 from jobs import chores
 from jobs.api.openapi import rules_of
 from jobs.chores import workers as worker_chore
 from jobs.domain import MAX_DESCRIPTOR_BYTES, MAX_DETAIL_BYTES, MAX_PAGE_BYTES
 from jobs.schemas import FileBatchSchema, FileSchema, StatusReportSchema
 from jobs.settings import from_environment
+
+from support.databases import lose_worker
+from support.openapi_schema import to_json_schema
+from support.service import (
+    assert_error,
+    create_job,
+    flask_caller,
+    make_app,
+    move_to,
+    sweep_leases,
+)
 
 # ---- detail and descriptor bounds ------------------------------------------------------
 
@@ -298,9 +299,9 @@ def latencies(call, paths: list[str], rounds: int) -> list[float]:
 
 
 def test_a_huge_history_keeps_other_reads_fast_and_details_stay_bounded(_schema, db_conn):
-    from conftest import truncate_all
+    from support.databases import truncate
 
-    truncate_all(_schema)
+    truncate(_schema)
     with serving(_schema, workers=2) as server:
         call = server.caller()
         bombed = create_job(call)["id"]

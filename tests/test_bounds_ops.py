@@ -11,7 +11,7 @@
   header turns a request into a 500.
 - A 408 says "Connection: close" and closes.
 
-The gunicorn tests run the production command (helpers.Server) and talk to it
+The gunicorn tests run the production command (dev.gunicorn.Server) and talk to it
 over raw sockets where the exact bytes matter.
 """
 
@@ -32,25 +32,14 @@ import orjson
 import psycopg2
 import psycopg2.extensions
 import pytest
-from helpers import (
-    ROOT,
-    Blackhole,
-    Refuser,
-    Server,
-    closed_database_url,
-    http_caller,
-    init_db,
-    make_app,
-    metric_samples,
-    metric_value,
-    table_locked,
-    wait_for_workers,
-    worker_pids,
-)
 from prometheus_client.parser import text_string_to_metric_families
 
+from dev.gunicorn import ROOT, Server, http_caller, serving, wait_for_workers, worker_pids
 from jobs import db, observability, readiness, settings
 from jobs.store import readiness as readiness_store
+
+from support.databases import closed_database_url, init_db, query, table_locked
+from support.service import make_app, metric_samples, metric_value, parse_http_answer
 
 # ---- Settings: each at its bounds, one past them, malformed ------------------------------
 
@@ -254,20 +243,6 @@ def test_gunicorn_refuses_to_start_with_a_bad_value(_schema):
 # ---- /readyz -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def blackhole():
-    listener = Blackhole()
-    yield listener
-    listener.close()
-
-
-@pytest.fixture
-def refuser():
-    listener = Refuser()
-    yield listener
-    listener.close()
-
-
 def readyz_json(app, method="GET"):
     response = app.test_client().open("/readyz", method=method)
     return response.status_code, (response.get_json() if method == "GET" else None)
@@ -341,15 +316,6 @@ def scratch_database(postgres_url: str, name: str) -> str:
     return psycopg2.extensions.make_dsn(postgres_url, dbname=name)
 
 
-def run_sql(url: str, sql: str) -> None:
-    conn = psycopg2.connect(url)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
-
-
 def test_readyz_503_when_the_schema_is_missing_then_ready_after_init_db(postgres_url):
     url = scratch_database(postgres_url, "bounds_no_schema")
     unavailable = {
@@ -362,9 +328,9 @@ def test_readyz_503_when_the_schema_is_missing_then_ready_after_init_db(postgres
     init_db(url)
     assert readyz_json(make_app(url)) == (200, {"status": "ok"})
     # One column gone (a half-applied migration, a restore of an old dump).
-    run_sql(url, "ALTER TABLE jobs DROP COLUMN job_json")
+    query(url, "ALTER TABLE jobs DROP COLUMN job_json")
     assert readyz_json(make_app(url)) == (503, unavailable)
-    run_sql(url, "DROP TABLE workers")
+    query(url, "DROP TABLE workers")
     assert readyz_json(make_app(url)) == (503, unavailable)
     init_db(url)  # schema.sql adds both back
     assert readyz_json(make_app(url)) == (200, {"status": "ok"})
@@ -398,14 +364,8 @@ def test_the_readiness_columns_are_exactly_the_schemas(_schema, db_conn):
 @pytest.fixture(scope="module")
 def server(_schema):
     """The production command with its defaults (FORWARDED_ALLOW_IPS unset), 2 workers."""
-    instance = Server(_schema, workers=2, env={"BODY_READ_TIMEOUT_S": "1"})
-    try:
-        instance.start()
-        wait_for_workers(instance.process.pid, 2)
+    with serving(_schema, workers=2, env={"BODY_READ_TIMEOUT_S": "1"}) as instance:
         yield instance
-    finally:
-        instance.stop()
-        instance.cleanup()
 
 
 def readyz_backends(conn, server, known: dict[int, bool]) -> int:
@@ -549,6 +509,7 @@ BUSY_ROUTES = [
 ]
 
 
+@pytest.mark.alone  # 503 between 0.2 and 0.7 s
 def test_a_full_pool_answers_503_service_busy_apart_from_database_errors(database_url):
     app = make_app(database_url, DB_POOL_SIZE=1, DB_POOL_TIMEOUT_S=0.2)
     client = app.test_client()
@@ -614,19 +575,10 @@ def raw_request(port: int, head: str, body: bytes = b"", timeout: float = 15):
         with contextlib.suppress(ConnectionResetError):
             while chunk := sock.recv(65536):
                 received += chunk
-    return parse_answer(received)
+    return parse_http_answer(received)
 
 
-def parse_answer(received: bytes):
-    head, _, body = received.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), headers, body
-
-
+@pytest.mark.alone  # 503s within DB_POOL_TIMEOUT_S + 1.5 s: 2.7 s with three other workers busy
 def test_overload_through_gunicorn_is_503_with_retry_after_and_never_500(_schema):
     """A pool of one per worker, its connection stuck behind a table lock: 200 clients at once."""
     pool_timeout, clients = 0.5, 200
@@ -821,7 +773,7 @@ def test_a_408_says_connection_close_and_closes(server):
             while chunk := sock.recv(65536):  # the client sends nothing more and never closes
                 received += chunk
         closed_after = time.monotonic() - started
-    status, headers, body = parse_answer(received)
+    status, headers, body = parse_http_answer(received)
     assert status == 408, received
     assert headers["connection"] == "close", headers
     assert json.loads(body)["error_code"] == "REQUEST_TIMEOUT"
@@ -833,5 +785,5 @@ def test_a_408_says_connection_close_and_closes(server):
         head = b""
         while b"\r\n\r\n" not in head:
             head += sock.recv(65536)
-    assert parse_answer(head)[1]["connection"] == "keep-alive"
+    assert parse_http_answer(head)[1]["connection"] == "keep-alive"
     assert http_caller(server.port)("GET", "/workers/slow-408")[0] == 404

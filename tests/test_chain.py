@@ -1,6 +1,6 @@
 """The canonical chain (docs/API.md, Progress and the canonical chain) against a reference.
 
-``reference_progress`` (helpers.py) is written from docs/API.md's words alone and is built
+``reference_progress`` (support/oracle.py) is written from docs/API.md's words alone and is built
 differently from ``chain.walk``: instead of one pass over sorted files it grows
 the chain greedily, each step choosing, among every file that starts right
 after the chain's tip and links to it by hash, the one registered last. (In
@@ -21,11 +21,13 @@ chain's files (job_chain) as well.
 
 from __future__ import annotations
 
-from helpers import MAX_ID, block_hash, expected_progress, file_entry, reference_progress
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jobs.store import chain
+
+from support.oracle import expected_progress, reference_progress
+from support.service import MAX_ID, block_hash, file_entry, new_job
 
 
 def walk_order(files: list[dict]) -> list[dict]:
@@ -165,12 +167,6 @@ def test_walk_matches_reference(files):
 
 
 # ---- Incremental maintenance through the API --------------------------------------
-
-
-def new_job(client) -> int:
-    response = client.post("/jobs", json={"node_id": "worker-01", "descriptor": {}})
-    assert response.status_code == 201, response.get_json()
-    return response.get_json()["id"]
 
 
 @st.composite

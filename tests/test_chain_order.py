@@ -4,7 +4,7 @@ A registration re-walks the chain only from where its files can make a
 difference and stops where the walk rejoins the stored chain (chain.py), so
 the stored chain's files (job_chain) matter as much as the summary. After
 every registration these tests compare both with the reference
-(helpers.reference_chain, from docs/API.md's words): the progress answered and
+(support.oracle.reference_chain, from docs/API.md's words): the progress answered and
 read back, and the stored chain's files, name by name.
 
 - Random tables (a hash-linked main chain, reorg branches off it, forks at its
@@ -25,18 +25,15 @@ import random
 
 import psycopg2
 import pytest
-from helpers import (
-    block_hash,
-    expected_progress,
-    init_db,
-    reference_chain,
-    reference_progress,
-)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app import create_app
 from jobs.store import chain
+
+from support.databases import init_db
+from support.oracle import expected_progress, reference_chain, reference_progress
+from support.service import block_hash
 
 TABLE = "blocks"
 

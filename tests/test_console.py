@@ -1,7 +1,7 @@
 """The operator's console at /ui/ (docs/API.md, Console), in a real browser.
 
-Playwright drives Debian's headless Chromium (tests/browser.py) against the real
-service under gunicorn (helpers.Server), on the session's database; every test
+Playwright drives Debian's headless Chromium (tests/support/browser.py) against the real
+service under gunicorn (dev.gunicorn.Server), on the session's database; every test
 starts from empty tables (the ``app`` fixture truncates them) and checks what it
 did in the database itself. Every page a test opens must log no console error
 and throw nothing (the ``page`` fixture checks at teardown), except the answers a
@@ -24,15 +24,20 @@ import time
 
 import pytest
 
-# tests/browser.py holds the browser fixtures (browser, page): a plugin of this
-# module, with pytest's assertions like a test module's.
-pytest.register_assert_rewrite("browser")
-pytest_plugins = ["browser"]
+# tests/support/browser.py holds the browser fixtures (browser, page): a plugin of
+# this module, with pytest's assertions like a test module's.
+pytest.register_assert_rewrite("support.browser")
+pytest_plugins = ["support.browser"]
 
-from browser import ConsoleWatch, expect, screenshot  # noqa: E402
-from helpers import Server, create_job, file_entry, lose_worker, move_to  # noqa: E402
-
+from dev.gunicorn import serving  # noqa: E402
 from jobs.api.console import CONSOLE_DIR, CONSOLE_FILES  # noqa: E402
+
+from support.browser import ConsoleWatch, expect, screenshot  # noqa: E402
+from support.databases import lose_worker  # noqa: E402
+from support.service import create_job, file_entry, move_to  # noqa: E402
+
+# Under pytest-xdist, on one worker: its gunicorn instances (and browser) are the module's.
+pytestmark = pytest.mark.xdist_group("console")
 
 ADMIN = "console-admin-token-7f3a9c2e51"
 WORKER = "console-worker-token-0b8d4e6f13"
@@ -56,19 +61,16 @@ CSP_PARTS = {
 def server(_schema):
     """The service as production runs it, open (no ADMIN_TOKEN); a bulk delete does one
     batch of 100 jobs per request, so the clean-up takes many rounds."""
-    instance = Server(_schema, env={"BULK_DELETE_BATCH": "100", "BULK_DELETE_BUDGET_MS": "1"})
-    instance.start()
-    yield instance
-    instance.stop()
-    instance.cleanup()
+    with serving(
+        _schema, env={"BULK_DELETE_BATCH": "100", "BULK_DELETE_BUDGET_MS": "1"}
+    ) as instance:
+        yield instance
 
 
 @pytest.fixture(scope="module")
 def tokened_server(_schema):
-    instance = Server(_schema, env={"ADMIN_TOKEN": ADMIN, "WORKER_TOKEN": WORKER}).start()
-    yield instance
-    instance.stop()
-    instance.cleanup()
+    with serving(_schema, env={"ADMIN_TOKEN": ADMIN, "WORKER_TOKEN": WORKER}) as instance:
+        yield instance
 
 
 @pytest.fixture

@@ -13,18 +13,9 @@ import pytest
 
 from dev.postgres import LocalPostgres
 
+from support.databases import query
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def query(url, sql):
-    conn = psycopg2.connect(url, connect_timeout=5)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-            return cur.fetchone() if cur.description else None
-    finally:
-        conn.close()
 
 
 def test_an_outage_and_recovery_keep_port_and_data(pg_factory):

@@ -3,16 +3,7 @@
 import psycopg2
 import pytest
 
-
-def query(url, sql, **kwargs):
-    conn = psycopg2.connect(url, connect_timeout=5, **kwargs)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-            return cur.fetchone()
-    finally:
-        conn.close()
+from support.databases import query
 
 
 @pytest.mark.parametrize("pool_mode", ["transaction", "session"])

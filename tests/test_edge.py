@@ -17,10 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import Server, free_port, http_caller, wait_for_workers, worker_pids
-from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app
+from dev.gunicorn import Server, free_port, http_caller, serving, worker_pids
+
+from support.service import metric_value, parse_http_answer, scrape_metrics
+
+# Under pytest-xdist, on one worker: its gunicorn is the module's.
+pytestmark = pytest.mark.xdist_group("edge")
 
 IDLE = 50
 DRIBBLING = 10
@@ -30,14 +34,8 @@ ANSWER_WITHIN = 5.0
 
 @pytest.fixture(scope="module")
 def server(_schema):
-    instance = Server(_schema, workers=2)
-    try:
-        instance.start()
-        wait_for_workers(instance.process.pid, 2)
+    with serving(_schema, workers=2) as instance:
         yield instance
-    finally:
-        instance.stop()
-        instance.cleanup()
 
 
 def connect(port: int) -> socket.socket:
@@ -133,21 +131,8 @@ KNOWN_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"}
 COUNT = "jobs_http_requests_total"
 
 
-def scrape(port: int) -> list:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request("GET", "/metrics")
-        response = conn.getresponse()
-        assert response.status == 200
-        text = response.read().decode()
-    finally:
-        conn.close()
-    return [s for family in text_string_to_metric_families(text) for s in family.samples]
-
-
 def made_up_count(samples, route: str, status: str) -> float:
-    wanted = {"method": "other", "route": route, "status": status}
-    return sum(s.value for s in samples if s.name == COUNT and s.labels == wanted)
+    return metric_value(samples, COUNT, method="other", route=route, status=status)
 
 
 def test_made_up_methods_and_paths_do_not_grow_metrics(server):
@@ -161,24 +146,23 @@ def test_made_up_methods_and_paths_do_not_grow_metrics(server):
             assert call("GET", f"/jobs/{i + 1}/nothing-{i}")[0] == 404
 
     hostile_round(0, 50)
-    scrape(server.port)  # its own series (GET /metrics 200) exists from here on
-    first = scrape(server.port)
+    scrape_metrics(server.port)  # its own series (GET /metrics 200) exists from here on
+    first = scrape_metrics(server.port)
     hostile_round(50, 100)
-    second = scrape(server.port)
+    second = scrape_metrics(server.port)
     # 100 more made-up methods and paths: not one more series.
-    assert {(s.name, frozenset(s.labels.items())) for s in second} == {
-        (s.name, frozenset(s.labels.items())) for s in first
-    }
+    assert set(second) == set(first)
     # A 405 matched no rule for its method: Flask leaves url_rule unset.
     before, after = (made_up_count(s, "<unmatched>", "405") for s in (first, second))
     assert after - before == 100
     before, after = (made_up_count(s, "<unmatched>", "404") for s in (first, second))
     assert after - before == 100
-    for sample in second:
-        if sample.name.startswith("jobs_http_"):
-            assert sample.labels["method"] in KNOWN_METHODS | {"other"}, sample
-            assert sample.labels["route"] in rules | {"<unmatched>"}, sample
-            assert sample.labels.get("status", "200").isdigit(), sample
+    for name, labels in second:
+        if name.startswith("jobs_http_"):
+            label = dict(labels)
+            assert label["method"] in KNOWN_METHODS | {"other"}, (name, label)
+            assert label["route"] in rules | {"<unmatched>"}, (name, label)
+            assert label.get("status", "200").isdigit(), (name, label)
 
 
 # ---- Errors gunicorn answers before the app ----------------------------------------
@@ -194,13 +178,7 @@ def raw_exchange(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
         with contextlib.suppress(ConnectionResetError):
             while chunk := sock.recv(65536):
                 received += chunk
-    head, _, body = received.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in header_lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), headers, body
+    return parse_http_answer(received)
 
 
 GUNICORN_ERRORS = [
@@ -298,7 +276,7 @@ def test_default_metrics_directory_is_fresh_private_and_removed(_schema, private
     try:
         instance.start()
         assert http_caller(port)("GET", "/healthz")[0] == 200
-        scrape(port)
+        scrape_metrics(port)
         (made,) = [d for d in metrics_dirs(private_tmp) if not d.is_symlink()]
         info = made.lstat()
         assert stat.S_ISDIR(info.st_mode)
@@ -363,7 +341,7 @@ def test_configured_metrics_directory_is_emptied_at_start_and_kept(_schema, priv
     try:
         instance.start()
         assert not stale.exists()
-        assert scrape(instance.port)
+        assert scrape_metrics(instance.port)
     finally:
         assert instance.stop() == 0
         instance.cleanup()

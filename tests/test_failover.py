@@ -1,6 +1,6 @@
 """Losing the primary (docs/API.md, Production topology, Failover).
 
-A primary and a synchronous hot standby on this box (tests/replication.py).
+A primary and a synchronous hot standby on this box (tests/support/replication.py).
 The service, under gunicorn, has both in its DATABASE_URL
 (target_session_attrs=read-write): the primary is killed under a stream of
 writes and the standby promoted. Writes come back within 10 s of the
@@ -20,17 +20,17 @@ import threading
 import time
 
 import pytest
-from helpers import (
-    Server,
-    assert_error,
-    route_plan,
-    seed_two_jobs,
-    wait_for_workers,
-    worker_pids,
-)
-from replication import primary_and_standby, query, wait_for
 
 from app import create_app
+from dev.gunicorn import Server, wait_for_workers, worker_pids
+
+from support.databases import query_rows
+from support.replication import primary_and_standby
+from support.service import assert_error, route_plan, seed_two_jobs
+from support.waiting import until
+
+# Under pytest-xdist, on one worker: its primary and standby are the module's.
+pytestmark = pytest.mark.xdist_group("failover")
 
 STATEMENT_TIMEOUT_MS = 1000
 # The usual bound on any answer while the database is away: the statement
@@ -61,7 +61,7 @@ def test_a_connection_refused_a_write_is_dropped_and_later_requests_reconnect(pa
         primary.sql("SELECT pg_reload_conf()")
         # Each backend rereads the configuration at its next statement once
         # signalled; the postmaster's signal takes a moment.
-        response = wait_for(
+        response = until(
             lambda: (r := client.post("/jobs", json={"node_id": "ro-2"})).status_code == 500 and r,
             what="a write refused",
         )
@@ -69,7 +69,7 @@ def test_a_connection_refused_a_write_is_dropped_and_later_requests_reconnect(pa
         # The connection that was refused is closed, not given back to the pool.
         assert pooled.closed
         assert pool._idle == []
-        alive = {pid for (pid,) in query(primary.url, "SELECT pid FROM pg_stat_activity")}
+        alive = {pid for (pid,) in query_rows(primary.url, "SELECT pid FROM pg_stat_activity")}
         assert before not in alive
         # Each later request takes a new connection; reads still work on it.
         assert client.get("/jobs/1").status_code == 200
@@ -78,7 +78,7 @@ def test_a_connection_refused_a_write_is_dropped_and_later_requests_reconnect(pa
 
         primary.sql("ALTER SYSTEM RESET default_transaction_read_only")
         primary.sql("SELECT pg_reload_conf()")
-        wait_for(
+        until(
             lambda: client.post("/jobs", json={"node_id": "ro-3"}).status_code == 201,
             what="writes back",
         )
@@ -157,7 +157,7 @@ def test_failover_under_writes(pair):
         time.sleep(1.0)
         promoted_at = time.monotonic()  # ...the promotion, asked now
         pair.standby.promote()
-        wait_for(
+        until(
             lambda: any(
                 r[0] > killed_at and r[2] == "/jobs" and r[4] == 201 for r in stream.records
             ),
@@ -192,11 +192,11 @@ def test_failover_under_writes(pair):
         ready = [(r[0], r[4]) for r in records if r[2] == "/readyz"]
         assert ready[0][1] == 200
         assert any(killed_at < t < promoted_at and s == 503 for t, s in ready)
-        wait_for(lambda: call("GET", "/readyz")[0] == 200, timeout=10, what="ready again")
+        until(lambda: call("GET", "/readyz")[0] == 200, timeout=10, what="ready again")
         assert time.monotonic() - promoted_at < 10
         # No acknowledged write is missing from the new primary.
         acknowledged = {r[5]["id"] for r in writes if r[4] == 201}
-        stored = {i for (i,) in query(pair.standby.url, "SELECT id FROM jobs")}
+        stored = {i for (i,) in query_rows(pair.standby.url, "SELECT id FROM jobs")}
         assert len(acknowledged) > 10
         assert acknowledged <= stored, sorted(acknowledged - stored)
         # Every route answers as before, in both workers (several rounds).

@@ -11,8 +11,6 @@ and the container's HEALTHCHECK command from the Dockerfile.
 
 from __future__ import annotations
 
-import contextlib
-import http.client
 import json
 import os
 import re
@@ -28,9 +26,15 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-from helpers import free_port, http_caller, wait_for_workers, wait_until_blocked, worker_pids
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
-from prometheus_client.parser import text_string_to_metric_families
+
+from dev.gunicorn import Server, free_port, http_caller, serving
+
+from support.races import wait_until_blocked
+from support.service import parse_metrics, scrape_metrics
+
+# Under pytest-xdist, on one worker: its PostgreSQL and gunicorn are the module's.
+pytestmark = pytest.mark.xdist_group("gunicorn")
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -39,17 +43,19 @@ WORKER = "gunicorn-worker-8a3b6c4d2e1f"
 WRONG = "gunicorn-wrong-0f9e8d7c6b5a"
 
 
-def production_env(database_url: str, **extra: str) -> dict[str, str]:
+def production_env(database_url: str) -> dict[str, str]:
+    """The environment of `flask --app app init-db`: the variables production sets."""
     env = {
         k: v
         for k, v in os.environ.items()
         if k not in ("ADMIN_TOKEN", "WORKER_TOKEN", "PROMETHEUS_MULTIPROC_DIR", "GRACEFUL_TIMEOUT")
     }
-    env.update({"DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1", **extra})
+    env.update({"DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1"})
     return env
 
 
-def init_db(database_url: str) -> subprocess.CompletedProcess:
+def flask_init_db(database_url: str) -> subprocess.CompletedProcess:
+    """The real command, `flask --app app init-db`, as a process."""
     return subprocess.run(
         [str(BIN / "flask"), "--app", "app", "init-db"],
         cwd=ROOT,
@@ -61,80 +67,44 @@ def init_db(database_url: str) -> subprocess.CompletedProcess:
     )
 
 
-class Gunicorn:
-    """`gunicorn -c gunicorn.conf.py wsgi:app`, stdout and stderr kept apart."""
+def production(**env: str) -> dict:
+    """dev.gunicorn.Server's options for `gunicorn -c gunicorn.conf.py wsgi:app` as
+    production runs it: the gunicorn script, two workers, stdout and stderr kept apart,
+    and neither PROMETHEUS_MULTIPROC_DIR nor GRACEFUL_TIMEOUT set, so gunicorn.conf.py's
+    own defaults hold (a fresh metrics directory in the temp directory: here one of this
+    instance's own, see ``metrics_dir``)."""
+    workdir = Path(tempfile.mkdtemp(prefix="jobs-test-gunicorn-"))
+    (workdir / "tmp").mkdir()
+    return {
+        "workdir": workdir,
+        "gunicorn": [str(BIN / "gunicorn")],
+        "separate_stderr": True,
+        "env": {
+            "PROMETHEUS_MULTIPROC_DIR": None,
+            "GRACEFUL_TIMEOUT": None,
+            "TMPDIR": str(workdir / "tmp"),
+            **env,
+        },
+    }
 
-    def __init__(self, database_url: str, **env: str):
-        self.port = free_port()
-        self.env = production_env(database_url, PORT=str(self.port), WEB_CONCURRENCY="2", **env)
-        self.workdir = Path(tempfile.mkdtemp(prefix="jobs-test-gunicorn-"))
-        # gunicorn.conf.py's own default (the variable is not set): a fresh
-        # directory in the temp directory, here one of this instance's own.
-        self.tmpdir = self.workdir / "tmp"
-        self.tmpdir.mkdir()
-        self.env["TMPDIR"] = str(self.tmpdir)
-        self.process: subprocess.Popen | None = None
 
-    @property
-    def metrics_dir(self) -> Path:
-        (path,) = self.tmpdir.glob("jobs-service-metrics-*")
-        return path
+def metrics_dir(server: Server) -> Path:
+    """The metrics directory gunicorn.conf.py made for a ``production`` server."""
+    (path,) = (server.workdir / "tmp").glob("jobs-service-metrics-*")
+    return path
 
-    def start(self) -> Gunicorn:
-        with (
-            open(self.workdir / "stdout", "wb") as stdout,
-            open(self.workdir / "stderr", "wb") as stderr,
-        ):
-            self.process = subprocess.Popen(
-                [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
-                cwd=ROOT,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=stdout,  # the child keeps its own copies
-                stderr=stderr,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 30
-        call = http_caller(self.port, timeout=2)
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.stderr()
-            with contextlib.suppress(OSError):
-                if call("GET", "/healthz")[0] == 200:
-                    wait_for_workers(self.process.pid, 2)
-                    return self
-            time.sleep(0.05)
-        raise AssertionError(f"gunicorn did not come up:\n{self.stderr()}")
 
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def caller(self, token: str | None = ADMIN, **headers):
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        return http_caller(self.port, headers=headers, timeout=30)
-
-    def workers(self) -> set[int]:
-        return worker_pids(self.process.pid)
-
-    def stdout(self) -> str:
-        return (self.workdir / "stdout").read_text(errors="replace")
-
-    def stderr(self) -> str:
-        return (self.workdir / "stderr").read_text(errors="replace")
+def caller(server: Server, token: str | None = ADMIN):
+    """A Call to ``server``, with ``token`` as the bearer token (None: no Authorization)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return server.caller(headers=headers, timeout=30)
 
 
 @pytest.fixture(scope="module")
 def database(pg_factory):
     """A PostgreSQL of this module's own, empty: init-db really creates the schema."""
     server = pg_factory()
-    result = init_db(server.url)
+    result = flask_init_db(server.url)
     assert result.returncode == 0, result.stderr
     assert "Initialized the database." in result.stdout
     return server.url
@@ -142,15 +112,12 @@ def database(pg_factory):
 
 @pytest.fixture(scope="module")
 def server(database):
-    instance = Gunicorn(database, ADMIN_TOKEN=ADMIN, WORKER_TOKEN=WORKER)
-    try:
-        yield instance.start()
-    finally:
-        instance.stop()
+    with serving(database, **production(ADMIN_TOKEN=ADMIN, WORKER_TOKEN=WORKER)) as instance:
+        yield instance
 
 
 def test_init_db_then_serve_jobs(server, database):
-    call = server.caller()
+    call = caller(server)
     status, job = call("POST", "/jobs", {"node_id": "gunicorn-1", "descriptor": {"k": [1, 2]}})
     assert status == 201, job
     status, listed = call("GET", "/jobs?status=all&limit=1000")
@@ -162,27 +129,19 @@ def test_init_db_then_serve_jobs(server, database):
         results = list(pool.map(lambda _: call("GET", f"/jobs/{job['id']}"), range(40)))
     assert all(r == (200, job) for r in results)
     # init-db again (every deploy runs it): idempotent, nothing lost.
-    again = init_db(database)
+    again = flask_init_db(database)
     assert again.returncode == 0, again.stderr
     assert call("GET", f"/jobs/{job['id']}") == (200, job)
     # Auth from the environment: the worker token may read, not create.
-    assert server.caller(WORKER)("GET", "/jobs")[0] == 200
-    assert server.caller(WORKER)("POST", "/jobs", {"node_id": "x"})[0] == 403
-    assert server.caller(None)("GET", "/jobs")[0] == 401
+    assert caller(server, WORKER)("GET", "/jobs")[0] == 200
+    assert caller(server, WORKER)("POST", "/jobs", {"node_id": "x"})[0] == 403
+    assert caller(server, None)("GET", "/jobs")[0] == 401
 
 
 # ---- Metrics across workers ------------------------------------------------------
 
 COUNT = "jobs_http_requests_total"
 HIST_COUNT = "jobs_http_request_duration_seconds_count"
-
-
-def parse(text: str) -> dict[tuple[str, frozenset], float]:
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples[(s.name, frozenset(s.labels.items()))] = s.value
-    return samples
 
 
 def healthz_count(samples) -> float:
@@ -195,19 +154,6 @@ def healthz_latency_count(samples) -> float:
     return samples.get((HIST_COUNT, labels), 0.0)
 
 
-def scrape(server) -> dict:
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-    try:
-        conn.request("GET", "/metrics")
-        response = conn.getresponse()
-        body = response.read().decode()
-        assert response.status == 200
-        assert response.getheader("Content-Type").startswith("text/plain")
-    finally:
-        conn.close()
-    return parse(body)
-
-
 def per_worker_healthz(metrics_dir: Path) -> dict[int, float]:
     """Each worker's own count, read from its own file of the multiprocess directory."""
     counts = {}
@@ -217,21 +163,21 @@ def per_worker_healthz(metrics_dir: Path) -> dict[int, float]:
             shutil.copy(path, alone)
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=alone)
-            counts[pid] = healthz_count(parse(generate_latest(registry).decode()))
+            counts[pid] = healthz_count(parse_metrics(generate_latest(registry).decode()))
     return counts
 
 
 def hit_healthz(server, n: int) -> None:
-    call = server.caller(None)
+    call = caller(server, None)
     with ThreadPoolExecutor(16) as pool:
         statuses = list(pool.map(lambda _: call("GET", "/healthz")[0], range(n)))
     assert statuses == [200] * n
 
 
 def test_metrics_sum_over_workers_and_survive_a_killed_worker(server):
-    before = scrape(server)
+    before = scrape_metrics(server.port)
     base = healthz_count(before)
-    base_per_worker = per_worker_healthz(server.metrics_dir)
+    base_per_worker = per_worker_healthz(metrics_dir(server))
     workers = server.workers()
     assert len(workers) == 2
     sent = 0
@@ -239,12 +185,12 @@ def test_metrics_sum_over_workers_and_survive_a_killed_worker(server):
     for _ in range(10):
         hit_healthz(server, 100)
         sent += 100
-        counts = per_worker_healthz(server.metrics_dir)
+        counts = per_worker_healthz(metrics_dir(server))
         if all(counts.get(pid, 0) > base_per_worker.get(pid, 0) for pid in workers):
             break
     else:
         pytest.fail(f"one worker served everything: {counts}")
-    samples = scrape(server)
+    samples = scrape_metrics(server.port)
     assert healthz_count(samples) == base + sent
     assert healthz_latency_count(samples) - healthz_latency_count(before) == sent
     assert sum(counts.values()) == base + sent
@@ -262,17 +208,17 @@ def test_metrics_sum_over_workers_and_survive_a_killed_worker(server):
     else:
         pytest.fail(f"the killed worker was not replaced: {server.workers()}")
     replacement = (now - workers).pop()
-    assert healthz_count(scrape(server)) == base + sent
+    assert healthz_count(scrape_metrics(server.port)) == base + sent
     hit_healthz(server, 50)
-    samples = scrape(server)
+    samples = scrape_metrics(server.port)
     assert healthz_count(samples) == base + sent + 50
     assert healthz_latency_count(samples) - healthz_latency_count(before) == sent + 50
-    counts = per_worker_healthz(server.metrics_dir)
+    counts = per_worker_healthz(metrics_dir(server))
     assert counts[victim] > 0, "the dead worker's counts were dropped"
     assert sum(counts.values()) == base + sent + 50
     assert set(counts) <= workers | {replacement} | set(base_per_worker)
     # child_exit marked it dead: no live gauge file of the dead pid is left behind.
-    assert not list(server.metrics_dir.glob(f"gauge_live*_{victim}.db"))
+    assert not list(metrics_dir(server).glob(f"gauge_live*_{victim}.db"))
     assert "Traceback" not in server.stderr()
     assert server.process.poll() is None
 
@@ -281,7 +227,7 @@ def test_metrics_sum_over_workers_and_survive_a_killed_worker(server):
 
 
 def test_access_lines_on_stdout_and_no_token_anywhere(server):
-    job = server.caller()("POST", "/jobs", {"node_id": "logs-1"})[1]
+    job = caller(server)("POST", "/jobs", {"node_id": "logs-1"})[1]
     requests = []
     tokens = {
         "admin": f"Bearer {ADMIN}",
@@ -306,7 +252,7 @@ def test_access_lines_on_stdout_and_no_token_anywhere(server):
             status, _ = call(method, path)
             requests.append((rid, method, status))
     time.sleep(0.2)
-    out, err = server.stdout(), server.stderr()
+    out, err = server.log(), server.stderr()
     for secret in (ADMIN, WORKER, WRONG):
         assert secret not in out and secret not in err
     # Every stdout line is a JSON object; each request has exactly one access line.
@@ -326,10 +272,9 @@ def test_access_lines_on_stdout_and_no_token_anywhere(server):
 
 
 def test_sigterm_lets_an_in_flight_request_finish(database):
-    instance = Gunicorn(database)  # no tokens: the open service, as many run it
-    try:
-        instance.start()
-        call = instance.caller(None)
+    # No tokens: the open service, as many run it.
+    with serving(database, **production()) as instance:
+        call = caller(instance, None)
         status, job = call("POST", "/jobs", {"node_id": "graceful-1"})
         assert status == 201
         result = {}
@@ -364,12 +309,10 @@ def test_sigterm_lets_an_in_flight_request_finish(database):
         assert "Worker exiting" in instance.stderr()
         assert result["at"] - sigterm_at >= 2
         assert exited_at - sigterm_at < 10
-        out = instance.stdout()
+        out = instance.log()
         assert '"status":200' in out and '"route":"/jobs/<job_id>"' in out
         # Open: each worker warned at start-up.
         assert out.count("ADMIN_TOKEN is not set") == 2
-    finally:
-        instance.stop()
 
 
 # ---- The container's HEALTHCHECK -----------------------------------------------------
@@ -401,14 +344,12 @@ def test_container_healthcheck(server, pg_factory):
     assert run_check(argv, free_port()) != 0
     # Liveness only: a database outage does not make the container unhealthy.
     pg = pg_factory()
-    init = init_db(pg.url)
+    init = flask_init_db(pg.url)
     assert init.returncode == 0, init.stderr
-    instance = Gunicorn(pg.url)
     try:
-        instance.start()
-        pg.stop()
-        assert http_caller(instance.port)("GET", "/readyz")[0] == 503
-        assert run_check(argv, instance.port) == 0
+        with serving(pg.url, **production()) as instance:
+            pg.stop()
+            assert http_caller(instance.port)("GET", "/readyz")[0] == 503
+            assert run_check(argv, instance.port) == 0
     finally:
-        instance.stop()
         pg.destroy()

@@ -21,17 +21,12 @@ from datetime import timedelta
 
 import psycopg2
 import pytest
-from helpers import (
-    create_job,
-    file_entry,
-    flask_caller,
-    make_app,
-    move_to,
-    wait_until_blocked,
-)
 
 from app import create_app
 from jobs import chores
+
+from support.races import wait_until_blocked
+from support.service import create_job, file_entry, flask_caller, make_app, move_to
 
 TERMINAL_SETUP = ("COMPLETED", "FAILED", "STOPPED")
 ACTIVE_SETUP = ("SCHEDULED", "RUNNING", "STOP_REQUESTED", "STOPPING", "RETRIED")
@@ -48,22 +43,6 @@ SELECT (SELECT count(*) FROM job_events e
         WHERE NOT EXISTS (SELECT FROM job_events e
                           WHERE e.job_id = j.id AND e.event_type = 'SCHEDULED'))
 """
-
-
-@pytest.fixture
-def apps(app, database_url):
-    """Apps with settings of a test's own (``app`` has truncated the tables); pools dropped."""
-    made = []
-
-    def make(**config):
-        made.append(make_app(database_url, **config))
-        return made[-1]
-
-    yield make
-    for each in made:
-        pool = each.extensions.get("jobs_db_pool")
-        if pool is not None:
-            pool.drop_idle()
 
 
 def job_with_history(call, status: str, files: int = 0) -> int:

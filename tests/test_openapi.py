@@ -15,13 +15,17 @@ import socket
 
 import jsonschema
 import pytest
-from helpers import closed_database_url, file_entry, race, serving
-from openapi_schema import to_json_schema
 from openapi_spec_validator import validate as validate_spec
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from app import create_app
+from dev.gunicorn import serving
 from jobs import db
+
+from support.databases import closed_database_url
+from support.openapi_schema import to_json_schema
+from support.races import race
+from support.service import file_entry
 
 ADMIN = "openapi-admin-token"
 WORKER = "openapi-worker-token"

@@ -1,7 +1,8 @@
 """Operations (docs/API.md, Operations): health, readiness, auth, request IDs, logs,
 database errors that never leak, and metrics.
 
-The database failures here are made on 127.0.0.1 with helpers.py:
+The database failures here are made on 127.0.0.1 with support/databases.py
+(conftest.py's ``refuser`` and ``blackhole`` fixtures):
 ``closed_database_url`` (nothing listens: connection refused), ``Refuser``
 (accepts and hangs up at once, counting the connections, so a test can tell
 whether the database was touched at all) and ``Blackhole`` (accepts and never
@@ -15,19 +16,13 @@ import logging
 import re
 import time
 
-import helpers
 import orjson
 import pytest
-from helpers import (
-    Blackhole,
-    Refuser,
-    assert_error,
-    closed_database_url,
-    metric_samples,
-    metric_value,
-)
 
 from jobs import observability
+
+from support.databases import closed_database_url
+from support.service import assert_error, drop_pool, make_app, metric_samples, metric_value
 
 ADMIN = "adm-7f3c9e1b5d2a4c68-secret"
 WORKER = "wrk-2b8d4f6a1c3e5g79-secret"
@@ -44,23 +39,6 @@ LEAK_MARKERS = (
     "127.0.0.1",
     'File "',
 )
-
-
-# ---- Databases that fail -----------------------------------------------------
-
-
-@pytest.fixture
-def refuser():
-    listener = Refuser()
-    yield listener
-    listener.close()
-
-
-@pytest.fixture
-def blackhole():
-    listener = Blackhole()
-    yield listener
-    listener.close()
 
 
 # ---- Capturing the service's log ---------------------------------------------
@@ -104,17 +82,6 @@ def service_log():
         handler.setStream(previous)
         root.removeHandler(other)
         root.setLevel(old_level)
-
-
-def make_app(database_url: str, **config):
-    """No tokens unless a test sets them, whatever the environment says."""
-    return helpers.make_app(database_url, **{"ADMIN_TOKEN": None, "WORKER_TOKEN": None, **config})
-
-
-def drop_pool(app) -> None:
-    pool = app.extensions.get("jobs_db_pool")
-    if pool is not None:
-        pool.drop_idle()
 
 
 def bearer(token: str) -> dict:

@@ -14,20 +14,16 @@ import time
 
 import psycopg2
 import pytest
-from helpers import (
-    Blackhole,
-    Server,
-    flask_caller,
-    init_db,
-    route_plan,
-    seed_two_jobs,
-    table_locked,
-    wait_for_workers,
-    worker_pids,
-)
 
 from app import create_app
+from dev.gunicorn import serving, wait_for_workers, worker_pids
 from jobs.domain import JOB_ID_RULE
+
+from support.databases import Blackhole, init_db, table_locked
+from support.service import flask_caller, route_plan, seed_two_jobs
+
+# Under pytest-xdist, on one worker: its PostgreSQL and gunicorn are the module's.
+pytestmark = pytest.mark.xdist_group("outage")
 
 SLOW = 3.0  # seconds: "within a few seconds"
 
@@ -109,17 +105,12 @@ def restart_pg(pg):
 
 @pytest.fixture(scope="module")
 def server(pg):
-    server = Server(pg.url, workers=2, env={"STATEMENT_TIMEOUT_MS": "250"}).start()
-    try:
-        wait_for_workers(server.process.pid, 2)
+    with serving(pg.url, workers=2, env={"STATEMENT_TIMEOUT_MS": "250"}) as server:
         yield server
-    finally:
-        server.stop()
-        server.cleanup()
 
 
 def assert_clean_log(server) -> None:
-    log = server.log_path.read_text(errors="replace")
+    log = server.log()
     for bad in ("WORKER TIMEOUT", "Traceback", "Worker exiting", "was sent SIGKILL", "Booting"):
         if bad == "Booting":
             # Exactly the two workers of the start, none booted as a replacement.
@@ -207,6 +198,7 @@ def check_blocked(call, a, b, timeout_s: float, only=None, bulk_timeout_s=None):
     assert call("GET", "/readyz")[0] == 200
 
 
+@pytest.mark.alone  # each route fails between 0.8x and its limit + 1.5 s
 def test_statement_timeout_under_gunicorn(server, pg):
     call = server.caller(timeout=15)
     master = server.process.pid
@@ -219,6 +211,7 @@ def test_statement_timeout_under_gunicorn(server, pg):
     assert worker_pids(master) == workers
 
 
+@pytest.mark.alone  # each route fails between 0.8x and its limit + 1.5 s
 def test_statement_timeout_in_process(app):
     url = app.config["DATABASE_URL"]
     timed_app = create_app(
@@ -251,6 +244,7 @@ def test_statement_timeout_in_process(app):
     timed_app.extensions["jobs_db_pool"].drop_idle()
 
 
+@pytest.mark.alone  # answers within 0.5 s once the database is back
 def test_no_connection_leaks_after_failures(restart_pg):
     """Failed requests hand their connections back: a pool of 2 never runs dry."""
     pg = restart_pg
@@ -321,6 +315,9 @@ def test_a_frozen_database_fails_a_pooled_request_in_seconds(restart_pg):
     app.extensions["jobs_db_pool"].drop_idle()
 
 
+ASKERS = 6  # within the pools of both workers (DB_POOL_SIZE 4 each)
+
+
 @pytest.mark.parametrize("via", ["direct", "pgbouncer-transaction"])
 def test_a_frozen_database_under_gunicorn(restart_pg, pgbouncer_factory, via):
     """Frozen: every API request answers its *_ERROR in seconds, and no worker dies.
@@ -333,8 +330,7 @@ def test_a_frozen_database_under_gunicorn(restart_pg, pgbouncer_factory, via):
     url = pg.url if via == "direct" else pgbouncer_factory(pg.url, "transaction").url
     timeout_s = 1.0
     env = {"STATEMENT_TIMEOUT_MS": str(int(timeout_s * 1000)), "DB_CONNECT_TIMEOUT_S": "2"}
-    server = Server(url, workers=2, env=env).start()
-    try:
+    with serving(url, workers=2, env=env) as server:
         call = server.caller(timeout=30)
         master = server.process.pid
         workers = wait_for_workers(master, 2)
@@ -347,9 +343,10 @@ def test_a_frozen_database_under_gunicorn(restart_pg, pgbouncer_factory, via):
                 answers.append((method, path, code, timed(call, method, path, body)))
 
         plan = route_plan(a, b)
-        # Two clients at once: each request's time is its own (no queue behind
-        # another request's wait), whatever the worker class.
-        askers = [threading.Thread(target=ask, args=(plan[i::2],)) for i in range(2)]
+        # Six clients at once, three requests each: each request's time is its
+        # own (no queue behind another request's wait), whatever the worker
+        # class; and the frozen phase lasts three requests' waits, not nine.
+        askers = [threading.Thread(target=ask, args=(plan[i::ASKERS],)) for i in range(ASKERS)]
         with frozen(pg):
             for asker in askers:
                 asker.start()
@@ -381,6 +378,3 @@ def test_a_frozen_database_under_gunicorn(restart_pg, pgbouncer_factory, via):
         check_up(call, a, b, rounds=2)
         assert worker_pids(master) == workers, "a worker died or was replaced"
         assert_clean_log(server)
-    finally:
-        server.stop()
-        server.cleanup()

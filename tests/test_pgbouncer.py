@@ -21,10 +21,14 @@ import threading
 import psycopg2
 import psycopg2.errors
 import pytest
-from helpers import flask_caller, route_plan, seed_two_jobs, table_locked
 
-from app import create_app
 from jobs import db
+
+from support.databases import table_locked
+from support.service import flask_caller, route_plan, seed_two_jobs
+
+# Under pytest-xdist, on one worker: its PgBouncers are the module's.
+pytestmark = pytest.mark.xdist_group("pgbouncer")
 
 MODES = ["direct", "session", "transaction"]
 
@@ -38,30 +42,10 @@ def via(request, postgres_url, _schema, pgbouncer_factory):
 
 
 @pytest.fixture
-def make_app(via, postgres_url):
-    """Apps on ``via``'s URL, on an emptied database; their pools are closed afterwards."""
-    truncate_all(postgres_url)
-    apps = []
-
-    def make(**config):
-        app = create_app({"TESTING": True, "DATABASE_URL": via[1], **config})
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        pool = app.extensions.get("jobs_db_pool")
-        if pool is not None:
-            pool.drop_idle()
-
-
-def truncate_all(url: str) -> None:
-    conn = psycopg2.connect(url)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute("TRUNCATE jobs, job_events, job_tables, job_files RESTART IDENTITY CASCADE")
-    finally:
-        conn.close()
+def app_via(via, apps):
+    """``app_via(**config)``: apps on ``via``'s URL, on an emptied database (conftest's
+    ``apps``: their pools are closed afterwards)."""
+    return lambda **config: apps(DATABASE_URL=via[1], **config)
 
 
 def check_every_route(call, a, b):
@@ -71,15 +55,15 @@ def check_every_route(call, a, b):
     assert call("GET", "/readyz") == (200, {"status": "ok"})
 
 
-def test_init_db_is_idempotent_through_every_mode(make_app):
-    runner = make_app().test_cli_runner()
+def test_init_db_is_idempotent_through_every_mode(app_via):
+    runner = app_via().test_cli_runner()
     for _ in range(2):
         result = runner.invoke(args=["init-db"])
         assert result.exit_code == 0, result.output
 
 
-def test_every_route(make_app):
-    call = flask_caller(make_app())
+def test_every_route(app_via):
+    call = flask_caller(app_via())
     a, b = seed_two_jobs(call)
     for _ in range(3):  # the hot reads are prepared on first use where allowed
         check_every_route(call, a, b)
@@ -87,7 +71,7 @@ def test_every_route(make_app):
     assert call("GET", f"/jobs/{b}")[1]["status"] == "RUNNING"
 
 
-def test_many_concurrent_requests(via, make_app):
+def test_many_concurrent_requests(via, app_via):
     """In transaction mode PgBouncer's stock pool (20 server connections) serves 40 clients.
 
     In session mode each client connection holds its server connection until
@@ -95,7 +79,7 @@ def test_many_concurrent_requests(via, make_app):
     DB_POOL_SIZE over all processes must stay within PgBouncer's pool size.
     """
     threads_count = 16 if via[0] == "session" else 40
-    app = make_app(DB_POOL_SIZE=threads_count)
+    app = app_via(DB_POOL_SIZE=threads_count)
     a, b = seed_two_jobs(flask_caller(app))
     barrier = threading.Barrier(threads_count)
     failures = []
@@ -122,10 +106,10 @@ def test_many_concurrent_requests(via, make_app):
     assert len(listed) == 2 + threads_count * 5
 
 
-def test_nothing_outlives_the_services_transactions(via, make_app):
+def test_nothing_outlives_the_services_transactions(via, app_via):
     """Through PgBouncer the server connections are shared: no session settings, no PREPARE."""
     mode, url = via
-    call = flask_caller(make_app(STATEMENT_TIMEOUT_MS=1234))
+    call = flask_caller(app_via(STATEMENT_TIMEOUT_MS=1234))
     a, b = seed_two_jobs(call)
     check_every_route(call, a, b)
     if mode == "direct":
@@ -149,9 +133,9 @@ def test_nothing_outlives_the_services_transactions(via, make_app):
 # ---- Time limits: the server's statement_timeout in every mode -----------------------
 
 
-def test_statement_timeout_bounds_every_route(make_app, postgres_url, caplog):
+def test_statement_timeout_bounds_every_route(app_via, postgres_url, caplog):
     """Blocked by a lock, every route fails with the server's QueryCanceled: its own timeout."""
-    app = make_app(STATEMENT_TIMEOUT_MS=150, BULK_DELETE_BUDGET_MS=400)
+    app = app_via(STATEMENT_TIMEOUT_MS=150, BULK_DELETE_BUDGET_MS=400)
     call = flask_caller(app)
     a, b = seed_two_jobs(call)
     with (
@@ -167,9 +151,9 @@ def test_statement_timeout_bounds_every_route(make_app, postgres_url, caplog):
     check_every_route(call, a, b)
 
 
-def test_statement_timeout_and_bulk_budget_bound_queries(make_app):
+def test_statement_timeout_and_bulk_budget_bound_queries(app_via):
     """Measured on the app's own connection: each query, and a bulk transaction's, in any mode."""
-    app = make_app(STATEMENT_TIMEOUT_MS=200, BULK_DELETE_BUDGET_MS=1000)
+    app = app_via(STATEMENT_TIMEOUT_MS=200, BULK_DELETE_BUDGET_MS=1000)
 
     def fetch(sql):
         with db.cursor() as cur:

@@ -9,22 +9,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import MAX_ID, block_hash, expected_progress, file_entry
+
+from support.oracle import expected_progress
+from support.service import MAX_ID, block_hash, file_entry, new_job, register_files
 
 EMPTY = expected_progress(None, None, 0, 0)
-
-
-def new_job(client) -> int:
-    response = client.post("/jobs", json={"node_id": "worker-01", "descriptor": {"x": 1}})
-    assert response.status_code == 201
-    return response.get_json()["id"]
-
-
-def register(client, job_id, table, *files, expect=201):
-    payload = list(files) if len(files) != 1 else files[0]
-    response = client.post(f"/jobs/{job_id}/tables/{table}/files", json=payload)
-    assert response.status_code == expect, response.get_json()
-    return response.get_json()
 
 
 def tables(client, job_id) -> dict:
@@ -56,37 +45,39 @@ def test_no_files_is_an_empty_object(client, job):
 
 def test_job_status_is_reported(client, job):
     client.put(f"/jobs/{job}/status", json={"status": "RUNNING"})
-    register(client, job, "blocks", file_entry("a", 0, 9))
+    register_files(client, job, "blocks", file_entry("a", 0, 9))
     body = client.get(f"/jobs/{job}/progress").get_json()
     assert body["job_status"] == "RUNNING"
 
 
 def test_clean_chain(client, job):
-    body = register(
+    body = register_files(
         client,
         job,
         "blocks",
         file_entry("a", 0, 99, 10, block_hash(1)),
         file_entry("b", 100, 199, 20, block_hash(2), block_hash(1)),
         file_entry("c", 200, 299, 30, block_hash(3), block_hash(2)),
-    )
+    ).get_json()
     assert body["registered"] == 3
     assert body["progress"] == expected_progress(0, 299, 3, 60)
     assert progress_of(client, job) == expected_progress(0, 299, 3, 60)
     # One more, alone, as a single object.
-    body = register(
+    body = register_files(
         client, job, "blocks", file_entry("d", 300, 399, 40, block_hash(4), block_hash(3))
-    )
+    ).get_json()
     assert body["progress"] == progress_of(client, job) == expected_progress(0, 399, 4, 100)
 
 
 def test_chain_starts_at_the_lowest_start_block(client, job):
-    register(client, job, "blocks", file_entry("b", 2000, 2999, 2), file_entry("a", 1000, 1999, 1))
+    register_files(
+        client, job, "blocks", file_entry("b", 2000, 2999, 2), file_entry("a", 1000, 1999, 1)
+    )
     assert progress_of(client, job) == expected_progress(1000, 2999, 2, 3)
 
 
 def test_a_gap_stops_the_chain_until_it_is_filled(client, job):
-    register(
+    register_files(
         client,
         job,
         "blocks",
@@ -96,53 +87,59 @@ def test_a_gap_stops_the_chain_until_it_is_filled(client, job):
     )
     # Everything past the gap is skipped.
     assert progress_of(client, job) == expected_progress(0, 99, 1, 1)
-    register(client, job, "blocks", file_entry("e", 500, 599, 16))
+    register_files(client, job, "blocks", file_entry("e", 500, 599, 16))
     assert progress_of(client, job) == expected_progress(0, 99, 1, 1)
     # Filling the gap extends the chain over the files skipped before it...
-    body = register(client, job, "blocks", file_entry("b", 100, 199, 2))
+    body = register_files(client, job, "blocks", file_entry("b", 100, 199, 2)).get_json()
     assert body["progress"] == progress_of(client, job) == expected_progress(0, 399, 4, 15)
     # ...up to the next gap.
-    register(client, job, "blocks", file_entry("x", 400, 499, 32))
+    register_files(client, job, "blocks", file_entry("x", 400, 499, 32))
     assert progress_of(client, job) == expected_progress(0, 599, 6, 63)
 
 
 def test_a_fork_is_won_by_the_most_recent_registration(client, job):
-    register(client, job, "blocks", file_entry("a", 0, 99, 1), file_entry("b", 100, 199, 10))
+    register_files(client, job, "blocks", file_entry("a", 0, 99, 1), file_entry("b", 100, 199, 10))
     assert progress_of(client, job) == expected_progress(0, 199, 2, 11)
     # A newer file at the same start wins, even though it ends earlier.
-    register(client, job, "blocks", file_entry("b2", 100, 149, 100))
+    register_files(client, job, "blocks", file_entry("b2", 100, 149, 100))
     assert progress_of(client, job) == expected_progress(0, 149, 2, 101)
     # The loser's successor no longer links; the winner's does.
-    register(client, job, "blocks", file_entry("c", 200, 299, 1000))
+    register_files(client, job, "blocks", file_entry("c", 200, 299, 1000))
     assert progress_of(client, job) == expected_progress(0, 149, 2, 101)
-    register(client, job, "blocks", file_entry("b3", 150, 199, 10000))
+    register_files(client, job, "blocks", file_entry("b3", 150, 199, 10000))
     assert progress_of(client, job) == expected_progress(0, 299, 4, 11101)
 
 
 def test_a_fork_in_the_other_order(client, job):
-    register(client, job, "blocks", file_entry("a", 0, 99, 1), file_entry("short", 100, 149, 100))
-    register(client, job, "blocks", file_entry("long", 100, 199, 10))
+    register_files(
+        client, job, "blocks", file_entry("a", 0, 99, 1), file_entry("short", 100, 149, 100)
+    )
+    register_files(client, job, "blocks", file_entry("long", 100, 199, 10))
     assert progress_of(client, job) == expected_progress(0, 199, 2, 11)
 
 
 def test_a_fork_at_the_first_block(client, job):
-    register(client, job, "blocks", file_entry("a", 0, 99, 1), file_entry("b", 100, 199, 2))
-    register(client, job, "blocks", file_entry("a2", 0, 49, 4))
+    register_files(client, job, "blocks", file_entry("a", 0, 99, 1), file_entry("b", 100, 199, 2))
+    register_files(client, job, "blocks", file_entry("a2", 0, 49, 4))
     # The newest file at the lowest start begins the chain; nothing starts at 50.
     assert progress_of(client, job) == expected_progress(0, 49, 1, 4)
 
 
 def test_a_hash_mismatch_is_skipped(client, job):
-    register(client, job, "blocks", file_entry("a", 0, 99, 1, block_hash(1)))
-    register(client, job, "blocks", file_entry("b", 100, 199, 2, block_hash(2), block_hash(9)))
+    register_files(client, job, "blocks", file_entry("a", 0, 99, 1, block_hash(1)))
+    register_files(
+        client, job, "blocks", file_entry("b", 100, 199, 2, block_hash(2), block_hash(9))
+    )
     assert progress_of(client, job) == expected_progress(0, 99, 1, 1)
     # The same range, linking, completes it.
-    register(client, job, "blocks", file_entry("b2", 100, 199, 4, block_hash(2), block_hash(1)))
+    register_files(
+        client, job, "blocks", file_entry("b2", 100, 199, 4, block_hash(2), block_hash(1))
+    )
     assert progress_of(client, job) == expected_progress(0, 199, 2, 5)
 
 
 def test_an_older_linking_file_beats_a_newer_mismatched_one(client, job):
-    register(
+    register_files(
         client,
         job,
         "blocks",
@@ -150,13 +147,15 @@ def test_an_older_linking_file_beats_a_newer_mismatched_one(client, job):
         file_entry("b", 100, 199, 2, block_hash(2), block_hash(1)),
         file_entry("c", 200, 299, 4, block_hash(3), block_hash(2)),
     )
-    register(client, job, "blocks", file_entry("b-bad", 100, 149, 8, block_hash(7), block_hash(6)))
+    register_files(
+        client, job, "blocks", file_entry("b-bad", 100, 149, 8, block_hash(7), block_hash(6))
+    )
     assert progress_of(client, job) == expected_progress(0, 299, 3, 7)
 
 
 def test_hashes_compare_after_normalisation(client, job):
-    register(client, job, "blocks", file_entry("a", 0, 99, 1, block_hash(0xABC)))
-    register(
+    register_files(client, job, "blocks", file_entry("a", 0, 99, 1, block_hash(0xABC)))
+    register_files(
         client,
         job,
         "blocks",
@@ -171,7 +170,7 @@ def test_hashes_compare_after_normalisation(client, job):
     ids=["tip-without-hash", "file-without-prev-hash", "neither"],
 )
 def test_a_hash_absent_on_one_side_links(client, job, tip_hash, prev_hash):
-    register(
+    register_files(
         client,
         job,
         "blocks",
@@ -183,7 +182,7 @@ def test_a_hash_absent_on_one_side_links(client, job, tip_hash, prev_hash):
 
 def test_the_tip_hash_is_the_last_chain_files(client, job):
     # a's hash must not be compared with c's prev_hash: b (no hash) is the tip.
-    register(
+    register_files(
         client,
         job,
         "blocks",
@@ -192,18 +191,20 @@ def test_the_tip_hash_is_the_last_chain_files(client, job):
         file_entry("c", 200, 299, 4, prev_hash=block_hash(1)),
     )
     assert progress_of(client, job) == expected_progress(0, 299, 3, 7)
-    register(client, job, "blocks", file_entry("d", 300, 399, 8, block_hash(4), block_hash(3)))
-    register(client, job, "blocks", file_entry("e", 400, 499, 16, prev_hash=block_hash(3)))
+    register_files(
+        client, job, "blocks", file_entry("d", 300, 399, 8, block_hash(4), block_hash(3))
+    )
+    register_files(client, job, "blocks", file_entry("e", 400, 499, 16, prev_hash=block_hash(3)))
     assert progress_of(client, job) == expected_progress(0, 399, 4, 15)
 
 
 def test_overlaps_are_skipped(client, job):
-    register(client, job, "blocks", file_entry("a", 0, 99, 1), file_entry("over", 50, 149, 2))
+    register_files(client, job, "blocks", file_entry("a", 0, 99, 1), file_entry("over", 50, 149, 2))
     assert progress_of(client, job) == expected_progress(0, 99, 1, 1)
-    register(client, job, "blocks", file_entry("b", 100, 199, 4))
+    register_files(client, job, "blocks", file_entry("b", 100, 199, 4))
     assert progress_of(client, job) == expected_progress(0, 199, 2, 5)
     # A file inside the chain's range changes nothing either.
-    register(
+    register_files(
         client,
         job,
         "blocks",
@@ -214,7 +215,7 @@ def test_overlaps_are_skipped(client, job):
 
 
 def test_a_reorg_rewriting_the_middle(client, job):
-    register(
+    register_files(
         client,
         job,
         "blocks",
@@ -225,26 +226,32 @@ def test_a_reorg_rewriting_the_middle(client, job):
     )
     assert progress_of(client, job) == expected_progress(0, 399, 4, 15)
     # The middle is rewritten: its new hash breaks the links after it.
-    register(client, job, "blocks", file_entry("b'", 100, 199, 16, block_hash(22), block_hash(1)))
+    register_files(
+        client, job, "blocks", file_entry("b'", 100, 199, 16, block_hash(22), block_hash(1))
+    )
     assert progress_of(client, job) == expected_progress(0, 199, 2, 17)
-    register(client, job, "blocks", file_entry("c'", 200, 299, 32, block_hash(33), block_hash(22)))
+    register_files(
+        client, job, "blocks", file_entry("c'", 200, 299, 32, block_hash(33), block_hash(22))
+    )
     assert progress_of(client, job) == expected_progress(0, 299, 3, 49)
-    register(client, job, "blocks", file_entry("d'", 300, 399, 64, block_hash(44), block_hash(33)))
+    register_files(
+        client, job, "blocks", file_entry("d'", 300, 399, 64, block_hash(44), block_hash(33))
+    )
     assert progress_of(client, job) == expected_progress(0, 399, 4, 113)
     # A reorg reaching back into the chain with a shorter range.
-    register(
+    register_files(
         client, job, "blocks", file_entry("c''", 200, 249, 128, block_hash(55), block_hash(22))
     )
     assert progress_of(client, job) == expected_progress(0, 249, 3, 145)
     # Both old c and c' stay skipped; the new tail extends the new branch.
-    register(
+    register_files(
         client, job, "blocks", file_entry("c'''", 250, 299, 256, block_hash(66), block_hash(55))
     )
     assert progress_of(client, job) == expected_progress(0, 299, 4, 401)
 
 
 def test_a_reorg_without_hashes(client, job):
-    register(
+    register_files(
         client,
         job,
         "blocks",
@@ -252,26 +259,26 @@ def test_a_reorg_without_hashes(client, job):
         file_entry("b", 100, 199),
         file_entry("c", 200, 299),
     )
-    register(client, job, "blocks", file_entry("b-short", 100, 150, 5))
+    register_files(client, job, "blocks", file_entry("b-short", 100, 150, 5))
     assert progress_of(client, job) == expected_progress(0, 150, 2, 6)
 
 
 def test_several_tables_at_once(client, job):
-    register(
+    register_files(
         client,
         job,
         "blocks",
         file_entry("0.parquet", 0, 99, 1),
         file_entry("1.parquet", 100, 199, 2),
     )
-    register(
+    register_files(
         client,
         job,
         "transactions",
         file_entry("0.parquet", 0, 49, 10),
         file_entry("2.parquet", 60, 99, 20),
     )
-    register(client, job, "Logs_2", file_entry("x", 7, 7, 0))
+    register_files(client, job, "Logs_2", file_entry("x", 7, 7, 0))
     assert tables(client, job) == {
         "blocks": expected_progress(0, 199, 2, 3),
         "transactions": expected_progress(0, 49, 1, 10),
@@ -279,7 +286,7 @@ def test_several_tables_at_once(client, job):
     }
     # Another job's tables are its own.
     other = new_job(client)
-    register(client, other, "blocks", file_entry("0.parquet", 5, 9, 1))
+    register_files(client, other, "blocks", file_entry("0.parquet", 5, 9, 1))
     assert tables(client, other) == {"blocks": expected_progress(5, 9, 1, 1)}
     assert tables(client, job)["blocks"] == expected_progress(0, 199, 2, 3)
 
@@ -287,37 +294,37 @@ def test_several_tables_at_once(client, job):
 def test_refused_registrations_leave_no_table(client, job):
     # Invalid: the whole batch is refused, so the table never appears.
     bad = file_entry("b", 10, 5)
-    register(client, job, "blocks", file_entry("a", 0, 9), bad, expect=400)
+    register_files(client, job, "blocks", file_entry("a", 0, 9), bad, expect=400)
     assert tables(client, job) == {}
-    register(client, job, "blocks", file_entry("a", 0, 9, 1))
+    register_files(client, job, "blocks", file_entry("a", 0, 9, 1))
     # A conflict in a batch stores nothing of it (all or nothing).
-    body = register(
+    body = register_files(
         client, job, "blocks", file_entry("b", 10, 19, 2), file_entry("a", 0, 9, 999), expect=409
-    )
+    ).get_json()
     assert body["error_code"] == "FILE_CONFLICT"
     assert tables(client, job) == {"blocks": expected_progress(0, 9, 1, 1)}
     # "b" was not stored: other fields under its name are no conflict.
-    register(client, job, "blocks", file_entry("b", 10, 19, 4))
+    register_files(client, job, "blocks", file_entry("b", 10, 19, 4))
     assert tables(client, job) == {"blocks": expected_progress(0, 19, 2, 5)}
     # A terminal job takes no files: no new table either.
     client.put(f"/jobs/{job}/status", json={"status": "FAILED"})
-    body = register(client, job, "transactions", file_entry("t", 0, 9), expect=409)
+    body = register_files(client, job, "transactions", file_entry("t", 0, 9), expect=409).get_json()
     assert body["error_code"] == "JOB_CONFLICT"
     assert tables(client, job) == {"blocks": expected_progress(0, 19, 2, 5)}
 
 
 def test_an_identical_retry_changes_nothing(client, job):
-    register(client, job, "blocks", file_entry("a", 0, 99, 1), file_entry("b", 100, 199, 2))
-    register(client, job, "blocks", file_entry("a2", 0, 49, 4))
+    register_files(client, job, "blocks", file_entry("a", 0, 99, 1), file_entry("b", 100, 199, 2))
+    register_files(client, job, "blocks", file_entry("a2", 0, 49, 4))
     assert progress_of(client, job) == expected_progress(0, 49, 1, 4)
     # Re-sending "a" must not make it the most recent registration at block 0.
-    body = register(client, job, "blocks", file_entry("a", 0, 99, 1), expect=200)
+    body = register_files(client, job, "blocks", file_entry("a", 0, 99, 1), expect=200).get_json()
     assert body["registered"] == 0 and body["unchanged"] == 1
     assert progress_of(client, job) == expected_progress(0, 49, 1, 4)
 
 
 def test_total_size_beyond_2_to_the_63(client, job):
-    register(
+    register_files(
         client,
         job,
         "blocks",
@@ -332,12 +339,12 @@ def test_total_size_beyond_2_to_the_63(client, job):
     assert entry == expected_progress(0, 2, 3, 3 * MAX_ID)
     assert isinstance(entry["total_size_bytes"], int)
     # And it keeps summing incrementally.
-    register(client, job, "blocks", file_entry("d", 3, 3, MAX_ID))
+    register_files(client, job, "blocks", file_entry("d", 3, 3, MAX_ID))
     assert progress_of(client, job)["total_size_bytes"] == 4 * MAX_ID
 
 
 def test_blocks_at_the_top_of_the_range(client, job):
-    register(
+    register_files(
         client,
         job,
         "blocks",

@@ -14,8 +14,9 @@ What is checked afterwards:
   deletion removed a job that was terminal at that instant, and the events of
   the remaining jobs are exactly their status changes.
 
-The workloads shared with test_scaleout.py (which runs them over HTTP against
-two gunicorn instances) live in helpers.py; they take a ``call(method, path,
+The audit trail is conftest.py's ``audit`` fixture (support/races.py). The
+workloads shared with test_scaleout.py (which runs them over HTTP against
+two gunicorn instances) live in support/races.py; they take a ``call(method, path,
 body) -> (status, json)`` and return what they saw, and the tests here assert.
 """
 
@@ -27,57 +28,46 @@ import time
 
 import psycopg2
 import pytest
-from helpers import (
-    TERMINAL,
-    audit_trail,
-    block_hash,
+
+from jobs.store import chain
+
+from support.oracle import TERMINAL, history_problems, reference_progress
+from support.races import (
     chaos_problems,
-    create_job,
-    events_of,
-    file_entry,
-    flask_caller,
-    history_problems,
     idempotent_round_problems,
-    job_statuses,
-    move_to,
     one_winner_problems,
     poster,
     race,
     race_completed_against_failed,
     race_idempotent_creations,
     race_retries_against_deletes,
-    reference_progress,
     reporter,
     retry_race_problems,
     run_chaos,
     wait_until_blocked,
 )
-
-from app import create_app
-from jobs.store import chain
+from support.service import (
+    block_hash,
+    create_job,
+    events_of,
+    file_entry,
+    flask_caller,
+    job_statuses,
+    move_to,
+)
 
 # ---- Fixtures ------------------------------------------------------------------------
 
 
 @pytest.fixture
-def race_app(app, database_url):
-    """The service with a pool big enough for every racing thread (``app`` truncated the DB)."""
-    racing = create_app({"TESTING": True, "DATABASE_URL": database_url, "DB_POOL_SIZE": 40})
-    yield racing
-    pool = racing.extensions.get("jobs_db_pool")
-    if pool is not None:
-        pool.drop_idle()
+def race_app(apps):
+    """The service with a pool big enough for every racing thread (on the emptied database)."""
+    return apps(DB_POOL_SIZE=40)
 
 
 @pytest.fixture
 def make_call(race_app):
     return lambda: flask_caller(race_app)
-
-
-@pytest.fixture
-def audit(app, database_url):
-    with audit_trail(database_url) as trail:
-        yield trail
 
 
 # ---- (a) stop vs transitions vs deletes ----------------------------------------------

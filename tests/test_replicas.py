@@ -1,6 +1,6 @@
 """Reading from replicas (docs/API.md, Production topology, Replica reads).
 
-A primary and a hot standby on this box (tests/replication.py), the standby
+A primary and a hot standby on this box (tests/support/replication.py), the standby
 in DATABASE_REPLICA_URL. The operators' reads go to the standby: with its
 replay paused, a job just created is not there yet (404, missing from the
 lists), and once the standby is more than REPLICA_MAX_LAG_S behind the reads
@@ -16,12 +16,18 @@ import http.client
 import time
 
 import pytest
-from helpers import Server, assert_error, metric_samples, metric_value, wait_for_workers
-from replication import primary_and_standby, query, wait_for
 
-from app import create_app
+from dev.gunicorn import Server, wait_for_workers
 from jobs import db, settings
 from jobs.api import endpoint
+
+from support.databases import query_rows
+from support.replication import primary_and_standby
+from support.service import assert_error, metric_samples, metric_value
+from support.waiting import until
+
+# Under pytest-xdist, on one worker: its primary and standby are the module's.
+pytestmark = pytest.mark.xdist_group("replicas")
 
 MAX_LAG_S = 1.5
 CHECK_S = 0.05
@@ -53,29 +59,21 @@ def standby(pair):
 
 
 @pytest.fixture
-def make_app(pair):
-    apps = []
+def replica_app(pair, apps):
+    """``replica_app(replica_urls=None, **config)``: an app on the pair's primary reading
+    from ``replica_urls`` (the standby by default); conftest's ``apps`` closes its pool
+    and its replicas' connections afterwards."""
 
     def make(replica_urls=None, **config):
-        app = create_app(
-            {
-                "TESTING": True,
-                "DATABASE_URL": pair.primary.url,
-                "DATABASE_REPLICA_URL": tuple(replica_urls or [pair.standby.url]),
-                "REPLICA_MAX_LAG_S": MAX_LAG_S,
-                "REPLICA_CHECK_S": CHECK_S,
-                **config,
-            }
+        return apps(
+            DATABASE_URL=pair.primary.url,
+            DATABASE_REPLICA_URL=tuple(replica_urls or [pair.standby.url]),
+            REPLICA_MAX_LAG_S=MAX_LAG_S,
+            REPLICA_CHECK_S=CHECK_S,
+            **config,
         )
-        apps.append(app)
-        return app
 
-    yield make
-    for app in apps:
-        for key in ("jobs_db_pool", "jobs_db_replicas"):
-            held = app.extensions.get(key)
-            if held is not None:
-                held.close() if key == "jobs_db_replicas" else held.drop_idle()
+    return make
 
 
 def checked(app) -> None:
@@ -92,7 +90,7 @@ def checked(app) -> None:
                 for r in replica_set.replicas
             )
 
-    wait_for(fresh, what="the replicas found fresh")
+    until(fresh, what="the replicas found fresh")
 
 
 def reads(client) -> tuple[float, float, float, float]:
@@ -124,7 +122,7 @@ def new_job_and_worker(client, primary_url: str, name: str) -> tuple[int, int]:
     file = {"file_name": f"{name}.parquet", "start_block": 1, "end_block": 9, "size_bytes": 5}
     assert client.post(f"/jobs/{job_id}/tables/blocks/files", json=file).status_code == 201
     sql = "SELECT min(id) FROM job_events WHERE job_id = %s"
-    ((event_id,),) = query(primary_url, sql, (job_id,))
+    ((event_id,),) = query_rows(primary_url, sql, (job_id,))
     return job_id, event_id
 
 
@@ -154,8 +152,8 @@ def test_exactly_the_operators_reads_are_declared_for_replicas():
     assert declared == REPLICA_ROUTES
 
 
-def test_reads_go_to_the_replica_until_it_lags_then_to_the_primary(pair, standby, make_app):
-    app = make_app()
+def test_reads_go_to_the_replica_until_it_lags_then_to_the_primary(pair, standby, replica_app):
+    app = replica_app()
     client = app.test_client()
     old_job, old_event = new_job_and_worker(client, pair.primary.url, "w-old")
     standby.wait_caught_up()
@@ -181,7 +179,7 @@ def test_reads_go_to_the_replica_until_it_lags_then_to_the_primary(pair, standby
     assert since(before, reads(client)) == (0, 8, 0, 0)
 
     # Past REPLICA_MAX_LAG_S the replica is skipped: the reads go to the primary.
-    wait_for(lambda: client.get(f"/jobs/{job_id}").status_code == 200, what="a read on the primary")
+    until(lambda: client.get(f"/jobs/{job_id}").status_code == 200, what="a read on the primary")
     # (From the last check that found it caught up, a moment before the pause.)
     assert time.monotonic() - paused_at > MAX_LAG_S / 2
     before = reads(client)
@@ -199,8 +197,8 @@ def test_reads_go_to_the_replica_until_it_lags_then_to_the_primary(pair, standby
     assert since(before, reads(client)) == (0, 7, 0, 0)
 
 
-def test_an_idle_primary_keeps_a_caught_up_replica_fresh(pair, standby, make_app):
-    app = make_app()
+def test_an_idle_primary_keeps_a_caught_up_replica_fresh(pair, standby, replica_app):
+    app = replica_app()
     client = app.test_client()
     standby.wait_caught_up()
     checked(app)
@@ -215,8 +213,8 @@ def test_an_idle_primary_keeps_a_caught_up_replica_fresh(pair, standby, make_app
     assert replica > 10
 
 
-def test_a_replica_down_never_fails_a_read(pair, standby, make_app):
-    app = make_app()
+def test_a_replica_down_never_fails_a_read(pair, standby, replica_app):
+    app = replica_app()
     client = app.test_client()
     job_id, _ = new_job_and_worker(client, pair.primary.url, "w-down")
     standby.wait_caught_up()
@@ -232,7 +230,7 @@ def test_a_replica_down_never_fails_a_read(pair, standby, make_app):
     primary, replica, lag, down = since(before, reads(client))
     assert (primary, replica, lag) == (40, 0, 0)
     assert down == 40  # the first read failed on the replica and ran again on the primary
-    wait_for(lambda: lag_gauge(client) == float("inf"), what="the replica's lag unknown")
+    until(lambda: lag_gauge(client) == float("inf"), what="the replica's lag unknown")
 
     standby.start()
     standby.wait_caught_up()
@@ -241,13 +239,13 @@ def test_a_replica_down_never_fails_a_read(pair, standby, make_app):
         assert client.get("/jobs").status_code == 200
         return since(before, reads(client))[1] > 0
 
-    wait_for(on_the_replica, what="reads on the replica again")
+    until(on_the_replica, what="reads on the replica again")
 
 
 def test_a_frozen_replica_costs_one_deadline_then_reads_go_to_the_primary(
-    pair, standby, make_app
+    pair, standby, replica_app
 ):
-    app = make_app(STATEMENT_TIMEOUT_MS=300, DB_CONNECT_TIMEOUT_S=1)
+    app = replica_app(STATEMENT_TIMEOUT_MS=300, DB_CONNECT_TIMEOUT_S=1)
     client = app.test_client()
     job_id, _ = new_job_and_worker(client, pair.primary.url, "w-frozen")
     standby.wait_caught_up()
@@ -273,9 +271,9 @@ def test_a_frozen_replica_costs_one_deadline_then_reads_go_to_the_primary(
     assert since(before, reads(client))[1] == 1
 
 
-def test_replica_reads_through_pgbouncer(pair, standby, make_app, pgbouncer_factory):
+def test_replica_reads_through_pgbouncer(pair, standby, replica_app, pgbouncer_factory):
     bouncer = pgbouncer_factory(standby.url, "transaction")
-    app = make_app([bouncer.url])
+    app = replica_app([bouncer.url])
     client = app.test_client()
     standby.wait_caught_up()
     checked(app)
@@ -291,7 +289,7 @@ def test_replica_reads_through_pgbouncer(pair, standby, make_app, pgbouncer_fact
     standby.pause_replay()
     job_id, event_id = new_job_and_worker(client, pair.primary.url, "w-bouncer")
     assert not any(visible(client, job_id, event_id, "w-bouncer").values())
-    wait_for(lambda: client.get(f"/jobs/{job_id}").status_code == 200, what="a read on the primary")
+    until(lambda: client.get(f"/jobs/{job_id}").status_code == 200, what="a read on the primary")
 
 
 def test_replicas_under_gunicorn(pair, standby):
@@ -316,13 +314,13 @@ def test_replicas_under_gunicorn(pair, standby):
                 if line.startswith('jobs_db_reads_total{target="replica"}')
             )
 
-        wait_for(lambda: replica_reads() >= 20, what="reads on the replica")
+        until(lambda: replica_reads() >= 20, what="reads on the replica")
         standby.pause_replay()
         status, job = call("POST", "/jobs", {"node_id": "w-gunicorn"})
         assert status == 201
         seen = [call("GET", f"/jobs/{job['id']}")[0] for _ in range(6)]
         assert 404 in seen, seen  # answered by the replica, which has not replayed it
-        wait_for(
+        until(
             lambda: all(call("GET", f"/jobs/{job['id']}")[0] == 200 for _ in range(6)),
             what="reads on the primary",
         )
@@ -386,4 +384,3 @@ def test_without_replicas_every_read_is_the_primarys(client):
     assert client.get("/jobs/1").status_code == 404
     assert client.post("/jobs", json={"node_id": "n"}).status_code == 201
     assert since(before, reads(client)) == (2, 0, 0, 0)
-

@@ -17,37 +17,35 @@ import itertools
 import time
 
 import pytest
-from helpers import (
-    LEASE_MOVES,
-    LEGAL_MOVES,
-    audit_trail,
-    create_job,
-    events_of,
-    flask_caller,
-    init_db,
-    lose_worker,
-    make_app,
-    metric_samples,
-    metric_value,
-    race,
-    serving,
-    sweep_leases,
-)
-from retrying import (
+
+from app import create_app
+from dev.gunicorn import serving
+from jobs import chores, db, settings
+from jobs.chores import retention
+from jobs.domain import retry_delay_s
+from jobs.store import workers as worker_store
+
+from support.databases import init_db, lose_worker
+from support.oracle import LEASE_MOVES, LEGAL_MOVES
+from support.races import audit_trail, race
+from support.retrying import (
     leases_of,
     make_due,
     register,
     report,
     retry_times,
-    served_metric,
     sweep_retries,
 )
-
-from app import create_app
-from jobs import chores, db, settings
-from jobs.chores import retention
-from jobs.domain import retry_delay_s
-from jobs.store import workers as worker_store
+from support.service import (
+    create_job,
+    events_of,
+    flask_caller,
+    make_app,
+    metric_samples,
+    metric_value,
+    served_metric,
+    sweep_leases,
+)
 
 ALL_MOVES = LEGAL_MOVES | LEASE_MOVES | {("SCHEDULED", "SCHEDULED")}
 SECOND = datetime.timedelta(seconds=1)

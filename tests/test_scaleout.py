@@ -4,7 +4,7 @@ docs/API.md (Production topology): the service scales out by running more proces
 is a statement in PostgreSQL, so the races of test_races.py must come out the
 same when the racing requests land on different processes and instances. Each
 racing thread alternates between the two instances request by request. The
-workloads are the ones test_races.py runs (helpers.py), and so are the checks.
+workloads are the ones test_races.py runs (support/races.py), and so are the checks.
 """
 
 from __future__ import annotations
@@ -12,20 +12,24 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from helpers import (
-    audit_trail,
+
+from dev.gunicorn import serving
+
+from support.databases import init_db
+from support.races import (
     chaos_problems,
     idempotent_round_problems,
-    init_db,
-    job_statuses,
     one_winner_problems,
     race_completed_against_failed,
     race_idempotent_creations,
     race_retries_against_deletes,
     retry_race_problems,
     run_chaos,
-    serving,
 )
+from support.service import job_statuses
+
+# Under pytest-xdist, on one worker: its two gunicorn instances are the module's.
+pytestmark = pytest.mark.xdist_group("scaleout")
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +54,6 @@ def make_call(app, instances):
         return call
 
     return make
-
-
-@pytest.fixture
-def audit(app, database_url):
-    with audit_trail(database_url) as trail:
-        yield trail
 
 
 def test_both_instances_serve_one_database(instances, make_call):

@@ -15,7 +15,8 @@ import json
 from urllib.parse import quote
 
 import pytest
-from helpers import MAX_ID, assert_error, file_entry
+
+from support.service import MAX_ID, assert_error, file_entry
 
 MIB = 1024 * 1024
 TABLES = ("jobs", "job_events", "job_tables", "job_files")

@@ -19,28 +19,30 @@ import time
 
 import psycopg2
 import pytest
-from helpers import (
-    Server,
+
+from dev.gunicorn import Server, serving
+from jobs import waiting
+from jobs.store import jobs as job_store
+
+from support.databases import init_db, lose_worker
+from support.service import (
     assert_error,
     create_job,
     events_of,
-    init_db,
-    lose_worker,
     move_to,
-    serving,
+    served_metric,
     sweep_leases,
 )
-from waiting_support import (
+from support.waiting import (
     Background,
     EventStreamReader,
-    metric,
     until,
     until_requests_wait,
     until_waiting,
 )
 
-from jobs import waiting
-from jobs.store import jobs as job_store
+# Under pytest-xdist, on one worker: its gunicorn instances are the module's.
+pytestmark = pytest.mark.xdist_group("waiting")
 
 WAKE_S = 1.0  # a wake-up reaches the waiter within this of the change's answer
 
@@ -688,7 +690,7 @@ def bouncer_pair(postgres_url, pgbouncer_factory, database_url):
 
 
 def connects(server, mode: str) -> float:
-    return metric(server, "jobs_wait_connects_total", mode=mode)
+    return served_metric(server, "jobs_wait_connects_total", mode=mode)
 
 
 def test_waiting_through_pgbouncer_polls_or_listens_directly(app, instances, bouncer_pair, db_conn):

@@ -13,8 +13,12 @@ import statistics
 import time
 
 import pytest
-from helpers import create_job, init_db, serving
-from waiting_support import RawWaiters, raw_request, until, until_requests_wait
+
+from dev.gunicorn import serving
+
+from support.databases import init_db
+from support.service import create_job
+from support.waiting import RawWaiters, raw_request, until, until_requests_wait
 
 WAITERS = 1000
 WAIT_S = 6
@@ -37,6 +41,7 @@ def get_latencies(call, path: str, count: int) -> list[float]:
     return timings
 
 
+@pytest.mark.alone  # a thousand waiters on one instance, answered within their bounds
 def test_an_instance_holds_a_thousand_waiting_heartbeats(app, server, db_conn):
     call = server.caller()
     job_id = create_job(call, "elsewhere")["id"]

@@ -12,8 +12,15 @@ import time
 
 import psycopg2
 import pytest
-from helpers import Server, create_job, init_db
-from waiting_support import Background, metric, until, until_requests_wait
+
+from dev.gunicorn import Server
+
+from support.databases import init_db
+from support.service import create_job, served_metric
+from support.waiting import Background, until, until_requests_wait
+
+# Under pytest-xdist, on one worker: its PostgreSQL and gunicorn are the module's.
+pytestmark = pytest.mark.xdist_group("waiting_outage")
 
 GENERIC = "database error; the request was not completed"
 
@@ -61,7 +68,7 @@ def test_a_database_restart_during_waits(restart_pg, server):
     events = Background(call, "GET", f"/jobs/{job_id}/events?wait=30")
     until_requests_wait(server, "heartbeat")
     until_requests_wait(server, "events")
-    connects = metric(server, "jobs_wait_connects_total", mode="listen")
+    connects = served_metric(server, "jobs_wait_connects_total", mode="listen")
 
     pg.stop()
     stopped_at = time.monotonic()
@@ -84,7 +91,7 @@ def test_a_database_restart_during_waits(restart_pg, server):
     status, body = beat.join()
     assert (status, body["scheduled"]) == (200, [job_id])
     assert beat.answered_at - created_at < 1.0
-    assert metric(server, "jobs_wait_connects_total", mode="listen") > connects
+    assert served_metric(server, "jobs_wait_connects_total", mode="listen") > connects
     log = server.log()
     assert "Traceback" not in log and "Worker exiting" not in log
 

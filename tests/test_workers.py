@@ -23,32 +23,28 @@ import time
 
 import psycopg2
 import pytest
-from helpers import (
-    LEASE_MOVES,
-    LEGAL_MOVES,
-    MAX_ID,
-    assert_error,
-    audit_trail,
-    closed_database_url,
-    create_job,
-    events_of,
-    flask_caller,
-    history_problems,
-    lose_worker,
-    metric_samples,
-    metric_value,
-    move_to,
-    race,
-    serving,
-    sweep_leases,
-    wait_until_blocked,
-)
 
 from app import create_app
+from dev.gunicorn import serving
 from jobs import chores
 from jobs.chores import leases
 from jobs.store import jobs as job_store
 from jobs.store import workers as worker_store
+
+from support.databases import closed_database_url, lose_worker
+from support.oracle import LEASE_MOVES, LEGAL_MOVES, history_problems
+from support.races import race, wait_until_blocked
+from support.service import (
+    MAX_ID,
+    assert_error,
+    create_job,
+    events_of,
+    flask_caller,
+    metric_samples,
+    metric_value,
+    move_to,
+    sweep_leases,
+)
 
 ADMIN = "workers-admin-token"
 WORKER = "workers-worker-token"
@@ -57,7 +53,7 @@ WORKER_FIELDS = {"node_id", "info", "created_at", "registered_at", "heartbeat_at
 ALL_MOVES = LEGAL_MOVES | LEASE_MOVES | {("SCHEDULED", "SCHEDULED")}
 
 
-def register(client, node_id: str, body=None, **kwargs) -> dict:
+def register_worker(client, node_id: str, body=None, **kwargs) -> dict:
     kwargs = {"json": body} if body is not None else kwargs
     response = client.put(f"/workers/{node_id}", **kwargs)
     assert response.status_code == 200, response.get_json()
@@ -96,7 +92,7 @@ def test_register_creates_then_reregisters(client):
         "commit_timestamp": "2025-01-15T14:30:00Z",
         "build_date": "2025-01-15T15:45:30Z",
     }
-    first = register(client, "worker-01", {"info": info})
+    first = register_worker(client, "worker-01", {"info": info})
     assert set(first) == WORKER_FIELDS
     assert first["node_id"] == "worker-01"
     assert first["info"] == info
@@ -107,14 +103,14 @@ def test_register_creates_then_reregisters(client):
     assert client.get("/workers/worker-01").get_json() == first
 
     # Again, without a body: created_at stays, the rest is new, info replaced.
-    again = register(client, "worker-01")
+    again = register_worker(client, "worker-01")
     assert again["created_at"] == first["created_at"]
     assert again["registered_at"] > first["registered_at"]
     assert again["heartbeat_at"] == again["registered_at"]
     assert again["info"] == {}
-    partial = register(client, "worker-01", {"info": {"version": "2"}})
+    partial = register_worker(client, "worker-01", {"info": {"version": "2"}})
     assert partial["info"] == {"version": "2"}
-    assert register(client, "worker-01", {})["info"] == {}
+    assert register_worker(client, "worker-01", {})["info"] == {}
 
 
 @pytest.mark.parametrize(
@@ -169,7 +165,7 @@ def test_malformed_worker_ids_are_refused(client, node_id):
 
 def test_the_longest_and_oddest_valid_ids_work(client):
     for node_id in ("x" * 128, "eu1.extractor_3", "W-01", "a"):
-        assert register(client, node_id)["node_id"] == node_id
+        assert register_worker(client, node_id)["node_id"] == node_id
         assert client.post(f"/workers/{node_id}/heartbeat").status_code == 200
 
 
@@ -183,7 +179,7 @@ def test_unknown_workers_are_not_found(client):
 
 
 def test_heartbeat_lists_the_workers_jobs_to_start_and_stop(client):
-    register(client, "w1")
+    register_worker(client, "w1")
     scheduled = [job_in(client, "w1", "SCHEDULED") for _ in range(3)]
     stopping = [job_in(client, "w1", "STOP_REQUESTED") for _ in range(2)]
     for status in ("RUNNING", "STOPPING", "COMPLETED", "FAILED", "STOPPED"):
@@ -207,7 +203,7 @@ def test_heartbeat_lists_the_workers_jobs_to_start_and_stop(client):
 
 
 def test_heartbeat_lists_at_most_1000_oldest_first(client, db_conn):
-    register(client, "busy")
+    register_worker(client, "busy")
     with db_conn.cursor() as cur:
         cur.execute(
             "INSERT INTO jobs (node_id, status) SELECT 'busy', s FROM generate_series(1, 1001),"
@@ -222,8 +218,8 @@ def test_heartbeat_lists_at_most_1000_oldest_first(client, db_conn):
 
 def test_list_workers_most_recently_registered_first(client, database_url):
     for node_id in ("w-a", "w-b", "w-c"):
-        register(client, node_id)
-    register(client, "w-a")  # re-registered: first again
+        register_worker(client, node_id)
+    register_worker(client, "w-a")  # re-registered: first again
     client.post("/workers/w-b/heartbeat")  # a heartbeat does not reorder
     listing = client.get("/workers").get_json()
     assert [w["node_id"] for w in listing["workers"]] == ["w-a", "w-c", "w-b"]
@@ -247,7 +243,7 @@ def test_lost_after_follows_the_setting(app, database_url):
     slow = create_app({"TESTING": True, "DATABASE_URL": database_url, "WORKER_LOST_AFTER_S": 3600})
     quick = create_app({"TESTING": True, "DATABASE_URL": database_url, "WORKER_LOST_AFTER_S": 60})
     try:
-        register(slow.test_client(), "w")
+        register_worker(slow.test_client(), "w")
         lose_worker(database_url, "w", seconds=120)
         assert slow.test_client().get("/workers/w").get_json()["status"] == "ALIVE"
         assert quick.test_client().get("/workers/w").get_json()["status"] == "LOST"
@@ -268,7 +264,7 @@ def test_lost_after_is_read_from_the_environment(monkeypatch, database_url):
 
 
 def test_worker_routes_refuse_bodies_and_parameters_they_do_not_take(client):
-    register(client, "w")
+    register_worker(client, "w")
     assert_error(client.post("/workers/w/heartbeat", json={"x": 1}), 400, "INVALID_PAYLOAD_FORMAT")
     assert client.post("/workers/w/heartbeat", data=b"{}").status_code == 200
     assert_error(client.get("/workers", json={"x": 1}), 400, "INVALID_PAYLOAD_FORMAT")
@@ -340,7 +336,7 @@ def test_answers_parse_with_the_python_clients_worker_models(client):
     node_id, created_at, registered_at, heartbeat_at (aware datetimes) and info
     (WorkerMetadata: version, commit_sha, commit_timestamp, build_date, all
     required, the last two aware datetimes). Written out here, not imported."""
-    register(
+    register_worker(
         client,
         "amp_worker.prod",
         {
@@ -510,7 +506,7 @@ def test_one_event(client):
 
 
 def test_a_lost_workers_active_jobs_expire(client, database_url):
-    register(client, "dying")
+    register_worker(client, "dying")
     jobs = {s: job_in(client, "dying", s) for s in ("SCHEDULED", "RUNNING", "STOP_REQUESTED")}
     jobs["STOPPING"] = job_in(client, "dying", "STOPPING")
     done = {s: job_in(client, "dying", s) for s in ("COMPLETED", "FAILED", "STOPPED")}
@@ -563,7 +559,7 @@ def test_a_lost_workers_active_jobs_expire(client, database_url):
     ],
 )
 def test_a_late_report_from_an_expired_worker_is_refused(client, database_url, status, report):
-    register(client, "late")
+    register_worker(client, "late")
     job_id = job_in(client, "late", status)
     lose_worker(database_url, "late")
     assert sum(sweep_leases(client.application).values()) == 1
@@ -578,7 +574,7 @@ def test_a_late_report_from_an_expired_worker_is_refused(client, database_url, s
 
 
 def test_jobs_of_a_node_that_never_registered_are_never_touched(client, database_url, db_conn):
-    register(client, "registered")
+    register_worker(client, "registered")
     ghost = {s: job_in(client, "ghost", s) for s in ("RUNNING", "STOP_REQUESTED", "STOPPING")}
     with db_conn.cursor() as cur:  # long untouched
         cur.execute("UPDATE jobs SET updated_at = now() - interval '30 days'")
@@ -589,7 +585,7 @@ def test_jobs_of_a_node_that_never_registered_are_never_touched(client, database
 
 
 def test_a_job_moved_off_the_lost_worker_stays(client, database_url):
-    register(client, "dying")
+    register_worker(client, "dying")
     job_id = job_in(client, "dying", "FAILED")
     client.put(f"/jobs/{job_id}/status", json={"status": "SCHEDULED", "node_id": "healthy"})
     client.put(f"/jobs/{job_id}/status", json={"status": "RUNNING"})
@@ -599,7 +595,7 @@ def test_a_job_moved_off_the_lost_worker_stays(client, database_url):
 
 
 def test_one_sweep_is_bounded_and_the_next_takes_the_rest(client, database_url, db_conn):
-    register(client, "big")
+    register_worker(client, "big")
     with db_conn.cursor() as cur:
         cur.execute(
             "INSERT INTO jobs (node_id, status)"
@@ -617,6 +613,7 @@ def test_one_sweep_is_bounded_and_the_next_takes_the_rest(client, database_url, 
         assert cur.fetchone() == (700, 700)
 
 
+@pytest.mark.alone  # a 1.5 s lease kept by heartbeats every 0.1 s
 def test_a_heartbeating_worker_keeps_its_jobs_across_several_lease_periods(app, database_url):
     """Real time: a lease of 1.5 s, heartbeats every 0.1 s and a sweep every 0.1 s for
     5 s (over three lease periods). The worker that stopped heartbeating loses its job."""
@@ -626,8 +623,8 @@ def test_a_heartbeating_worker_keeps_its_jobs_across_several_lease_periods(app, 
     )
     client = short.test_client()
     try:
-        register(client, "steady")
-        register(client, "silent")
+        register_worker(client, "steady")
+        register_worker(client, "silent")
         steady = [job_in(client, "steady", s) for s in ("RUNNING", "STOP_REQUESTED", "STOPPING")]
         silent = job_in(client, "silent", "RUNNING")
         started = time.monotonic()
@@ -647,7 +644,7 @@ def test_the_chore_runs_once_per_interval_whoever_claims_it(app, database_url, d
     assert leases.sweep_interval({"WORKER_LOST_AFTER_S": 30}) == 5
     assert leases.sweep_interval({"WORKER_LOST_AFTER_S": 4}) == 2
     client = app.test_client()
-    register(client, "dying")
+    register_worker(client, "dying")
     job_id = job_in(client, "dying", "RUNNING")
     lose_worker(database_url, "dying")
     with db_conn.cursor() as cur:
@@ -670,7 +667,7 @@ def test_metrics(client, database_url):
 
     before = metric_samples(client)
     for node_id in ("a", "b", "c"):
-        register(client, node_id)
+        register_worker(client, node_id)
     job_in(client, "c", "RUNNING")
     job_in(client, "c", "STOPPING")
     lose_worker(database_url, "c")
@@ -703,7 +700,7 @@ def sweep_in_thread(app) -> tuple[threading.Thread, dict]:
 
 
 def test_a_heartbeat_committed_while_the_sweep_waits_keeps_the_jobs(client, database_url):
-    register(client, "w")
+    register_worker(client, "w")
     job_id = job_in(client, "w", "RUNNING")
     lose_worker(database_url, "w")
     conn = psycopg2.connect(database_url)
@@ -721,7 +718,7 @@ def test_a_heartbeat_committed_while_the_sweep_waits_keeps_the_jobs(client, data
 
 
 def test_a_heartbeat_waits_for_a_sweep_that_took_the_worker(client, database_url):
-    register(client, "w")
+    register_worker(client, "w")
     job_id = job_in(client, "w", "RUNNING")
     lose_worker(database_url, "w")
     conn = psycopg2.connect(database_url)
@@ -755,7 +752,7 @@ def test_a_heartbeat_waits_for_a_sweep_that_took_the_worker(client, database_url
     ],
 )
 def test_a_report_committed_while_the_sweep_waits_wins(client, database_url, status, report, final):
-    register(client, "w")
+    register_worker(client, "w")
     job_id = job_in(client, "w", status)
     lose_worker(database_url, "w")
     conn = psycopg2.connect(database_url)
@@ -789,23 +786,10 @@ def test_a_report_committed_while_the_sweep_waits_wins(client, database_url, sta
 
 
 @pytest.fixture
-def two_apps(app, database_url):
-    apps = [
-        create_app({"TESTING": True, "DATABASE_URL": database_url, "DB_POOL_SIZE": 40})
-        for _ in range(2)
-    ]
-    yield apps
-    for a in apps:
-        pool = a.extensions.get("jobs_db_pool")
-        if pool is not None:
-            pool.drop_idle()
-
-
-@pytest.fixture
-def audit(two_apps, database_url):
-    """Every status change from here on, recorded by the database (jobs created too)."""
-    with audit_trail(database_url) as trail:
-        yield trail
+def two_apps(apps):
+    """Two instances on one (emptied) database, each with a pool for every racing thread;
+    conftest's ``audit`` records every status change (jobs created too)."""
+    return [apps(DB_POOL_SIZE=40) for _ in range(2)]
 
 
 def alternating(apps):
@@ -827,7 +811,7 @@ def sweeper(app, delay: float = 0.0):
 def test_expiry_races_completed_reports(two_apps, database_url, audit):
     a, b = two_apps
     client = a.test_client()
-    register(client, "racer")
+    register_worker(client, "racer")
     jobs = [job_in(client, "racer", "RUNNING") for _ in range(30)]
     lose_worker(database_url, "racer")
     tasks = [sweeper(a, 0.01), sweeper(b, 0.02)]
@@ -864,7 +848,7 @@ def test_expiry_races_heartbeats(two_apps, database_url):
     outcomes = []
     for round_no in range(15):
         node_id = f"hb-{round_no}"
-        register(client, node_id)
+        register_worker(client, node_id)
         job_id = job_in(client, node_id, "RUNNING")
         lose_worker(database_url, node_id)
         results = race(
@@ -896,7 +880,7 @@ def test_expiry_races_stops_reports_and_deletes(two_apps, database_url, audit):
     status, by legal moves only, with one event per change; no expiry twice."""
     a, b = two_apps
     client = a.test_client()
-    register(client, "chaos")
+    register_worker(client, "chaos")
     plan = []
     for status in ("SCHEDULED", "RUNNING", "STOP_REQUESTED", "STOPPING") * 6:
         plan.append(job_in(client, "chaos", status))

@@ -2,11 +2,13 @@
 knowing when a request waits, reading a follow stream, and many waiters on raw sockets.
 
 - ``Background``: one HTTP request in a thread, its answer and when it came.
+- ``until(predicate)``: poll until it returns something true (also for
+  test_failover and test_replicas).
 - ``until_waiting(db_conn, node_id)``: a long-polled heartbeat of that worker
   has arrived (its mark is in the worker's row, which the arrival statement
   writes after the request registered to be woken).
 - ``waiting_requests(server, kind)``: the instance's gauge of waiting requests
-  (``metric`` for any other sample of its /metrics).
+  (support.service.served_metric for any other sample of its /metrics).
 - ``EventStreamReader``: a follow stream, frame by frame (``id``, ``event``,
   ``data``) and comment lines, with a deadline on each read.
 - ``RawWaiters``: many requests sent at once on raw sockets, read with select.
@@ -23,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from prometheus_client.parser import text_string_to_metric_families
+from support.service import served_metric
 
 
 class Background:
@@ -81,24 +83,9 @@ def until_waiting(db_conn, node_id: str, timeout: float = 10) -> None:
     until(marked, timeout, what=f"a waiting heartbeat of {node_id}")
 
 
-def metric(server, name: str, **labels) -> float:
-    """One sample of the instance's /metrics (summed over its processes), 0 if absent."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-    try:
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-    finally:
-        conn.close()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    return 0.0
-
-
 def waiting_requests(server, kind: str) -> float:
     """The instance's jobs_waiting_requests{kind}."""
-    return metric(server, "jobs_waiting_requests", kind=kind)
+    return served_metric(server, "jobs_waiting_requests", kind=kind)
 
 
 def until_requests_wait(server, kind: str, count: int = 1, timeout: float = 10) -> None:

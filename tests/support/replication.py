@@ -12,16 +12,15 @@ import contextlib
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 
-import psycopg2
 import pytest
-from helpers import init_db
 
 from dev import postgres as devdb
 from dev.postgres import LocalPostgres
 from dev.standby import LocalStandby, make_synchronous
+
+from support.databases import init_db
 
 
 def require_standby() -> None:
@@ -72,26 +71,3 @@ def primary_and_standby(synchronous: bool = False):
         pair.destroy()
         for server in (primary, standby):
             shutil.rmtree(server.datadir, ignore_errors=True)
-
-
-def query(url: str, sql: str, params=None) -> list[tuple]:
-    conn = psycopg2.connect(url, connect_timeout=5)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall() if cur.description else []
-    finally:
-        conn.close()
-
-
-def wait_for(predicate, timeout: float = 10, what: str = "the condition"):
-    """Poll ``predicate`` until it returns something true; that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout} s")
-        time.sleep(0.02)

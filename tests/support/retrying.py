@@ -1,5 +1,5 @@
 """Helpers for the tests of attempts, fencing and automatic retries
-(test_attempts.py, test_retries.py); the shared ones stay in helpers.py.
+(test_attempts.py, test_retries.py); the shared ones are in the other support modules.
 
 - Workers: ``register``, ``leases_of`` (a heartbeat's leases, job_id -> attempt).
 - Reports through a ``Call``: ``report`` (a status report, fenced when a node
@@ -8,19 +8,16 @@
   the past, ``sweep_retries`` runs the retry chore once in process.
 - ``retry_times``: a job's retry_at and updated_at as datetimes, from the database.
 - ``rows_of``: every row of the job tables, to show a refusal changed nothing.
-- ``served_metric``: one sample of a gunicorn instance's /metrics.
 """
 
 from __future__ import annotations
 
 import datetime
-import http.client
 from urllib.parse import urlencode
 
 import psycopg2
-from helpers import Call, Server
-from prometheus_client.parser import text_string_to_metric_families
 
+from dev.gunicorn import Call
 from jobs import db
 from jobs.chores import retries
 
@@ -95,18 +92,3 @@ def rows_of(conn) -> dict[str, list]:
             cur.execute(f"SELECT t::text FROM {table} t")
             out[table] = sorted(row[0] for row in cur.fetchall())
     return out
-
-
-def served_metric(server: Server, name: str, **labels) -> float:
-    """The value of one sample of ``server``'s /metrics (0 when absent)."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-    try:
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-    finally:
-        conn.close()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    return 0.0

@@ -1,0 +1,204 @@
+"""Databases for the tests: emptied, of a test's own, or failing on purpose.
+
+- The session's database: ``TABLES``, ``truncate`` (what the ``app`` fixture
+  does before each test), ``init_db`` (``flask init-db`` in process, on a
+  database of a test's own), ``database_of_worker`` (one database per
+  pytest-xdist worker on a server given by DATABASE_URL).
+- Looking at it from outside the service: ``query`` (one statement, its first
+  row), ``query_rows`` (all of them).
+- Holding it from outside the service: ``table_locked`` (an ACCESS EXCLUSIVE
+  lock), ``lose_worker`` (a registered worker's heartbeat pushed into the past).
+- Databases that fail on purpose, on 127.0.0.1: ``closed_database_url``
+  (nothing listens: connection refused), ``Refuser`` (accepts and hangs up at
+  once, counting the connections, so a test can tell whether the database was
+  touched at all) and ``Blackhole`` (accepts and never says a word: to libpq,
+  a server that vanished without a RST).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg2
+from psycopg2 import sql
+
+from app import create_app
+from dev.gunicorn import free_port
+
+TABLES = "jobs, job_events, job_tables, job_files, job_chain, workers"
+
+# Before almost every test the tables hold a few rows: DELETE empties them in a
+# few milliseconds where TRUNCATE (new files for every table and index) takes
+# tens, which summed to a sixth of the suite's time. A test that filled them
+# (100,000 rows) gets TRUNCATE, which leaves no dead rows for the next tests to
+# wade through. Either way the identities restart at 1, as RESTART IDENTITY does.
+EMPTY_TABLES = f"""
+DO $$
+BEGIN
+    IF (SELECT count(*) FROM (SELECT FROM jobs LIMIT 1000) AS j)
+       + (SELECT count(*) FROM (SELECT FROM job_events LIMIT 1000) AS e)
+       + (SELECT count(*) FROM (SELECT FROM job_files LIMIT 1000) AS f) >= 1000 THEN
+        TRUNCATE {TABLES} RESTART IDENTITY CASCADE;
+    ELSE
+        DELETE FROM job_chain;
+        DELETE FROM job_files;
+        DELETE FROM job_tables;
+        DELETE FROM job_events;
+        DELETE FROM jobs;
+        DELETE FROM workers;
+        PERFORM setval(pg_get_serial_sequence(t, 'id'), 1, false)
+        FROM unnest(ARRAY['jobs', 'job_events', 'job_files']) AS t;
+    END IF;
+END $$;
+"""
+
+
+def truncate(database_url: str) -> None:
+    """Every table of the service emptied, its identities restarted at 1."""
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(EMPTY_TABLES)
+    finally:
+        conn.close()
+
+
+def init_db(database_url: str) -> None:
+    """``flask init-db`` in process: the schema, on a database of a test's own."""
+    app = create_app({"TESTING": True, "DATABASE_URL": database_url})
+    result = app.test_cli_runner().invoke(args=["init-db"])
+    assert result.exit_code == 0, result.output
+
+
+def database_of_worker(database_url: str, worker: str) -> str:
+    """``database_url`` with its database renamed ``<name>_<worker>``, created when missing.
+
+    pytest-xdist's workers run at once, and each truncates the tables before
+    every test: on one server each needs a database of its own.
+    """
+    parts = urlsplit(database_url)
+    name = f"{parts.path.lstrip('/') or 'postgres'}_{worker}"
+    conn = psycopg2.connect(database_url)
+    conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if cur.fetchone() is None:
+                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    finally:
+        conn.close()
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def query_rows(url: str, statement: str, params=None, **connect_kwargs) -> list[tuple]:
+    """Run ``statement`` on a connection of its own (autocommit): its rows ([] if none)."""
+    conn = psycopg2.connect(url, connect_timeout=5, **connect_kwargs)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(statement, params)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()
+
+
+def query(url: str, statement: str, params=None, **connect_kwargs) -> tuple | None:
+    """``query_rows``' first row, or None."""
+    rows = query_rows(url, statement, params, **connect_kwargs)
+    return rows[0] if rows else None
+
+
+@contextlib.contextmanager
+def table_locked(url: str, *tables: str):
+    """Hold an ACCESS EXCLUSIVE lock on ``tables`` (default: jobs) from another
+    connection inside the block."""
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"LOCK TABLE {', '.join(tables or ('jobs',))} IN ACCESS EXCLUSIVE MODE")
+        yield conn
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+def lose_worker(database_url: str, node_id: str, seconds: float = 3600) -> None:
+    """Make a registered worker LOST at once: its last heartbeat ``seconds`` earlier."""
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                "UPDATE workers SET heartbeat_at = heartbeat_at - make_interval(secs => %s)"
+                " WHERE node_id = %s",
+                (seconds, node_id),
+            )
+            assert cur.rowcount == 1, f"worker {node_id} is not registered"
+    finally:
+        conn.close()
+
+
+# ---- Databases that fail on purpose ---------------------------------------------------
+
+
+def closed_database_url() -> str:
+    """A PostgreSQL URL where nothing listens: connection refused."""
+    return f"postgresql://postgres@127.0.0.1:{free_port()}/jobs"
+
+
+class _Listener:
+    """A TCP server on 127.0.0.1 that counts the connections it accepts."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self.held: list[socket.socket] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def url(self, dbname: str = "jobs") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    def _serve(self):
+        self.sock.settimeout(0.1)
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            self.handle(conn)
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self):
+        self._stop = True
+        self._thread.join(2)
+        self.sock.close()
+        for conn in self.held:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
+class Refuser(_Listener):
+    """Accepts, then hangs up at once: libpq fails immediately (``accepted`` counts tries)."""
+
+    def handle(self, conn):
+        conn.close()
+
+
+class Blackhole(_Listener):
+    """Accepts and never answers nor closes: to libpq, a server that vanished without a RST."""
+
+    def handle(self, conn):
+        self.held.append(conn)
