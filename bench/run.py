@@ -24,6 +24,9 @@ naive_app.py), and measures:
 - a worker's RSS after 1,000 and after 100,000 requests;
 - the list and get throughput again with the service's DATABASE_URL at a
   local PgBouncer in transaction pooling mode (through_pgbouncer.py);
+- waiting without polling (waiting.py): the time from a POST /jobs to the
+  answer of the heartbeat waiting for it, directly and through PgBouncer, and
+  GET /jobs/{id} throughput and memory with 1,000 heartbeats waiting;
 - the same reads at 1M and at 5M jobs, then the time to prune the terminal
   jobs through the API and the read p99 meanwhile (growth.py).
 
@@ -43,7 +46,7 @@ This file is the orchestration: the scenarios, in order. The rest of the
 harness: load.py (wrk, single-client probes, pgbench), servers.py
 (PostgreSQL and the apps under gunicorn), plans.py (auto_explain capture and
 plan analysis), report.py (tables, verdicts, summary line), seed.py (the
-tables), through_pgbouncer.py, growth.py and register.py (those scenarios),
+tables), through_pgbouncer.py, growth.py, register.py and waiting.py (those scenarios),
 console.py (progress).
 
 Everything shares two cores: wrk runs one thread, and numbers are only
@@ -94,6 +97,7 @@ from bench.servers import (
 )
 from bench.slow_clients import slow_clients
 from bench.through_pgbouncer import through_pgbouncer
+from bench.waiting import Waiting, run_waiting
 
 RESULTS = ROOT / "bench" / "results" / "latest.md"
 
@@ -142,6 +146,7 @@ class Bench:
         self.slow_client_loads: dict[tuple[str, str], Load] = {}
         self.registration: Registration | None = None
         self.growth_stages: list[Stage] = []
+        self.waiting: Waiting | None = None
         self.prune: Prune | None = None
         self.servers = {
             "constant": self.serve("constant", floor_launch("constant_app", 2)),
@@ -453,6 +458,18 @@ def main() -> None:
         help="skip the service under sync and gevent workers with idle and slow clients held open",
     )
     parser.add_argument(
+        "--no-waiting",
+        dest="waiting",
+        action="store_false",
+        help="skip waiting without polling (long-polled heartbeats, 1,000 waiters)",
+    )
+    parser.add_argument(
+        "--waiting-trials",
+        type=int,
+        default=200,
+        help="schedule-to-worker trials per set-up (default 200)",
+    )
+    parser.add_argument(
         "--no-growth",
         dest="growth",
         action="store_false",
@@ -501,6 +518,8 @@ def main() -> None:
             bench.pgbench_lists()
             bench.progress_and_reorg(progress_job)
             bench.file_register()
+            if args.waiting and bench.service is not None:
+                bench.waiting = run_waiting(bench)
             bench.leak(progress_job)
             bench.seed("bulk_delete")
             bench.bulk_delete()
