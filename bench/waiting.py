@@ -1,6 +1,6 @@
 """Waiting without polling, measured through the service under gunicorn.
 
-    python -m bench.waiting [--trials 200] [--duration 10]   # this part alone (~2-3 min)
+    python -m bench.waiting [--trials 200] [--duration 5]   # this part alone (~4 min)
 
 Its own throwaway PostgreSQL (unless a Bench hands it one), 100,000 jobs to
 read, and the service under its production config (2 gevent workers):
@@ -17,7 +17,7 @@ read, and the service under its production config (2 gevent workers):
   so that the next heartbeat has nothing and waits.
 - ``get_with_1000_waiters_vs_idle``: wrk's GET /jobs/{id} throughput with
   1,000 heartbeats waiting (raw sockets, 1,000 registered workers) over the
-  same without them.
+  same without them: the median over three adjacent pairs of runs.
 - ``waiting_kib_per_request``: the workers' RSS with the 1,000 waiting, minus
   before, per waiting request; and the database connections the service held
   meanwhile (pg_stat_activity).
@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from bench.run import Bench
 
 WAITERS = 1000
+ROUNDS = 3
 JOBS = 100_000
 NODE = "bench-worker"
 
@@ -80,11 +81,11 @@ class Waiting:
     waiting_seen: int | None = None
     problems: list[str] = field(default_factory=list)
 
+    get_ratios: list[float] = field(default_factory=list)  # per adjacent pair of runs
+
     @property
     def get_ratio(self) -> float | None:
-        if self.get_idle is None or self.get_waiting is None or not self.get_idle.rps:
-            return None
-        return self.get_waiting.rps / self.get_idle.rps
+        return statistics.median(self.get_ratios) if self.get_ratios else None
 
 
 class Client:
@@ -160,12 +161,12 @@ def schedule_to_worker(port: int, db, trials: int, problems: list[str]) -> Laten
     )
 
 
-def _raw_waiters(port: int, count: int) -> list[socket.socket]:
+def _raw_waiters(port: int, count: int, wait_s: int) -> list[socket.socket]:
     socks = []
     for i in range(count):
         sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         sock.sendall(
-            f"POST /workers/bench-wait-{i:04d}/heartbeat?wait=60 HTTP/1.1\r\n"
+            f"POST /workers/bench-wait-{i:04d}/heartbeat?wait={wait_s} HTTP/1.1\r\n"
             "Host: bench\r\nContent-Length: 0\r\n\r\n".encode()
         )
         socks.append(sock)
@@ -176,13 +177,21 @@ def _waiting_now(db) -> int:
     with db.cursor() as cur:
         cur.execute(
             "SELECT count(*) FROM workers"
-            " WHERE waiting_until > now() AND node_id LIKE 'bench-wait-%'"
+            " WHERE waiting_until IS NOT NULL AND node_id LIKE 'bench-wait-%'"
         )
         return cur.fetchone()[0]
 
 
+def _until_waiting_count(db, count: int, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while (seen := _waiting_now(db)) != count and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return seen
+
+
 def get_with_waiters(server: Server, db, duration: int, result: Waiting) -> None:
-    """GET /jobs/{id} throughput and RSS, idle and with WAITERS heartbeats waiting."""
+    """GET /jobs/{id} throughput, idle and with WAITERS heartbeats waiting, in ROUNDS
+    adjacent pairs (the shared box's load drifts: each pair sees the same), and RSS."""
     with db.cursor() as cur:
         cur.execute(
             "INSERT INTO workers (node_id, created_at, registered_at, heartbeat_at)"
@@ -195,30 +204,50 @@ def get_with_waiters(server: Server, db, duration: int, result: Waiting) -> None
     script = id_script(range(low, high + 1), "/jobs/{id}")
     url = server.url("/")
     run_wrk(url, 2, 4, script)  # warm-up
-    result.get_idle = run_wrk(url, duration, 4, script)
-    before = sum(rss_kib(pid) for pid in server.workers())
-    socks = _raw_waiters(server.port, WAITERS)
-    try:
-        deadline = time.monotonic() + 60
-        while _waiting_now(db) < WAITERS and time.monotonic() < deadline:
-            time.sleep(0.1)
-        result.waiting_seen = _waiting_now(db)
-        if result.waiting_seen < WAITERS:
-            result.problems.append(f"only {result.waiting_seen} of {WAITERS} heartbeats waited")
-        with_waiters = sum(rss_kib(pid) for pid in server.workers())
-        result.kib_per_waiter = (with_waiters - before) / WAITERS
-        with db.cursor() as cur:
-            cur.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'jobs-service%'"
-            )
-            result.held_connections = cur.fetchone()[0]
-        run_wrk(url, 2, 4, script)
-        result.get_waiting = run_wrk(url, duration, 4, script)
-        if _waiting_now(db) < WAITERS:
-            result.problems.append("some heartbeats stopped waiting during the GET run")
-    finally:
-        for sock in socks:
-            sock.close()
+    # Long enough to outlast the arrivals and the measured run.
+    wait_s = duration + 20
+    idle_runs, busy_runs = [], []
+    for round_ in range(ROUNDS):
+        idle_runs.append(run_wrk(url, duration, 4, script))
+        before = sum(rss_kib(pid) for pid in server.workers())
+        socks = _raw_waiters(server.port, WAITERS, wait_s)
+        started = time.monotonic()
+        try:
+            seen = _until_waiting_count(db, WAITERS)
+            if seen < WAITERS:
+                result.problems.append(f"only {seen} of {WAITERS} heartbeats waited")
+            if round_ == 0:
+                result.waiting_seen = seen
+                with_waiters = sum(rss_kib(pid) for pid in server.workers())
+                result.kib_per_waiter = (with_waiters - before) / WAITERS
+                with db.cursor() as cur:
+                    cur.execute(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE application_name LIKE 'jobs-service%'"
+                    )
+                    result.held_connections = cur.fetchone()[0]
+            busy_runs.append(run_wrk(url, duration, 4, script))
+            if _waiting_now(db) < WAITERS:
+                result.problems.append("some heartbeats stopped waiting during the GET run")
+            # Until their wait is over (each answer clears its worker's mark).
+            time.sleep(max(0.0, wait_s - (time.monotonic() - started)))
+            _until_waiting_count(db, 0)
+        finally:
+            for sock in socks:
+                sock.close()
+    result.get_idle = _mean(idle_runs)
+    result.get_waiting = _mean(busy_runs)
+    result.get_ratios = [b.rps / i.rps for i, b in zip(idle_runs, busy_runs, strict=True)]
+
+
+def _mean(loads: list[Load]) -> Load:
+    return Load(
+        requests=sum(load.requests for load in loads),
+        rps=statistics.mean(load.rps for load in loads),
+        p50_ms=statistics.median(load.p50_ms for load in loads),
+        p99_ms=max(load.p99_ms for load in loads),
+        errors=sum(load.errors for load in loads),
+    )
 
 
 def measure(pg_url: str, workdir: Path, stack: ExitStack, trials: int, duration: int) -> Waiting:
@@ -318,7 +347,9 @@ def section(result: Waiting | None) -> list[str]:
             f"GET /jobs/{{id}} (wrk -c4): {result.get_idle.rps:.0f} req/s"
             f" (p99 {result.get_idle.p99_ms:.2f} ms) idle,"
             f" {result.get_waiting.rps:.0f} req/s (p99 {result.get_waiting.p99_ms:.2f} ms)"
-            f" with {result.waiting_seen} heartbeats waiting: {result.get_ratio:.2f}x."
+            f" with {result.waiting_seen} heartbeats waiting (means of {ROUNDS} runs each):"
+            f" {result.get_ratio:.2f}x (median of the pairs:"
+            f" {', '.join(f'{r:.2f}' for r in result.get_ratios)})."
             f" RSS {result.kib_per_waiter:.1f} KiB per waiting request;"
             f" {result.held_connections} database connections of the service meanwhile.",
         ]
@@ -329,7 +360,7 @@ def section(result: Waiting | None) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=200, help="trials per set-up (default 200)")
-    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run (default 5)")
     args = parser.parse_args()
     ensure_wrk()
     workdir = Path(tempfile.mkdtemp(prefix="jobs-bench-waiting-"))
