@@ -1,7 +1,11 @@
 """gunicorn settings: `gunicorn -c gunicorn.conf.py wsgi:app`.
 
-PORT (default 8080), WEB_CONCURRENCY (default 2 processes), WORKER_CONNECTIONS
-(default 1000 per process) and KEEPALIVE_S (default 5) tune it.
+PORT, WEB_CONCURRENCY, WORKER_CONNECTIONS, KEEPALIVE_S, GRACEFUL_TIMEOUT,
+FORWARDED_ALLOW_IPS and GUNICORN_LOG_LEVEL tune it: jobs/settings.py holds
+each one's default and range with the service's own settings, and every one of
+them is read and checked here, once, in the master: a malformed or
+out-of-range value stops the start-up (exit 1) with a message naming it,
+before any worker is forked.
 
 gevent workers, because the port is reached directly (load balancers' health
 checks, in-cluster callers), so slow and idle clients must not take the
@@ -30,17 +34,30 @@ import json
 import os
 import shutil
 import stat
+import sys
 import tempfile
 
 from gunicorn import util as gunicorn_util
+from gunicorn.http.errors import ConfigurationProblem, InvalidHeader
+from gunicorn.http.wsgi import Response
 
-bind = f"0.0.0.0:{os.environ.get('PORT', '8080')}"
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+from jobs import settings
+
+try:
+    SETTINGS = settings.for_gunicorn()
+except settings.SettingsError as exc:
+    # SystemExit passes gunicorn's "Failed to read config file" traceback by:
+    # the operator reads only what is wrong and what is allowed.
+    print(f"jobs: cannot start, settings not allowed:\n{exc}", file=sys.stderr)
+    raise SystemExit(1) from None
+
+bind = f"0.0.0.0:{SETTINGS['PORT']}"
+workers = SETTINGS["WEB_CONCURRENCY"]
 worker_class = "gevent"
 # Connections one process holds at once (idle, reading or being answered);
 # more wait in the listen backlog. Each costs a greenlet and a file
 # descriptor: keep it below the open-files limit (`ulimit -n`).
-worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
+worker_connections = SETTINGS["WORKER_CONNECTIONS"]
 # Seconds a connection may take to deliver a request's line and headers,
 # counted from the end of the previous response (or the accept), so it is
 # both the keep-alive idle timeout and the deadline for a slow request head.
@@ -49,13 +66,21 @@ worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
 # above the balancer's idle timeout (e.g. 65 for an ALB's 60 s). On SIGTERM a
 # worker waits for its idle keep-alive connections to time out (measured:
 # exit 6.3 s after SIGTERM with 5, 21.5 s with 20), at most graceful_timeout.
-keepalive = max(1, int(os.environ.get("KEEPALIVE_S", "5")))
+keepalive = SETTINGS["KEEPALIVE_S"]
 # The app is imported in each worker, after the fork: no connection or
 # metrics file is ever shared between processes.
 preload_app = False
 timeout = 30
 # SIGTERM: stop accepting, let in-flight requests finish for up to this long.
-graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "30"))
+graceful_timeout = SETTINGS["GRACEFUL_TIMEOUT"]
+# Whose SCRIPT_NAME, X-Forwarded-Proto (and the other secure_scheme_headers)
+# gunicorn believes. gunicorn's default, 127.0.0.1 (or its own reading of
+# FORWARDED_ALLOW_IPS), trusted every local process: `SCRIPT_NAME: /public`
+# had DELETE /public/jobs/1 served as DELETE /jobs/1. None unless configured;
+# from any other peer such headers change nothing (SCRIPT_NAME, with an
+# underscore, is dropped: gunicorn's header_map "drop").
+forwarded_allow_ips = SETTINGS["FORWARDED_ALLOW_IPS"]
+header_map = "drop"  # gunicorn's default, relied upon above
 # The app writes one JSON line per request itself; gunicorn's own access log
 # would be a second, differently shaped line.
 accesslog = None
@@ -63,7 +88,7 @@ accesslog = None
 # on one host (replicas, tests) would fight over it, and nothing here uses it.
 control_socket_disable = True
 errorlog = "-"
-loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
+loglevel = SETTINGS["GUNICORN_LOG_LEVEL"]
 
 # ---- Metrics directory -------------------------------------------------------
 # prometheus-client's multiprocess mode: each worker writes its samples to
@@ -127,7 +152,9 @@ def child_exit(server, worker):
 # and message and util.write_error writes them as an HTML page. Every error
 # of this service is JSON, so each worker swaps that one writer (handle_error
 # is its only caller in gunicorn 27.0.1; tests/test_edge.py would notice a
-# change) and keeps gunicorn's choice of status and message.
+# change) and keeps gunicorn's choice of status and message, but for one: a
+# path outside a trusted proxy's SCRIPT_NAME is the request's fault, a 400, not
+# the 500 gunicorn gives it (ForwardedPathMismatch below).
 
 GUNICORN_ERROR_CODES = {
     400: "BAD_REQUEST",
@@ -158,8 +185,50 @@ def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
     gunicorn_util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
+class ForwardedPathMismatch(InvalidHeader):
+    """A trusted proxy's SCRIPT_NAME that the request's path does not start with.
+
+    gunicorn raises ConfigurationProblem, which its handle_error answers 500
+    ("Configuration problem"): a request, not the server, is at fault, so it
+    is answered as the malformed header it is, 400 BAD_REQUEST.
+    """
+
+    def __init__(self):
+        super().__init__("SCRIPT_NAME")
+
+    def __str__(self):
+        return "the request path does not start with the SCRIPT_NAME header's prefix"
+
+
+def _errors_of_requests_are_4xx(handle_error):
+    def handle(req, client, addr, exc):
+        if isinstance(exc, ConfigurationProblem):
+            exc = ForwardedPathMismatch()
+        return handle_error(req, client, addr, exc)
+
+    return handle
+
+
+# ---- Connection: close, when the app says so -------------------------------------------
+# gunicorn drops the app's hop-by-hop headers and writes its own Connection
+# header (http/wsgi.py, Response.process_headers and default_headers): the
+# 408 REQUEST_TIMEOUT, answered while the rest of its body may still be on its
+# way, said "Connection: keep-alive" and then closed. An app's
+# "Connection: close" now makes gunicorn close after the response and say so.
+_process_headers = Response.process_headers
+
+
+def _process_headers_closing(self, headers):
+    _process_headers(self, headers)
+    for name, value in headers:
+        if name.lower() == "connection" and "close" in value.lower().replace(" ", "").split(","):
+            self.force_close()
+
+
 def post_worker_init(worker):
     gunicorn_util.write_error = write_json_error
+    worker.handle_error = _errors_of_requests_are_4xx(worker.handle_error)
+    Response.process_headers = _process_headers_closing
     # gevent's server accepts up to 100 connections per wake-up: clients that
     # connect at once (a load balancer's pool, wrk -c4) then all land on the
     # worker that woke first, and with keep-alive they stay there while the

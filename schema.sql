@@ -14,6 +14,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     -- below whenever the row is written: reads send it as it is, so neither
     -- PostgreSQL nor Python formats a job per request.
     job_json        text        NOT NULL,
+    -- Attempts (docs/API.md, "Attempts and retries"); a database made before
+    -- them gets them from the block below.
+    attempt         integer     NOT NULL DEFAULT 1,
+    max_attempts    integer     NOT NULL DEFAULT 1,
+    retry_at        timestamptz,
+    CONSTRAINT jobs_attempt_positive CHECK (attempt >= 1),
+    CONSTRAINT jobs_max_attempts_range CHECK (max_attempts BETWEEN 1 AND 100),
     CONSTRAINT jobs_status_known CHECK (status IN (
         'SCHEDULED', 'RUNNING', 'STOP_REQUESTED', 'STOPPING',
         'COMPLETED', 'STOPPED', 'FAILED')),
@@ -21,6 +28,35 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 
 -- The API's timestamps (docs/API.md, Timestamps): UTC, always six fractional digits, a Z suffix.
+-- Work on a database made before attempts. Each run looks in the catalog first, so
+-- only the first upgrade takes ALTER TABLE's exclusive lock, and briefly: columns
+-- with a constant default are added without rewriting a row, and the checks are
+-- NOT VALID (the rows they were not checked on all hold 1). The jobs already
+-- there are rendered again with the new fields by init-db afterwards, in short
+-- batches of their own (store/jobs.py RERENDER_BATCH), so the version still
+-- serving is never locked out for the length of a table rewrite: the row in
+-- schema_upgrades says that is pending.
+CREATE TABLE IF NOT EXISTS schema_upgrades (
+    name    text PRIMARY KEY,
+    done_at timestamptz
+);
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_attribute
+                   WHERE attrelid = 'jobs'::regclass AND attname = 'attempt'
+                     AND NOT attisdropped) THEN
+        ALTER TABLE jobs
+            ADD COLUMN attempt integer NOT NULL DEFAULT 1,
+            ADD COLUMN max_attempts integer NOT NULL DEFAULT 1,
+            ADD COLUMN retry_at timestamptz,
+            ADD CONSTRAINT jobs_attempt_positive CHECK (attempt >= 1) NOT VALID,
+            ADD CONSTRAINT jobs_max_attempts_range CHECK (max_attempts BETWEEN 1 AND 100) NOT VALID;
+        INSERT INTO schema_upgrades (name) VALUES ('render jobs with attempts')
+        ON CONFLICT (name) DO UPDATE SET done_at = NULL;
+    END IF;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION jobs_timestamp(ts timestamptz) RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE
 RETURN to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"');
@@ -34,6 +70,9 @@ BEGIN
         'updated_at', jobs_timestamp(NEW.updated_at),
         'node_id', NEW.node_id,
         'status', NEW.status,
+        'attempt', NEW.attempt,
+        'max_attempts', NEW.max_attempts,
+        'retry_at', jobs_timestamp(NEW.retry_at),
         'descriptor', NEW.descriptor)::text;
     RETURN NEW;
 END
@@ -116,6 +155,8 @@ CREATE TABLE IF NOT EXISTS job_files (
     block_hash  text,
     prev_hash   text,
     created_at  timestamptz NOT NULL DEFAULT now(),
+    -- The job's attempt that registered it: a later attempt may replace it.
+    attempt     integer     NOT NULL DEFAULT 1,
     CONSTRAINT job_files_table_fk FOREIGN KEY (job_id, table_name)
         REFERENCES job_tables (job_id, table_name) ON DELETE CASCADE,
     CONSTRAINT job_files_name_unique UNIQUE (job_id, table_name, file_name),
@@ -125,6 +166,15 @@ CREATE TABLE IF NOT EXISTS job_files (
 -- The canonical-chain walk order.
 CREATE INDEX IF NOT EXISTS job_files_chain
     ON job_files (job_id, table_name, start_block, id DESC);
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_attribute
+                   WHERE attrelid = 'job_files'::regclass AND attname = 'attempt'
+                     AND NOT attisdropped) THEN
+        ALTER TABLE job_files ADD COLUMN attempt integer NOT NULL DEFAULT 1;
+    END IF;
+END
+$$;
 
 -- The files of each table's canonical chain, one row per link (at most one
 -- file per start_block), so that a registration re-walks only from the point
@@ -192,8 +242,16 @@ CREATE TABLE IF NOT EXISTS workers (
     registered_at timestamptz NOT NULL,
     heartbeat_at  timestamptz NOT NULL
 );
--- The sweep looks for workers whose heartbeat is older than a cutoff.
+-- The lease sweep and the retention (WORKER_RETENTION) look for workers whose
+-- heartbeat is older than a cutoff.
 CREATE INDEX IF NOT EXISTS workers_heartbeat ON workers (heartbeat_at);
+
+-- Jobs waiting for an automatic retry, by when it is due: the retry sweep
+-- (store/jobs.py RETRY_DUE) reads the due ones from the front of this index
+-- and never looks at the failed jobs that wait for nothing. Only FAILED rows
+-- with a retry_at are in it, so it holds the waiting jobs and no others.
+CREATE INDEX IF NOT EXISTS jobs_retry_due ON jobs (retry_at)
+    WHERE status = 'FAILED' AND retry_at IS NOT NULL;
 
 -- ---- Waiting without polling (jobs/waiting.py) --------------------------------
 -- Every committed event and every deleted job is announced on the channel
@@ -245,3 +303,8 @@ CREATE OR REPLACE TRIGGER jobs_notify_deleted
 -- A replica that dies mid-wait leaves it set: the worker is then LOST once it
 -- has passed (store/workers.py, LOST_SQL).
 ALTER TABLE workers ADD COLUMN IF NOT EXISTS waiting_until timestamptz;
+
+-- GET /workers, most recently registered first, a page at a time: the
+-- cursor is a (registered_at, node_id) and each page one backward range scan
+-- of (limit + 1) entries from it (store/workers.py LIST_WORKERS).
+CREATE INDEX IF NOT EXISTS workers_registered ON workers (registered_at, node_id);

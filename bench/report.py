@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING
 
 from bench.console import STARTED
 from bench.load import SINGLE_CLIENT_REQUESTS, Probe
+from bench.retries import section as retries_section
 from bench.slow_clients import DRIBBLING, IDLE
 from bench.waiting import section as waiting_section
 from bench.waiting import summary as waiting_summary
 
 if TYPE_CHECKING:
+    from bench.replicas import Replicas
     from bench.run import Bench
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,6 +124,69 @@ def pgbouncer_section(bench: Bench) -> tuple[list[str], dict[str, float | None]]
     }
 
 
+def replicas_section(figures: Replicas | None) -> tuple[list[str], dict[str, str]]:
+    """The replica reads next to primary-only, and the failover; the summary's figures."""
+    if figures is None:
+        return [], dict.fromkeys(("list", "get", "failover_s", "failover_lost"), "n/a")
+    rows = []
+    for endpoint in ("GET /jobs?limit=50", "GET /jobs/{id}"):
+        primary, replica = (figures.loads.get((t, endpoint)) for t in ("primary", "replica"))
+        rows.append(
+            [
+                endpoint,
+                "n/a" if primary is None else f"{primary.rps:.0f}",
+                fmt(primary and primary.p99_ms),
+                "n/a" if replica is None else f"{replica.rps:.0f}",
+                fmt(replica and replica.p99_ms),
+                "n/a" if replica is None else str(replica.errors),
+                f"{fmt(figures.ratio(endpoint))}x",
+            ]
+        )
+    share = figures.replica_share
+    others = ", ".join(f"{n} {reason}" for reason, n in figures.fallbacks.items())
+    header = ["endpoint", "primary-only req/s", "primary-only p99 ms", "with replica req/s"]
+    header += ["with replica p99 ms", "with replica errors", "replica / primary"]
+    lines = [
+        "",
+        "## Replicas and failover",
+        "",
+        f"A hot standby of the same table (pg_basebackup and catch-up in"
+        f" {fmt(figures.standby_s, 1)} s), the service primary-only and then with"
+        " DATABASE_REPLICA_URL at it. Reads the standby answered in the measured runs:"
+        f" {'n/a' if share is None else f'{100 * share:.1f}%'}"
+        f" (the primary's, by jobs_replica_fallbacks_total: {others or 'n/a'}).",
+        "",
+        table(header, rows),
+    ]
+    out = figures.failover
+    if out is not None:
+        rows = [
+            ["promotion -> first acknowledged write", f"{fmt(out.failover_s)} s"],
+            ["kill -> first acknowledged write", f"{fmt(out.stopped_s)} s"],
+            ["acknowledged writes", str(out.acknowledged)],
+            ["acknowledged writes missing afterwards", str(out.lost)],
+            ["answers in between: CREATE_JOB_ERROR, other", f"{out.errors}, {len(out.unexpected)}"],
+            ["slowest answer", f"{fmt(out.slowest_s)} s"],
+        ]
+        title = "failover: primary killed, synchronous standby promoted 1 s later"
+        lines += ["", table([title, "value"], rows)]
+        if out.unexpected:
+            lines += ["", "Other answers: " + "; ".join(out.unexpected[:5])]
+    return lines, {
+        "list": fmt(figures.ratio("GET /jobs?limit=50")),
+        "get": fmt(figures.ratio("GET /jobs/{id}")),
+        "failover_s": fmt(out and out.failover_s),
+        "failover_lost": "n/a" if out is None or out.lost is None else str(out.lost),
+    }
+
+
+def replicas_summary(figures: dict[str, str]) -> str:
+    return (
+        f"list_replica_vs_primary={figures['list']} get_replica_vs_primary={figures['get']}"
+        f" failover_s={figures['failover_s']} failover_lost={figures['failover_lost']}"
+    )
+
+
 def growth_section(bench: Bench) -> tuple[list[str], dict[str, float | None]]:
     """The reads at both sizes and their growth, then the prune."""
     figures: dict[str, float | None] = dict.fromkeys(("list", "get", "prune_s", "prune_p99_ms"))
@@ -174,9 +239,26 @@ def growth_section(bench: Bench) -> tuple[list[str], dict[str, float | None]]:
     return lines, figures
 
 
-def report(bench: Bench) -> tuple[str, str]:
-    """The Markdown report and the one-line summary."""
+def report(bench: Bench, only: str | None = None) -> tuple[str, str]:
+    """The Markdown report and the one-line summary (of one part alone with ``only``)."""
     args, loads = bench.args, bench.loads
+    retry_lines, retry_summary = retries_section(bench.retries)
+    if only == "retries":
+        return "\n".join(
+            [
+                "# Jobs service benchmark: retries and fencing alone",
+                "",
+                f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; commit {git_commit()}",
+                f"- Machine: {machine()}",
+                f"- Table: {bench.scenarios['mixed'].description}; seeding"
+                f" {bench.seed_seconds.get('mixed', 0):.1f} s",
+                f"- Load: wrk -t1 -c{args.connections}, {args.duration} s per run after a warm-up",
+                f"- Reproduce: `python -m bench.run --only retries --duration {args.duration}`",
+                f"- Wall time: {(time.monotonic() - STARTED) / 60:.1f} min",
+                *retry_lines,
+                *(["", "## Notes", "", *(f"- {n}" for n in bench.notes)] if bench.notes else []),
+            ]
+        ) + "\n", "bench: " + " ".join(f"{k}={v}" for k, v in retry_summary.items())
 
     def rps(app, endpoint):
         load = loads.get((app, endpoint))
@@ -423,7 +505,15 @@ def report(bench: Bench) -> tuple[str, str]:
     pgbouncer_lines, via_pgbouncer = pgbouncer_section(bench)
     growth_lines, growth = growth_section(bench)
     slow_lines, healthz_under_attack = slow_clients_section(bench)
-    out += pgbouncer_lines + slow_lines + waiting_section(waiting) + growth_lines
+    replica_lines, replica_figures = replicas_section(bench.replicas)
+    out += (
+        pgbouncer_lines
+        + replica_lines
+        + slow_lines
+        + waiting_section(waiting)
+        + growth_lines
+        + retry_lines
+    )
     if bench.notes:
         out += ["", "## Notes", "", *(f"- {note}" for note in bench.notes)]
     plans = [(s, p) for s in bench.skews for p in s.plans]
@@ -441,11 +531,13 @@ def report(bench: Bench) -> tuple[str, str]:
         f" read_p99_during_delete_ms={fmt(delete_p99)} rss_growth_pct={fmt(rss_growth, 1)}"
         f" list_pgbouncer_vs_direct={fmt(via_pgbouncer['list'])}"
         f" get_pgbouncer_vs_direct={fmt(via_pgbouncer['get'])}"
+        f" {replicas_summary(replica_figures)}"
         f" slow_clients_healthz_rps={fmt(healthz_under_attack['gevent'], 0)}"
         f" slow_clients_healthz_rps_sync={fmt(healthz_under_attack['sync'], 0)}"
         f" list_growth={fmt(growth['list'])} get_growth={fmt(growth['get'])}"
         f" prune_5m_s={fmt(growth['prune_s'], 1)}"
         f" read_p99_during_prune_ms={fmt(growth['prune_p99_ms'])}"
+        + "".join(f" {k}={v}" for k, v in retry_summary.items())
     )
     if waiting is not None:
         summary += " " + waiting_summary(waiting)

@@ -3,7 +3,7 @@
     python -m bench.run [--duration 10] [--connections 4] [--service auto|app|naive]
                         [--jobs 1000000] [--bulk-delete 500000] [--leak-requests 100000]
                         [--no-pgbouncer] [--no-slow-clients] [--no-growth]
-                        [--growth-jobs 1000000 5000000]
+                        [--growth-jobs 1000000 5000000] [--only retries]
 
 One run starts a throwaway PostgreSQL (devdb.LocalPostgres, non-durable),
 applies schema.sql, seeds each scenario with SQL (seed.py), serves the
@@ -24,11 +24,17 @@ naive_app.py), and measures:
 - a worker's RSS after 1,000 and after 100,000 requests;
 - the list and get throughput again with the service's DATABASE_URL at a
   local PgBouncer in transaction pooling mode (through_pgbouncer.py);
+- the list and get throughput with the operators' reads on a hot standby,
+  next to primary-only, and the writes across a failover (replicas.py);
 - waiting without polling (waiting.py): the time from a POST /jobs to the
   answer of the heartbeat waiting for it, directly and through PgBouncer, and
   GET /jobs/{id} throughput and memory with 1,000 heartbeats waiting;
 - the same reads at 1M and at 5M jobs, then the time to prune the terminal
-  jobs through the API and the read p99 meanwhile (growth.py).
+  jobs through the API and the read p99 meanwhile (growth.py);
+- the retry sweep retrying 500 due jobs and finding none due on the mixed
+  table, and a status report's throughput naming its worker and attempt
+  against without (retries.py). ``--only retries`` seeds the mixed table and
+  runs just that.
 
 It prints the tables, writes them with the plans to bench/results/latest.md
 (the source for BENCHMARKS.md), and prints the summary line last.
@@ -46,7 +52,8 @@ This file is the orchestration: the scenarios, in order. The rest of the
 harness: load.py (wrk, single-client probes, pgbench), servers.py
 (PostgreSQL and the apps under gunicorn), plans.py (auto_explain capture and
 plan analysis), report.py (tables, verdicts, summary line), seed.py (the
-tables), through_pgbouncer.py, growth.py, register.py and waiting.py (those scenarios),
+tables), through_pgbouncer.py, replicas.py, growth.py, register.py and
+waiting.py (those scenarios),
 console.py (progress).
 
 Everything shares two cores: wrk runs one thread, and numbers are only
@@ -65,7 +72,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import seed
+from bench import replicas, seed
 from bench.console import say
 from bench.growth import Prune, Stage, run_growth
 from bench.load import (
@@ -84,6 +91,7 @@ from bench.load import (
 from bench.plans import Plans, jobs_rows_read
 from bench.register import Registration, measure_registration
 from bench.report import fmt, report
+from bench.retries import run_retries
 from bench.servers import (
     ROOT,
     Launch,
@@ -122,7 +130,7 @@ class Skew:
 
 
 class Bench:
-    def __init__(self, args, workdir: Path, stack: ExitStack):
+    def __init__(self, args, workdir: Path, stack: ExitStack, floors: bool = True):
         self.args = args
         self.workdir = workdir
         self.stack = stack
@@ -147,18 +155,22 @@ class Bench:
         self.registration: Registration | None = None
         self.growth_stages: list[Stage] = []
         self.waiting: Waiting | None = None
+        self.replicas: replicas.Replicas | None = None
         self.prune: Prune | None = None
-        self.servers = {
-            "constant": self.serve("constant", floor_launch("constant_app", 2)),
-            "naive": self.serve("naive", floor_launch("naive_app", 2)),
-            # The naive GET again with the service's client-side deadline:
-            # what the deadline costs a bare round trip.
-            "naive+deadline": self.serve(
-                "naive+deadline",
-                floor_launch("naive_app", 2),
-                extra_env={"NAIVE_CLIENT_DEADLINE": "1"},
-            ),
-        }
+        self.retries = None  # retries.RetryFigures
+        self.servers = {}
+        if floors:
+            self.servers = {
+                "constant": self.serve("constant", floor_launch("constant_app", 2)),
+                "naive": self.serve("naive", floor_launch("naive_app", 2)),
+                # The naive GET again with the service's client-side deadline:
+                # what the deadline costs a bare round trip.
+                "naive+deadline": self.serve(
+                    "naive+deadline",
+                    floor_launch("naive_app", 2),
+                    extra_env={"NAIVE_CLIENT_DEADLINE": "1"},
+                ),
+            }
         service = self.service_launch(workers=2)
         if service is not None:
             self.servers["service"] = self.serve("service", service)
@@ -256,6 +268,23 @@ class Bench:
                 if app in ("constant", "naive+deadline") and endpoint != "GET /jobs/{id}":
                     continue
                 self.loads[(app, endpoint)] = self.wrk_endpoint(app, server, endpoint)
+
+    def run_replicas(self) -> None:
+        """Replica reads over the mixed table next to primary-only, and a failover."""
+        if self.service is None:
+            return
+
+        def serve(name: str, url: str, env: dict[str, str]) -> Server:
+            return self.serve(name, self.service_launch(workers=2), url, env)
+
+        self.replicas = replicas.run(
+            self.pg,
+            self.workdir,
+            serve,
+            self.throughput_endpoints(),
+            self.args.duration,
+            self.args.connections,
+        )
 
     def pgbench_lists(self) -> None:
         """pgbench on the very SQL each app runs for GET /jobs?limit=50."""
@@ -452,6 +481,13 @@ def main() -> None:
         help="skip the service through PgBouncer (transaction pooling)",
     )
     parser.add_argument(
+        "--no-replicas",
+        dest="replicas",
+        action="store_false",
+        help="skip the replica reads and the failover (replicas.py; run alone: python -m"
+        " bench.replicas)",
+    )
+    parser.add_argument(
         "--no-slow-clients",
         dest="slow_clients",
         action="store_false",
@@ -476,6 +512,13 @@ def main() -> None:
         help="skip the growth scenario (reads at 1M and 5M jobs, then the prune)",
     )
     parser.add_argument(
+        "--only",
+        choices=["retries", "waiting"],
+        default=None,
+        help="run one part alone: retries (the retry sweep and fenced reports, mixed table),"
+        " waiting (long-polled heartbeats, 1,000 waiters, over the mixed table)",
+    )
+    parser.add_argument(
         "--growth-jobs",
         type=int,
         nargs=2,
@@ -495,47 +538,71 @@ def main() -> None:
     try:
         with ExitStack() as stack:
             say(f"Starting PostgreSQL and the apps in {workdir}")
-            bench = Bench(args, workdir, stack)
-            for scenario, label, path in (
-                ("mostly_terminal", "default list, 20 active", "/jobs"),
-                ("mostly_active", "default list, 99% active", "/jobs"),
-            ):
-                bench.seed(scenario)
-                bench.skew(label, scenario, path)
-            bench.seed("mixed")
-            progress_job = seed.seed_progress_job(bench.conn, PROGRESS_TABLES, PROGRESS_FILES)
-            bench.skew(
-                "status=completed, deep cursor",
-                "mixed",
-                f"/jobs?status=completed&last_job_id={args.jobs // 100}",
-            )
-            bench.skew("status=scheduled,failed", "mixed", "/jobs?status=scheduled,failed")
-            bench.throughput()
-            if args.pgbouncer:
-                through_pgbouncer(bench)
-            if args.slow_clients:
-                slow_clients(bench)
-            bench.pgbench_lists()
-            bench.progress_and_reorg(progress_job)
-            bench.file_register()
-            if args.waiting and bench.service is not None:
+            if args.only == "retries":
+                bench = Bench(args, workdir, stack, floors=False)
+                bench.seed("mixed")
+                bench.retries = run_retries(bench)
+            elif args.only == "waiting":
+                bench = Bench(args, workdir, stack, floors=False)
+                bench.seed("mixed")
                 bench.waiting = run_waiting(bench)
-            bench.leak(progress_job)
-            bench.seed("bulk_delete")
-            bench.bulk_delete()
-            if args.growth:
-                bench.growth_stages, bench.prune = run_growth(bench, tuple(args.growth_jobs))
+            else:
+                bench = run_all(args, Bench(args, workdir, stack))
     except BaseException:
         print(f"Bench failed; servers' logs are kept in {workdir}", file=sys.stderr)
         raise
-    markdown, summary = report(bench)
     shutil.rmtree(workdir, ignore_errors=True)
+    if args.only:
+        # One part alone: printed, never written over the full run's results.
+        markdown, summary = report(bench, only=args.only)
+        print()
+        print(markdown)
+        print(summary)
+        return
+    markdown, summary = report(bench)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(markdown)
     print()
     print(markdown)
     print(f"Written to {RESULTS.relative_to(ROOT)}")
     print(summary)
+
+
+def run_all(args, bench: Bench) -> Bench:
+    """Every part, in order."""
+    for scenario, label, path in (
+        ("mostly_terminal", "default list, 20 active", "/jobs"),
+        ("mostly_active", "default list, 99% active", "/jobs"),
+    ):
+        bench.seed(scenario)
+        bench.skew(label, scenario, path)
+    bench.seed("mixed")
+    progress_job = seed.seed_progress_job(bench.conn, PROGRESS_TABLES, PROGRESS_FILES)
+    bench.skew(
+        "status=completed, deep cursor",
+        "mixed",
+        f"/jobs?status=completed&last_job_id={args.jobs // 100}",
+    )
+    bench.skew("status=scheduled,failed", "mixed", "/jobs?status=scheduled,failed")
+    bench.throughput()
+    if args.pgbouncer:
+        through_pgbouncer(bench)
+    if args.replicas:
+        bench.run_replicas()
+    if args.slow_clients:
+        slow_clients(bench)
+    bench.pgbench_lists()
+    bench.retries = run_retries(bench)
+    bench.progress_and_reorg(progress_job)
+    bench.file_register()
+    if args.waiting:
+        bench.waiting = run_waiting(bench)
+    bench.leak(progress_job)
+    bench.seed("bulk_delete")
+    bench.bulk_delete()
+    if args.growth:
+        bench.growth_stages, bench.prune = run_growth(bench, tuple(args.growth_jobs))
+    return bench
 
 
 if __name__ == "__main__":

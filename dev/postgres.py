@@ -17,6 +17,7 @@ live in a venv under /root, mode 700) are made reachable by it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib.util
 import os
@@ -29,6 +30,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 SERVER_USERS = ("postgres", "jobsdb")  # as root: the first that exists, else the last is created
@@ -144,6 +146,55 @@ class LocalPostgres:
         if socket_dir and Path(socket_dir) != self.datadir:
             shutil.rmtree(socket_dir, ignore_errors=True)  # a temporary one, see _socket_dir
 
+    def kill(self) -> None:
+        """Crash: SIGKILL the postmaster and every process it started (what a
+        machine that dies looks like to its clients: no shutdown, no checkpoint).
+
+        Returns once they are dead. A no-op if not running. ``running`` may say
+        True for a moment longer (until the zombie is reaped); start() recovers
+        from the crash.
+        """
+        pid = self._pid_file_line(1)
+        if not pid or not self.running:
+            return
+        # Stopped first, so that it forks no backend between the listing and the kill.
+        os.kill(int(pid), signal.SIGSTOP)
+        victims = [int(pid), *_children(int(pid))]
+        for victim in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+        # Dead once a zombie: whoever reaps it (init) may take a second or two,
+        # and until then pg_ctl still calls it running.
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not all(map(_dead, victims)) and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def freeze(self) -> None:
+        """SIGSTOP the server and its processes: connections stay open and nothing
+        answers (a storage stall, a paused VM). thaw() lets it go on."""
+        self._signal_all(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self._signal_all(signal.SIGCONT)
+
+    def _signal_all(self, signum: int) -> None:
+        pid = self._pid_file_line(1)
+        if not pid:
+            return
+        for target in [int(pid), *_children(int(pid))]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(target, signum)
+
+    def sql(self, query: str) -> str:
+        """Run ``query`` with psql as the superuser; its output, unaligned, tuples only."""
+        result = self._run(
+            "psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+            "-d", self.url, "-c", query,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(f"psql failed on port {self.port}: {result.stderr.strip()}")
+        return result.stdout.strip()
+
     def destroy(self) -> None:
         """Stop and delete the datadir."""
         self.stop()
@@ -179,20 +230,23 @@ class LocalPostgres:
                 raise RuntimeError(f"initdb failed:\n{result.stdout}{result.stderr}")
         # Settings go in a file rather than on the command line so that ALTER
         # SYSTEM (postgresql.auto.conf, read last) can still override them.
-        settings = {"max_connections": "200"}
-        if not self.durable:
-            # Throwaway data: a crash may lose or corrupt it, which is fine.
-            settings |= {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
         self._write(
             CONF_FILE,
             "# Written by dev/postgres.py at every start.\n"
-            + "".join(f"{name} = {value}\n" for name, value in settings.items()),
+            + "".join(f"{name} = {value}\n" for name, value in self._settings().items()),
         )
         main_conf = self.datadir / "postgresql.conf"
         include = f"include_if_exists = '{CONF_FILE}'\n"
         if include not in main_conf.read_text():
             with main_conf.open("a") as f:
                 f.write(include)
+
+    def _settings(self) -> dict[str, str]:
+        settings = {"max_connections": "200"}
+        if not self.durable:
+            # Throwaway data: a crash may lose or corrupt it, which is fine.
+            settings |= {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+        return settings
 
     def _socket_dir(self) -> Path:
         """The datadir if the socket path fits there, else a fresh temporary directory."""
@@ -248,6 +302,27 @@ class LocalPostgres:
             check=False,
             **as_user,
         )
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            # pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _dead(pid: int) -> bool:
+    """Whether ``pid`` is gone or a zombie."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def _free_port() -> int:

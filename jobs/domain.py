@@ -47,6 +47,29 @@ LEASE_EXPIRY: dict[str, frozenset[str]] = {
 LEASED_STATUSES = tuple(s for s in STATUSES if any(s in f for f in LEASE_EXPIRY.values()))
 WORKER_STATUSES = ("ALIVE", "LOST")
 
+# Attempts and automatic retries (docs/API.md, "Attempts and retries"). A job's
+# attempt starts at 1 and grows by one on every FAILED -> SCHEDULED (an
+# operator's or the retry sweep's). A FAILED job below max_attempts waits
+# retry_delay_s(...) and is then scheduled again, unless its report said
+# "retryable": false.
+MAX_ATTEMPTS_LIMIT = 100
+# What PUT /jobs/{id}/stop appends when it cancels a pending retry (the job
+# stays FAILED): an event that is not a status.
+RETRY_CANCELLED = "RETRY_CANCELLED"
+EVENT_TYPES = (*STATUSES, RETRY_CANCELLED)
+# An attempt a worker names (in a body or ?attempt=): a positive bigint, so a
+# comparison with the job's never overflows.
+MAX_ATTEMPT_VALUE = 2**63 - 1
+
+
+def retry_delay_s(attempt: int, backoff_s: float, backoff_max_s: float) -> float:
+    """How long a job that failed on ``attempt`` waits for its retry: doubling, capped.
+
+    store/jobs.py RETRY_DELAY_SQL computes the same in the statements that fail jobs.
+    """
+    return min(backoff_max_s, backoff_s * 2.0 ** (attempt - 1))
+
+
 # Filter tokens of GET /jobs?status= and DELETE /jobs?status= (case-insensitive).
 LIST_STATUS_TOKENS: dict[str, tuple[str, ...]] = {
     **{s.lower(): (s,) for s in STATUSES},
@@ -67,6 +90,23 @@ MAX_JOB_ID = 2**63 - 1
 MAX_BLOCK = 2**63 - 1
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
+# A page of GET /jobs holds at most this much job JSON (at least one job, so
+# paging always progresses; each job is at most ~1.5 MiB, the 1 MiB body
+# limit on its descriptor as PostgreSQL spells it back): 1000 jobs of 1 MiB
+# descriptors made a ~1 GB answer, held whole by the worker and by libpq.
+MAX_PAGE_BYTES = 4 * 1024 * 1024
+DEFAULT_WORKER_PAGE_SIZE = 100
+# The `detail` of a status report, as compact JSON (UTF-8): what a worker says
+# about a move (an error, a reason) fits in far less, and a job's history is
+# read whole; at 1 MiB each, FAILED -> SCHEDULED cycles grew one to 150 MB.
+MAX_DETAIL_BYTES = 16 * 1024
+# A descriptor (POST /jobs, admin) is bounded by the 1 MiB body; this bounds it
+# as PostgreSQL writes it back too, where 1e300 takes 301 digits instead of 5.
+MAX_DESCRIPTOR_BYTES = 1024 * 1024
+# What PostgreSQL's numeric (jsonb numbers) holds: decimals are kept exact,
+# so a number beyond these is refused rather than rounded or failing in SQL.
+MAX_NUMERIC_FRACTION_DIGITS = 16383
+MAX_NUMERIC_INTEGER_DIGITS = 131072
 MAX_BATCH = 1000
 # Waiting (docs/API.md, Waiting without polling): a long-polled heartbeat or
 # events request waits at most this many seconds (?wait=0..MAX_WAIT_S).
@@ -92,6 +132,8 @@ JOB_ID_RULE = f"an integer in 1..{MAX_JOB_ID}, written without leading zeros"
 _TABLE = re.compile(TABLE_PATTERN)
 _NODE_ID = re.compile(NODE_ID_PATTERN)
 NODE_ID_RULE = f"1..{MAX_NODE_ID_LENGTH} characters matching {NODE_ID_PATTERN}"
+_ATTEMPT = re.compile(r"[1-9][0-9]{0,18}")
+ATTEMPT_RULE = f"an integer in 1..{MAX_ATTEMPT_VALUE}, written without leading zeros"
 
 
 def parse_job_id(text: str) -> int | None:
@@ -100,6 +142,14 @@ def parse_job_id(text: str) -> int | None:
         return None
     value = int(text)
     return value if 1 <= value <= MAX_JOB_ID else None
+
+
+def parse_attempt(text: str) -> int | None:
+    """An attempt as a query value spells it (see ATTEMPT_RULE), else None."""
+    if not _ATTEMPT.fullmatch(text):
+        return None
+    value = int(text)
+    return value if value <= MAX_ATTEMPT_VALUE else None
 
 
 def is_table_name(text: str) -> bool:

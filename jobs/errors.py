@@ -2,7 +2,9 @@
 
 Routes raise ApiError with one of the codes their registry entry declares.
 Database failures answer the route's declared *_ERROR code with a generic
-message; what PostgreSQL said goes to the log only. Nothing here ever puts a
+message; what PostgreSQL said goes to the log only. Overload, no pooled
+connection free within DB_POOL_TIMEOUT_S, is not a database failure: 503
+SERVICE_BUSY with Retry-After, a warning, and jobs_overload_total. Nothing here ever puts a
 stack trace, SQL text or a token in a response.
 """
 
@@ -15,6 +17,8 @@ import psycopg2
 from flask import request
 from werkzeug.exceptions import HTTPException
 
+from jobs import observability
+from jobs.pool import PoolExhausted
 from jobs.responses import json_response
 
 log = logging.getLogger("jobs")
@@ -65,6 +69,27 @@ HTTP_ERROR_CODES = {
 }
 
 
+# What a 503 SERVICE_BUSY tells the client to wait before trying again
+# (docs/API.md, Overload: then back off, doubling, with jitter).
+RETRY_AFTER_S = 1
+
+
+def handle_service_busy(exc: PoolExhausted):
+    route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+    observability.count_overload(route)
+    log.warning(
+        "service busy",
+        extra={"fields": {"error": type(exc).__name__, "route": route, "waited_s": exc.waited_s}},
+    )
+    return error_response(
+        503,
+        "SERVICE_BUSY",
+        f"the service is busy (no database connection free within {exc.waited_s:g} s); "
+        "retry after the Retry-After header's seconds",
+        {"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
 def handle_api_error(exc: ApiError):
     return error_response(exc.status, exc.code, exc.message, exc.headers)
 
@@ -98,6 +123,7 @@ def init_app(app, error_code_of) -> None:
         )
 
     app.register_error_handler(ApiError, handle_api_error)
+    app.register_error_handler(PoolExhausted, handle_service_busy)
     app.register_error_handler(HTTPException, handle_http_error)
     app.register_error_handler(DatabaseFailure, handle_database_failure)
     app.register_error_handler(psycopg2.Error, handle_database_error)

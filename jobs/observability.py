@@ -41,6 +41,52 @@ LEASES_EXPIRED = Counter(
     "Jobs moved because their worker was LOST, by the status they moved to.",
     ["status"],
 )
+# Automatic retries (docs/API.md, "Attempts and retries"), counted by the
+# process that made the change (sum() across processes and replicas, like
+# jobs_leases_expired_total). Scheduled: a FAILED change below max_attempts
+# set retry_at, by what failed the job; performed: the retry sweep moved a
+# due job back to SCHEDULED, on its own worker or on another (its was LOST).
+RETRY_SCHEDULED_VIA = ("report", "lease_expiry")
+RETRIES_SCHEDULED = Counter(
+    "jobs_retries_scheduled_total",
+    "Failed jobs given an automatic retry, by what failed them (report, lease_expiry).",
+    ["via"],
+)
+RETRY_PLACEMENTS = ("same_node", "other_node")
+RETRIES_PERFORMED = Counter(
+    "jobs_retries_performed_total",
+    "Automatic retries made (FAILED -> SCHEDULED), on the job's node or on another.",
+    ["placement"],
+)
+# Refused as 409 STALE_ATTEMPT: a status report or a file registration naming
+# another worker or attempt than the job's (a late or moved worker).
+STALE_REPORT_KINDS = ("status", "files")
+STALE_REPORTS = Counter(
+    "jobs_stale_reports_total",
+    "Reports refused because they named another worker or attempt than the job's.",
+    ["report"],
+)
+_retries_scheduled = {via: RETRIES_SCHEDULED.labels(via) for via in RETRY_SCHEDULED_VIA}
+_retries_performed = {p: RETRIES_PERFORMED.labels(p) for p in RETRY_PLACEMENTS}
+_stale_reports = {kind: STALE_REPORTS.labels(kind) for kind in STALE_REPORT_KINDS}
+
+
+def count_retries_scheduled(via: str, jobs: int = 1) -> None:
+    if jobs:
+        _retries_scheduled[via].inc(jobs)
+
+
+def count_retries_performed(same_node: int, other_node: int) -> None:
+    if same_node:
+        _retries_performed["same_node"].inc(same_node)
+    if other_node:
+        _retries_performed["other_node"].inc(other_node)
+
+
+def count_stale_report(kind: str) -> None:
+    _stale_reports[kind].inc()
+
+
 # Requests waiting right now (waiting.py), by kind: heartbeat, events, follow.
 # Summed over the instance's live processes.
 WAIT_KINDS = ("heartbeat", "events", "follow")
@@ -78,9 +124,62 @@ PRUNED = Counter(
 _pruned = {via: PRUNED.labels(via) for via in PRUNED_VIA}
 
 
+# Requests answered 503 SERVICE_BUSY because no pooled database connection was
+# free within DB_POOL_TIMEOUT_S, by route template (a fixed set).
+OVERLOAD = Counter(
+    "jobs_overload_total",
+    "Requests answered 503 SERVICE_BUSY (no database connection free in time), by route template.",
+    ["route"],
+)
+
+
+def count_overload(route: str) -> None:
+    OVERLOAD.labels(route).inc()
+
+
 def count_pruned(via: str, jobs: int) -> None:
     if jobs:
         _pruned[via].inc(jobs)
+
+
+# Where the reads of routes declared replica=True were answered (api/registry.py,
+# db.read_on_replica), and why one went to the primary though replicas are set:
+# "lag" (none known to be within REPLICA_MAX_LAG_S), "down" (none reachable, or
+# the read failed on one and ran again on the primary). Fixed sets, each at zero.
+READ_TARGETS = ("primary", "replica")
+READS = Counter(
+    "jobs_db_reads_total",
+    "Reads of the routes that may go to a replica, by where they were answered.",
+    ["target"],
+)
+_reads = {target: READS.labels(target) for target in READ_TARGETS}
+FALLBACK_REASONS = ("lag", "down")
+FALLBACKS = Counter(
+    "jobs_replica_fallbacks_total",
+    "Reads that went to the primary though replicas are configured, by why.",
+    ["reason"],
+)
+_fallbacks = {reason: FALLBACKS.labels(reason) for reason in FALLBACK_REASONS}
+# Per replica (its position in DATABASE_REPLICA_URL, never its URL): the
+# largest over the instance's live processes, +Inf while down or not yet known.
+REPLICA_AGE = Gauge(
+    "jobs_replica_lag_seconds",
+    "How old a replica's data was at its last check (at most), by replica number.",
+    ["replica"],
+    multiprocess_mode="livemax",
+)
+
+
+def count_read(target: str) -> None:
+    _reads[target].inc()
+
+
+def count_fallback(reason: str) -> None:
+    _fallbacks[reason].inc()
+
+
+def replica_age(number: int, seconds: float | None) -> None:
+    REPLICA_AGE.labels(str(number)).set(float("inf") if seconds is None else seconds)
 
 
 access_log = logging.getLogger("jobs.access")
@@ -251,8 +350,9 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def configure_logging() -> None:
-    """Send the service's logs to stdout as JSON lines (once per process)."""
+def configure_logging(level: str = "INFO") -> None:
+    """Send the service's logs to stdout as JSON lines, at ``level`` (LOG_LEVEL;
+    once per process)."""
     logger = logging.getLogger("jobs")
     if any(getattr(h, "jobs_json", False) for h in logger.handlers):
         return
@@ -260,5 +360,5 @@ def configure_logging() -> None:
     handler.setFormatter(JsonFormatter())
     handler.jobs_json = True
     logger.addHandler(handler)
-    logger.setLevel(os.environ.get("LOG_LEVEL", "INFO").upper())
+    logger.setLevel(level)
     logger.propagate = False

@@ -6,7 +6,10 @@ the same answer while the database is down.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import datetime
+import decimal
 import json
 import re
 
@@ -16,6 +19,7 @@ from marshmallow import ValidationError
 from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
 from jobs.domain import (
+    ATTEMPT_RULE,
     DELETE_STATUS_TOKENS,
     JOB_ID_RULE,
     LIST_STATUS_TOKENS,
@@ -24,18 +28,22 @@ from jobs.domain import (
     MAX_WAIT_S,
     NODE_ID_RULE,
     TABLE_PATTERN,
+    TIMESTAMP_PATTERN,
     is_node_id,
     is_table_name,
+    parse_attempt,
     parse_job_id,
     parse_status_tokens,
 )
 from jobs.errors import ApiError
+from jobs.store.workers import WorkerPosition
 
 INVALID_PAYLOAD = "INVALID_PAYLOAD_FORMAT"
 QUERY_ERROR = "INVALID_QUERY_PARAMETERS"
 LONG_NUMBER = re.compile(rb"\d{20}")
 WAIT_SECONDS = re.compile(r"0|[1-9][0-9]?")
 MAX_JSON_DEPTH = 100
+WORKER_CURSOR_TIMESTAMP = re.compile(TIMESTAMP_PATTERN, re.ASCII)
 
 
 def job_id_from_path(text: str) -> int:
@@ -75,6 +83,14 @@ def worker_id_from_path(text: str) -> str:
 
 def node_id_from_query(text: str) -> str:
     return _node_id(text, QUERY_ERROR, "node_id")
+
+
+def attempt_from_query(text: str) -> int:
+    """``?attempt=`` of a file registration: the attempt the worker runs."""
+    attempt = parse_attempt(text)
+    if attempt is None:
+        raise ApiError(400, QUERY_ERROR, f"attempt must be {ATTEMPT_RULE}")
+    return attempt
 
 
 def _node_id(text: str, code: str, name: str) -> str:
@@ -134,6 +150,28 @@ def check_follow_alone(query: dict[str, str], excluded: tuple[str, ...]) -> None
     for name in excluded:
         if name in query:
             raise ApiError(400, QUERY_ERROR, f"{name} cannot be combined with follow=true")
+
+
+def worker_cursor_from_query(text: str) -> WorkerPosition:
+    """GET /workers?cursor=: a next_cursor this service gave (worker_cursor), as it was."""
+    try:
+        decoded = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+        registered_at, node_id = decoded.split(" ", 1)
+        # The format alone would let 2026-13-45 through to PostgreSQL (a 500).
+        datetime.datetime.strptime(registered_at, "%Y-%m-%dT%H:%M:%S.%fZ")
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        registered_at = node_id = ""
+    if not (WORKER_CURSOR_TIMESTAMP.fullmatch(registered_at) and is_node_id(node_id)):
+        raise ApiError(
+            400, QUERY_ERROR, "cursor must be a next_cursor of GET /workers, passed as it is"
+        )
+    return WorkerPosition(registered_at, node_id)
+
+
+def worker_cursor(position: WorkerPosition) -> str:
+    """The opaque next_cursor of GET /workers: where its page ended."""
+    text = f"{position.registered_at} {position.node_id}"
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
 def list_statuses_from_query(text: str) -> tuple[str, ...]:
@@ -263,33 +301,41 @@ def load_body(schema):
         raise ApiError(400, INVALID_PAYLOAD, f"request body is not valid JSON: {exc}") from None
     # Checked before anything walks the document recursively (the stdlib
     # parser below, the schemas' checks), which a deeper one would exhaust.
-    if json_depth(data) > MAX_JSON_DEPTH:
+    depth, fractions = json_shape(data)
+    if depth > MAX_JSON_DEPTH:
         raise ApiError(
             400, INVALID_PAYLOAD, f"request body is nested deeper than {MAX_JSON_DEPTH} levels"
         )
-    if LONG_NUMBER.search(raw):
-        # orjson turns integers beyond 64 bits into floats, silently losing
-        # digits of a descriptor; the stdlib keeps them exact. orjson has
-        # already refused what is not strict JSON (NaN, lone surrogates).
-        data = json.loads(raw)
+    if fractions or LONG_NUMBER.search(raw):
+        # orjson reads a fraction as a double (0.30000000000000000000000000000001
+        # became 0.3) and an integer beyond 64 bits as a double too, silently
+        # losing digits of a descriptor; the stdlib keeps both exact (Decimal,
+        # int), as PostgreSQL's numeric does. orjson has already refused what
+        # is not strict JSON (NaN, lone surrogates) and numbers beyond a double.
+        data = None  # not held while the body is parsed again (up to ~30x its size)
+        data = json.loads(raw, parse_float=decimal.Decimal)
     try:
         return schema.load(data)
     except ValidationError as exc:
         raise ApiError(400, INVALID_PAYLOAD, describe_validation_error(exc.messages)) from None
 
 
-def json_depth(value) -> int:
-    """How deeply arrays and objects nest in a parsed JSON document (without recursion)."""
-    deepest, pending = 0, [(value, 0)]
+def json_shape(value) -> tuple[int, bool]:
+    """How deeply arrays and objects nest in a parsed JSON document, and whether it
+    holds a fraction (a float), without recursion."""
+    deepest, fractions, pending = 0, False, [(value, 0)]
     while pending:
         value, depth = pending.pop()
         if isinstance(value, dict):
             value = value.values()
-        elif not isinstance(value, list):
+        elif isinstance(value, list):
+            pass
+        else:
+            fractions = fractions or type(value) is float
             continue
         deepest = max(deepest, depth + 1)
         pending.extend((item, depth + 1) for item in value)
-    return deepest
+    return deepest, fractions
 
 
 def describe_validation_error(messages, prefix: str = "") -> str:

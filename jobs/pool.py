@@ -10,7 +10,10 @@ Outages: a pooled connection whose server went away (restart, failover) has a
 readable socket while idle (the server's goodbye or EOF), so it is dropped at
 checkout without a round trip; a connection that fails during a request is
 closed instead of returned, and the idle ones are dropped with it. The service
-therefore recovers by itself when PostgreSQL comes back.
+therefore recovers by itself when PostgreSQL comes back. So is one whose
+server refused a write (DISCARD_SQLSTATES: a standby, or a primary demoted
+behind the same name): after a failover the next connection goes, through
+libpq's target_session_attrs, to the server that accepts writes.
 
 A server that stops answering without closing (frozen: a storage stall, a
 paused VM) is caught by the client-side deadline of ``wait``: every connect
@@ -70,7 +73,19 @@ class Cursor(psycopg2.extensions.cursor):
             if not isinstance(query, str):  # psycopg2.sql.Composable, bytes
                 query = query.as_string(conn) if hasattr(query, "as_string") else query.decode()
             query = conn.transaction_prefix + query
-        return super().execute(query, vars)
+        try:
+            return super().execute(query, vars)
+        except psycopg2.Error as exc:
+            if exc.pgcode in DISCARD_SQLSTATES:
+                conn.discard = True
+            raise
+
+
+# Errors after which a connection is closed rather than pooled again, though
+# psycopg2 still finds it usable. 25006 read_only_sql_transaction: the server
+# behind it refuses writes (a standby, or a primary demoted behind the same
+# name): a new connection lets libpq pick a host again (target_session_attrs).
+DISCARD_SQLSTATES = frozenset({"25006"})
 
 
 # Set session state only if this connection reaches PostgreSQL itself. The
@@ -102,6 +117,7 @@ class Connection(psycopg2.extensions.connection):
         self.transaction_prefix = ""
         self.statement_timeout_ms: int | None = None
         self.budget_s: float | None = None
+        self.discard = False  # set by Cursor.execute: closed, not pooled, when given back
         self.cursor_factory = Cursor
 
     def configure(self, statement_timeout_ms: int) -> None:
@@ -162,8 +178,14 @@ class Prepared:
         cur.execute(self.execute_sql, params)
 
 
-class PoolExhausted(psycopg2.OperationalError):
-    """Every connection is in use and none came back in time."""
+class PoolExhausted(Exception):
+    """Every connection is in use and none came back in time: the service is
+    overloaded, not the database broken (errors.py answers 503 SERVICE_BUSY), so
+    this is deliberately not a psycopg2.Error."""
+
+    def __init__(self, waited_s: float):
+        super().__init__(f"no database connection free within {waited_s:g} s")
+        self.waited_s = waited_s
 
 
 class ConnectionPool:
@@ -187,7 +209,7 @@ class ConnectionPool:
 
     def getconn(self) -> psycopg2.extensions.connection:
         if not self._slots.acquire(timeout=self._wait_timeout):
-            raise PoolExhausted("no database connection free")
+            raise PoolExhausted(self._wait_timeout)
         try:
             while True:
                 with self._lock:
@@ -203,7 +225,7 @@ class ConnectionPool:
 
     def putconn(self, conn: psycopg2.extensions.connection, broken: bool = False) -> None:
         try:
-            if not broken and not conn.closed:
+            if not broken and not conn.closed and not getattr(conn, "discard", False):
                 if conn.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
                     conn.rollback()
                 with self._lock:
@@ -251,40 +273,97 @@ def _close_quietly(conn) -> None:
         conn.close()
 
 
-def ping(dsn: str, timeout: float, **connect_kwargs) -> None:
-    """Connect and run SELECT 1 within ``timeout`` seconds, or raise.
+def query_once(dsn: str, timeout: float, sql: str, params=None, **connect_kwargs) -> list[tuple]:
+    """Run one query on a connection of its own within ``timeout`` seconds, or raise
+    (for what must answer fast whatever the database does: /metrics).
 
     Uses psycopg2's asynchronous mode so the deadline holds even against an
     address that drops packets (libpq's own connect_timeout cannot go below 2 s).
     """
-    query_once(dsn, timeout, "SELECT 1", **connect_kwargs)
-
-
-def query_once(dsn: str, timeout: float, sql: str, params=None, **connect_kwargs) -> list[tuple]:
-    """Run one query on a connection of its own within ``timeout`` seconds, or raise
-    (for what must answer fast whatever the database does: /readyz, /metrics)."""
     deadline = time.monotonic() + timeout
     conn = psycopg2.connect(dsn, async_=True, **connect_kwargs)
     try:
         _wait(conn, deadline)
-        cur = conn.cursor()
-        cur.execute(sql, params)
-        _wait(conn, deadline)
-        return cur.fetchall()
+        return _query(conn, sql, params, deadline)
     finally:
         _close_quietly(conn)
 
 
+class KeptConnection:
+    """One connection of its own, kept between queries, each within a deadline (readiness).
+
+    Like ``query_once``, whatever the database does the answer comes within
+    the deadline; unlike it, a check costs one round trip, not a connection
+    set-up (a new backend process on the server, and the several round trips
+    of the start-up, each a trip through gevent's hub on a busy worker). One
+    connection at most, per process: a caller must not run two queries at once
+    (readiness.py runs one check at a time). A connection the server closed
+    (a restart, an idle timeout) is noticed without a round trip and replaced
+    within the same deadline; one that fails or times out is closed.
+    """
+
+    def __init__(self, dsn: str, **connect_kwargs):
+        self.dsn = dsn
+        self._connect_kwargs = connect_kwargs
+        self._conn = None
+        self._pid = os.getpid()
+
+    def query(self, timeout: float, sql: str, params=None) -> list[tuple]:
+        deadline = time.monotonic() + timeout
+        if self._pid != os.getpid():
+            # A forked copy: the parent's session, not to be used nor closed here.
+            self._conn, self._pid = None, os.getpid()
+        conn = self._conn
+        if conn is not None and _alive(conn):
+            try:
+                return _query(conn, sql, params, deadline)
+            except psycopg2.Error:
+                self.close()
+                if time.monotonic() >= deadline:
+                    raise
+                # Gone between the look and the query: once more, on a new one.
+            except BaseException:
+                self.close()
+                raise
+        self.close()
+        conn = self._conn = psycopg2.connect(self.dsn, async_=True, **self._connect_kwargs)
+        try:
+            _wait(conn, deadline)
+            return _query(conn, sql, params, deadline)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            _close_quietly(conn)
+
+
+def _query(conn, sql: str, params, deadline: float) -> list[tuple]:
+    cur = conn.cursor()
+    cur.execute(sql, params)
+    _wait(conn, deadline)
+    return cur.fetchall()
+
+
 def _wait(conn, deadline: float) -> None:
+    """An asynchronous connection's wait, to the deadline: up to SPIN_S without a
+    switch through gevent's hub (a local server answers within it), then cooperatively."""
+    spin_until = time.monotonic() + SPIN_S
     while True:
         state = conn.poll()
         if state == psycopg2.extensions.POLL_OK:
             return
-        remaining = deadline - time.monotonic()
+        readable = state == psycopg2.extensions.POLL_READ
+        now = time.monotonic()
+        remaining = deadline - now
         if remaining <= 0:
             raise psycopg2.OperationalError("timed out")
         fd = conn.fileno()
-        if state == psycopg2.extensions.POLL_READ:
+        if now < spin_until and _ready_now(fd, readable, min(spin_until - now, remaining)):
+            continue
+        if readable:
             ready = select.select([fd], [], [], remaining)[0]
         else:
             ready = select.select([], [fd], [], remaining)[1]

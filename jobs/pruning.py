@@ -16,7 +16,6 @@ if a later one fails.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,27 +28,10 @@ from flask.cli import with_appcontext
 
 from jobs import db, observability
 from jobs.domain import DELETE_STATUS_TOKENS, TERMINAL_STATUSES, parse_status_tokens
+from jobs.settings import DURATION_UNITS_S, parse_duration
 from jobs.store import jobs as job_store
 
-# ---- Durations (JOB_RETENTION, prune --older-than) ---------------------------------
-
-_DURATION = re.compile(r"([0-9]{1,9})([dhms])")
-_UNIT_S = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-# 100 years: anything longer keeps everything, and now() minus it must stay a timestamp.
-MAX_DURATION = timedelta(days=36500)
-DURATION_RULE = "a whole number and one unit, d, h, m or s (30d, 12h, 90m, 45s), at least 1s"
-
-
-def parse_duration(text: str) -> timedelta:
-    """``30d``, ``12h``, ``90m``, ``45s``: exactly that form; ValueError otherwise."""
-    match = _DURATION.fullmatch(text)
-    if match is None:
-        raise ValueError(f"{text!r} is not a duration: expected {DURATION_RULE}")
-    value = timedelta(seconds=int(match[1]) * _UNIT_S[match[2]])
-    if not timedelta(seconds=1) <= value <= MAX_DURATION:
-        raise ValueError(f"{text!r} is out of range: expected 1s to {MAX_DURATION.days}d")
-    return value
-
+# ---- Durations (JOB_RETENTION, prune --older-than): parsed as settings.py says ----------
 
 def retention_setting(value) -> timedelta | None:
     """JOB_RETENTION as configured: unset or empty is off; anything else must parse."""
@@ -65,7 +47,7 @@ def retention_setting(value) -> timedelta | None:
 
 def format_duration(value: timedelta) -> str:
     seconds = int(value.total_seconds())
-    for unit, size in _UNIT_S.items():
+    for unit, size in DURATION_UNITS_S.items():
         if seconds % size == 0:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"  # pragma: no cover (seconds always divide)

@@ -7,6 +7,7 @@ JSON (see app.py); the tests check those bytes against these schemas.
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import ClassVar
 
 from marshmallow import (
@@ -24,14 +25,22 @@ from jobs import parse
 from jobs.domain import (
     ACTIVE_STATUSES,
     DEFAULT_PAGE_SIZE,
+    DEFAULT_WORKER_PAGE_SIZE,
+    EVENT_TYPES,
     EVENTS_PAGE_BYTES,
     HASH_PATTERN,
     JOB_ID_RULE,
+    MAX_ATTEMPT_VALUE,
+    MAX_ATTEMPTS_LIMIT,
     MAX_BATCH,
     MAX_BLOCK,
+    MAX_DESCRIPTOR_BYTES,
+    MAX_DETAIL_BYTES,
     MAX_EVENTS_PAGE,
     MAX_JOB_ID,
     MAX_NODE_ID_LENGTH,
+    MAX_NUMERIC_FRACTION_DIGITS,
+    MAX_NUMERIC_INTEGER_DIGITS,
     MAX_PAGE_SIZE,
     MAX_WAIT_S,
     NODE_ID_PATTERN,
@@ -42,26 +51,64 @@ from jobs.domain import (
     WORKER_STATUSES,
     parse_job_id,
 )
+from jobs.store.sql import json_bytes
 
 
-def _nul_free_json(value) -> bool:
-    """PostgreSQL text and jsonb cannot hold U+0000, so it is refused up front."""
-    if isinstance(value, str):
-        return "\x00" not in value
-    if isinstance(value, dict):
-        return all(_nul_free_json(k) and _nul_free_json(v) for k, v in value.items())
-    if isinstance(value, list):
-        return all(_nul_free_json(v) for v in value)
-    return True
+def _jsonb_check(value) -> tuple[str | None, int]:
+    """Why PostgreSQL's jsonb cannot store ``value`` as given (or None), and how many
+    bytes more than compact JSON with str(number) its numbers take as jsonb writes them.
+
+    jsonb cannot hold U+0000 in a string. Its numbers are numeric, which keeps
+    a decimal exactly (parse.load_body reads fractions as Decimal) within
+    MAX_NUMERIC_*_DIGITS, so a number beyond that is refused, not rounded; and
+    it writes them without an exponent: 1e300 comes back as 301 digits, so the
+    size bounds count that, not the 5 bytes of the body.
+    """
+    pending, growth = [value], 0
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                return "must not contain the character U+0000.", growth
+        elif isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+        elif isinstance(value, Decimal):
+            _, digits, exponent = value.as_tuple()
+            if -exponent > MAX_NUMERIC_FRACTION_DIGITS:
+                limit = f"{MAX_NUMERIC_FRACTION_DIGITS} digits after the point"
+                return f"numbers have at most {limit}.", growth
+            if value.adjusted() >= MAX_NUMERIC_INTEGER_DIGITS:
+                limit = f"{MAX_NUMERIC_INTEGER_DIGITS} digits before the point"
+                return f"numbers have at most {limit}.", growth
+            # At least as long as format(value, "f"), what PostgreSQL writes.
+            plain = 1 + len(digits) + (exponent if exponent >= 0 else 2 - exponent)
+            growth += max(0, plain - len(str(value)))
+    return None, growth
 
 
 class JsonObject(fields.Dict):
-    """Any JSON object, stored as JSONB."""
+    """Any JSON object, stored as JSONB (see _jsonb_check); when ``max_bytes`` is
+    given, at most that many bytes as compact JSON with numbers as jsonb writes them."""
+
+    def __init__(self, max_bytes: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.max_bytes = max_bytes
 
     def _deserialize(self, value, attr, data, **kwargs):
         result = super()._deserialize(value, attr, data, **kwargs)
-        if not _nul_free_json(result):
-            raise ValidationError("must not contain the character U+0000.")
+        problem, growth = _jsonb_check(result)
+        if problem:
+            raise ValidationError(problem)
+        if self.max_bytes is not None:
+            size = len(json_bytes(result)) + growth
+            if size > self.max_bytes:
+                raise ValidationError(
+                    f"must be at most {self.max_bytes} bytes as compact JSON (UTF-8);"
+                    f" this one is {size}."
+                )
         return result
 
 
@@ -91,6 +138,24 @@ class FullMatch(validate.Regexp):
         if not isinstance(value, str) or self.regex.fullmatch(value) is None:
             raise ValidationError(self._format_error(value))
         return value
+
+
+class StrictBoolean(fields.Boolean):
+    """A JSON true or false, and nothing that merely reads as one ("true", 1, "yes")."""
+
+    default_error_messages: ClassVar[dict[str, str]] = {"invalid": "Not a JSON boolean."}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
+def Attempt(**kwargs) -> fields.Integer:
+    """An attempt a worker names: a JSON integer, at least 1 (never null, a string or a float)."""
+    return fields.Integer(
+        strict=True, allow_none=False, validate=validate.Range(1, MAX_ATTEMPT_VALUE), **kwargs
+    )
 
 
 class StrictSchema(Schema):
@@ -147,6 +212,24 @@ class JobSchema(Schema):
     updated_at = Timestamp()
     node_id = fields.String(required=True)
     status = fields.String(required=True, validate=validate.OneOf(STATUSES))
+    attempt = fields.Integer(
+        required=True,
+        validate=validate.Range(min=1),
+        metadata={"description": "1 for the first run, +1 on every retry (FAILED -> SCHEDULED)"},
+    )
+    max_attempts = fields.Integer(
+        required=True,
+        validate=validate.Range(1, MAX_ATTEMPTS_LIMIT),
+        metadata={"description": "attempts before a failure is final (1: no automatic retry)"},
+    )
+    retry_at = fields.String(
+        required=True,
+        allow_none=True,
+        validate=validate.Regexp(TIMESTAMP_PATTERN),
+        metadata={
+            "description": "when the automatic retry is due; null unless FAILED and waiting for it"
+        },
+    )
     descriptor = fields.Dict(required=True)
 
 
@@ -177,7 +260,7 @@ class ProgressSchema(Schema):
 class EventSchema(Schema):
     id = fields.Integer(required=True)
     created_at = Timestamp()
-    event_type = fields.String(required=True, validate=validate.OneOf(STATUSES))
+    event_type = fields.String(required=True, validate=validate.OneOf(EVENT_TYPES))
     node_id = fields.String(required=True, allow_none=True)
     detail = fields.Dict(required=True, allow_none=True)
 
@@ -206,7 +289,7 @@ class JobEventSchema(Schema):
     job_id = fields.Integer(required=True)
     created_at = Timestamp()
     node_id = fields.String(required=True, allow_none=True)
-    event_type = fields.String(required=True, validate=validate.OneOf(STATUSES))
+    event_type = fields.String(required=True, validate=validate.OneOf(EVENT_TYPES))
     detail = fields.Dict(required=True, allow_none=True)
 
 
@@ -252,6 +335,17 @@ class WorkerListSchema(Schema):
         required=True,
         metadata={"description": "most recently registered first"},
     )
+    next_cursor = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={"description": "cursor=... for the next page, as it is; null on the last page"},
+    )
+
+
+class LeaseSchema(Schema):
+    job_id = fields.Integer(required=True)
+    attempt = fields.Integer(required=True, metadata={"description": "the fencing token"})
+    status = fields.String(required=True, validate=validate.OneOf(ACTIVE_STATUSES))
 
 
 class HeartbeatSchema(Schema):
@@ -266,6 +360,14 @@ class HeartbeatSchema(Schema):
         fields.Integer(),
         required=True,
         metadata={"description": "the worker's STOP_REQUESTED jobs, oldest first, at most 1000"},
+    )
+    leases = fields.List(
+        fields.Nested(LeaseSchema),
+        required=True,
+        metadata={
+            "description": "every active job of the worker with its attempt, oldest first, "
+            "at most 1000: report with node_id and that attempt"
+        },
     )
 
 
@@ -363,6 +465,21 @@ class ListJobsQuerySchema(Schema):
     )
 
 
+class FilesQuerySchema(Schema):
+    """Who registers the files (optional): the fence of POST /jobs/{job_id}/tables/{table}/files."""
+
+    node_id = Param(
+        parse.node_id_from_query,
+        NODE_ID_DOC,
+        metadata={"description": "the registering worker; not the job's node: 409 STALE_ATTEMPT"},
+    )
+    attempt = Param(
+        parse.attempt_from_query,
+        {"type": "integer", "minimum": 1, "maximum": MAX_ATTEMPT_VALUE},
+        metadata={"description": "the attempt it runs; not the job's: 409 STALE_ATTEMPT"},
+    )
+
+
 WAIT_DOC = {"type": "integer", "minimum": 0, "maximum": MAX_WAIT_S, "default": 0}
 
 
@@ -419,6 +536,27 @@ class HeartbeatQuerySchema(Schema):
     )
 
 
+class ListWorkersQuerySchema(Schema):
+    limit = Param(
+        parse.limit_from_query,
+        {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": MAX_PAGE_SIZE,
+            "default": DEFAULT_WORKER_PAGE_SIZE,
+        },
+        default=DEFAULT_WORKER_PAGE_SIZE,
+        metadata={
+            "description": f"page size, 1..{MAX_PAGE_SIZE} (default {DEFAULT_WORKER_PAGE_SIZE})"
+        },
+    )
+    cursor = Param(
+        parse.worker_cursor_from_query,
+        {"type": "string", "minLength": 1},
+        metadata={"description": "the next_cursor of the previous page, as it is"},
+    )
+
+
 class DeleteJobsQuerySchema(Schema):
     status = Param(
         parse.delete_statuses_from_query,
@@ -432,28 +570,75 @@ class DeleteJobsQuerySchema(Schema):
 
 class CreateJobSchema(StrictSchema):
     node_id = NodeId(required=True)
-    descriptor = JsonObject(load_default=dict)
+    descriptor = JsonObject(
+        max_bytes=MAX_DESCRIPTOR_BYTES,
+        load_default=dict,
+        metadata={
+            "description": "any JSON object, stored as given (numbers exactly); at most"
+            f" {MAX_DESCRIPTOR_BYTES} bytes as compact JSON (UTF-8, numbers written out as"
+            " PostgreSQL writes them back); no U+0000"
+        },
+    )
     idempotency_key = fields.String(
         load_default=None,
         allow_none=True,
         validate=[validate.Length(1, 256), no_nul],
     )
+    # Absent: JOB_MAX_ATTEMPTS. null is not a number of attempts.
+    max_attempts = fields.Integer(
+        strict=True,
+        load_default=lambda: None,
+        allow_none=False,
+        validate=validate.Range(1, MAX_ATTEMPTS_LIMIT),
+        metadata={"description": f"1..{MAX_ATTEMPTS_LIMIT}; default: JOB_MAX_ATTEMPTS"},
+    )
 
 
 class StatusReportSchema(StrictSchema):
     status = fields.String(required=True, validate=validate.OneOf(REPORTABLE_STATUSES))
-    detail = JsonObject(load_default=None, allow_none=True)
-    node_id = NodeId(load_default=None)
+    detail = JsonObject(
+        max_bytes=MAX_DETAIL_BYTES,
+        load_default=None,
+        allow_none=True,
+        metadata={
+            "description": f"recorded in the event; at most {MAX_DETAIL_BYTES} bytes as compact"
+            " JSON (UTF-8, numbers written out as PostgreSQL writes them back); no U+0000"
+        },
+    )
+    node_id = NodeId(
+        load_default=None,
+        metadata={
+            "description": "with SCHEDULED: the node to move the job to; with any other "
+            "status: the reporting worker, which must be the job's (else 409 STALE_ATTEMPT)"
+        },
+    )
+    # Absent: not checked. (A callable default keeps "default": null, which the
+    # field does not accept, out of the OpenAPI document.)
+    attempt = Attempt(
+        load_default=lambda: None,
+        metadata={"description": "the attempt reported on; not the job's: 409 STALE_ATTEMPT"},
+    )
+    # None: not given (a failure is retryable unless the report says otherwise).
+    retryable = StrictBoolean(
+        load_default=None,
+        allow_none=False,
+        metadata={
+            "description": "only with FAILED: false makes the failure final (no retry)",
+            "default": True,
+        },
+    )
 
     @validates_schema
-    def node_only_when_rescheduling(self, data, **kwargs):
-        if data.get("node_id") is not None and data["status"] != "SCHEDULED":
-            raise ValidationError("is only accepted with status SCHEDULED.", "node_id")
+    def retryable_only_when_failing(self, data, **kwargs):
+        if data.get("retryable") is not None and data["status"] != "FAILED":
+            raise ValidationError("is only accepted with status FAILED.", "retryable")
 
 
 class FileSchema(StrictSchema):
     file_name = fields.String(
-        required=True, validate=[validate.Length(1, 1024), validate.Predicate("isprintable")]
+        required=True,
+        validate=[validate.Length(1, 1024), validate.Predicate("isprintable")],
+        metadata={"description": "printable characters only (no control characters)"},
     )
     start_block = fields.Integer(required=True, strict=True, validate=validate.Range(0, MAX_BLOCK))
     end_block = fields.Integer(required=True, strict=True, validate=validate.Range(0, MAX_BLOCK))
@@ -463,6 +648,7 @@ class FileSchema(StrictSchema):
 
     @validates_schema
     def blocks_in_order(self, data, **kwargs):
+        """end_block must be >= start_block."""
         if data.get("end_block", 0) < data.get("start_block", 0):
             raise ValidationError("must be >= start_block.", "end_block")
 
@@ -493,6 +679,7 @@ class FileBatchSchema(StrictSchema):
 
     @validates_schema
     def unique_names(self, data, **kwargs):
+        """A batch names each file_name at most once."""
         seen = set()
         for file in data.get("files", ()):
             if file["file_name"] in seen:

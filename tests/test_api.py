@@ -35,7 +35,18 @@ from helpers import (
 from jobs.schemas import EventListSchema, JobListSchema, JobSchema, ProgressSchema
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
-JOB_KEYS = {"id", "created_at", "updated_at", "node_id", "status", "descriptor"}
+# attempt, max_attempts and retry_at: docs/API.md, "Attempts and retries".
+JOB_KEYS = {
+    "id",
+    "created_at",
+    "updated_at",
+    "node_id",
+    "status",
+    "attempt",
+    "max_attempts",
+    "retry_at",
+    "descriptor",
+}
 EVENT_KEYS = {"id", "created_at", "event_type", "node_id", "detail"}
 TABLE_KEYS = {"start_block", "current_block", "files_count", "total_size_bytes"}
 
@@ -357,7 +368,7 @@ def test_updated_at_changes_on_every_status_change_and_only_then(client):
     unchanged()
     report(client, job["id"], "STOPPED", expect=409)
     unchanged()
-    report(client, job["id"], "RUNNING", node_id="x", expect=400)
+    report(client, job["id"], "RUNNING", node_id="x", expect=409)  # another worker: stale
     unchanged()
     changed(stop(client, job["id"]))
     stop(client, job["id"], "POST")  # no-op
@@ -651,14 +662,18 @@ def test_retry_with_node_id_from_a_non_failed_status_is_409(client, source):
 
 
 @pytest.mark.parametrize("target", [s for s in REPORTABLE if s != "SCHEDULED"])
-def test_node_id_only_with_scheduled(client, target):
+def test_node_id_with_another_status_names_the_reporter(client, target):
+    # With any status but SCHEDULED, node_id is the reporting worker (docs/API.md,
+    # "Attempts and retries"): another worker than the job's is refused as stale,
+    # before the status machine is asked, and nothing changes. (It was a 400
+    # before reports could name their worker.)
     for source in ("SCHEDULED", "RUNNING", "FAILED"):
         job = make_job(client, source)
         response = client.put(
             f"/jobs/{job['id']}/status", json={"status": target, "node_id": "worker-02"}
         )
-        message = assert_error(response, 400, "INVALID_PAYLOAD_FORMAT")
-        assert "node_id" in message
+        message = assert_error(response, 409, "STALE_ATTEMPT")
+        assert "worker-01" in message and "attempt 1" in message
         assert get_job(client, job["id"]) == job
 
 

@@ -16,43 +16,15 @@ import socket
 import jsonschema
 import pytest
 from helpers import closed_database_url, file_entry, race, serving
+from openapi_schema import to_json_schema
 from openapi_spec_validator import validate as validate_spec
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from app import create_app
+from jobs import db
 
 ADMIN = "openapi-admin-token"
 WORKER = "openapi-worker-token"
-
-# Schema keywords of OpenAPI 3.0 that JSON Schema does not know (or that only annotate).
-OAS_ONLY = {"nullable", "example", "discriminator", "xml", "externalDocs", "deprecated"}
-
-
-def to_json_schema(node, components: dict):
-    """An OpenAPI 3.0 schema object as a self-contained JSON Schema (draft 4)."""
-    if isinstance(node, list):
-        return [to_json_schema(item, components) for item in node]
-    if not isinstance(node, dict):
-        return node
-    if "$ref" in node:
-        name = node["$ref"].removeprefix("#/components/schemas/")
-        return to_json_schema(components[name], components)
-    out = {}
-    for key, value in node.items():
-        if key in OAS_ONLY:
-            continue
-        if key == "properties":
-            out[key] = {name: to_json_schema(sub, components) for name, sub in value.items()}
-        else:
-            out[key] = to_json_schema(value, components)
-    if node.get("nullable"):
-        if "type" in out:
-            out["type"] = [out["type"], "null"]
-            if "enum" in out:
-                out["enum"] = [*out["enum"], None]
-        else:
-            out = {"anyOf": [out, {"type": "null"}]}
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +230,10 @@ def exercise_happy_and_client_errors(check, client):
     check(c, "PUT", f"/jobs/{a}/status", 200, json={"status": "RUNNING"})
     check(c, "PUT", f"/jobs/{a}/status", 409, json={"status": "STOPPED"})
     check(c, "PUT", f"/jobs/{a}/status", 400, json={"status": "STOP_REQUESTED"})
-    check(c, "PUT", f"/jobs/{a}/status", 400, json={"status": "RUNNING", "node_id": "n"})
+    # node_id with any status but SCHEDULED names the reporting worker: another
+    # one than the job's is a stale report (it was a 400 before fencing).
+    check(c, "PUT", f"/jobs/{a}/status", 409, json={"status": "RUNNING", "node_id": "n"})
+    check(c, "PUT", f"/jobs/{a}/status", 400, json={"status": "RUNNING", "attempt": "1"})
     check(c, "PUT", "/jobs/987654321/status", 404, json={"status": "RUNNING"})
     check(c, "PUT", "/jobs/0/status", 400, json={"status": "RUNNING"})
     check(c, "PUT", f"/jobs/{a}/status", 413, data=BIG)
@@ -275,6 +250,8 @@ def exercise_happy_and_client_errors(check, client):
     )
     check(c, "POST", url, 200, json=file_entry("f0", 0, 9, block_hash=f0_hash))
     check(c, "POST", url, 409, json=file_entry("f0", 0, 9, size=2))
+    check(c, "POST", f"{url}?node_id=w-1&attempt=2", 409, json=file_entry("f5", 30, 39))
+    check(c, "POST", f"{url}?attempt=0", 400, json=file_entry("f5", 30, 39))
     check(c, "POST", url, 400, json=file_entry("f3", 9, 0))
     check(c, "POST", url, 400, json=[])
     check(c, "POST", f"/jobs/{a}/tables/9bad/files", 400, json=file_entry("f4", 0, 1))
@@ -336,6 +313,13 @@ def exercise_happy_and_client_errors(check, client):
     check(c, "GET", "/workers/w-1", 200)
     check(c, "GET", "/workers/ghost", 404)
     check(c, "GET", "/workers/w%20x", 400)
+    check(c, "GET", "/workers?limit=1", 200)
+    check(c, "GET", "/workers?limit=0", 400)
+    check(c, "GET", "/workers?cursor=nope", 400)
+    check(c, "PUT", "/workers/w-gone", 200)
+    check(c, "DELETE", "/workers/w-gone", 204)
+    check(c, "DELETE", "/workers/w-gone", 204)
+    check(c, "DELETE", "/workers/9w", 400)
     check(c, "GET", "/jobs?node_id=w-9&status=all", 200)
     check(c, "GET", "/jobs?node_id=9", 400)
     # One event
@@ -349,6 +333,7 @@ def exercise_happy_and_client_errors(check, client):
         ("POST", "/workers/w-1/heartbeat"),
         ("GET", "/workers"),
         ("GET", "/workers/w-1"),
+        ("DELETE", "/workers/w-1"),
     ]:
         check(c, method, path, 400, json={"force": True})
         check(c, method, path, 413, data=BIG)
@@ -386,6 +371,7 @@ def exercise_auth(check, client, job_id):
         ("POST", "/workers/w/heartbeat", {}),
         ("GET", "/workers", {}),
         ("GET", "/workers/w", {}),
+        ("DELETE", "/workers/w", {}),
     ]:
         check(client, method, path, 401, **kwargs)
         check(client, method, path, 401, headers={"Authorization": "Bearer nope"}, **kwargs)
@@ -412,6 +398,7 @@ DB_ROUTES = [
     ("POST", "/workers/w/heartbeat", {}),
     ("GET", "/workers", {}),
     ("GET", "/workers/w", {}),
+    ("DELETE", "/workers/w", {}),
 ]
 
 
@@ -465,6 +452,20 @@ def test_real_responses_conform_to_the_document(app, doc):
     check(broken, "GET", "/readyz", 503)
     check(broken, "HEAD", "/readyz", 503)
     check(broken, "GET", "/healthz", 200)
+
+    # Overload: the pool's one connection taken, every database route is 503 SERVICE_BUSY.
+    busy = create_app(
+        {"TESTING": True, "DATABASE_URL": url, "DB_POOL_SIZE": 1, "DB_POOL_TIMEOUT_S": 0.1}
+    )
+    with busy.app_context():
+        pool = db.get_pool()
+        held = pool.getconn()
+    try:
+        for method, path, kwargs in DB_ROUTES:
+            check(busy.test_client(), method, path, 503, **kwargs)
+    finally:
+        pool.putconn(held)
+        pool.drop_idle()
 
     # Every documented answer was seen for real: nothing documented is impossible,
     # and nothing above was left unchecked.

@@ -232,6 +232,7 @@ def route_calls(a: int, b: int):
         ("POST", "/workers/worker-a/heartbeat", {}, "worker", 200),
         ("GET", "/workers", {}, "read", 200),
         ("GET", "/workers/worker-a", {}, "read", 200),
+        ("DELETE", "/workers/worker-a", {}, "admin", 204),
         ("GET", "/healthz", {}, "open", 200),
         ("GET", "/readyz", {}, "open", 200),
         ("GET", "/metrics", {}, "open", 200),
@@ -502,6 +503,8 @@ DB_ROUTES = [
     ("POST", "/workers/w1/heartbeat", {}, "WORKER_HEARTBEAT_ERROR"),
     ("GET", "/workers", {}, "SCHEDULER_LIST_WORKERS_ERROR"),
     ("GET", "/workers/w1", {}, "SCHEDULER_GET_WORKER_ERROR"),
+    ("GET", "/workers?limit=5", {}, "SCHEDULER_LIST_WORKERS_ERROR"),
+    ("DELETE", "/workers/w1", {}, "DELETE_WORKER_ERROR"),
     (
         "POST",
         "/jobs/1/tables/blocks/files",

@@ -27,16 +27,33 @@ def rfc3339(value) -> str:
 def stored_and_expected(db_conn, job_id: int) -> tuple[dict, dict]:
     with db_conn.cursor() as cur:
         cur.execute(
-            "SELECT job_json, id, created_at, updated_at, node_id, status, descriptor"
-            " FROM jobs WHERE id = %s",
+            f"SELECT job_json, {', '.join(JOB_COLUMNS)} FROM jobs WHERE id = %s",
             (job_id,),
         )
         rendered, *columns = cur.fetchone()
-    fields = ("id", "created_at", "updated_at", "node_id", "status", "descriptor")
-    expected = dict(zip(fields, columns, strict=True))
-    expected["created_at"] = rfc3339(expected["created_at"])
-    expected["updated_at"] = rfc3339(expected["updated_at"])
-    return json.loads(rendered), expected
+    return json.loads(rendered), expected_json(columns)
+
+
+# Every field of the job's JSON is a column of the same name.
+JOB_COLUMNS = (
+    "id",
+    "created_at",
+    "updated_at",
+    "node_id",
+    "status",
+    "attempt",
+    "max_attempts",
+    "retry_at",
+    "descriptor",
+)
+
+
+def expected_json(columns) -> dict:
+    expected = dict(zip(JOB_COLUMNS, columns, strict=True))
+    for key in ("created_at", "updated_at", "retry_at"):
+        if expected[key] is not None:
+            expected[key] = rfc3339(expected[key])
+    return expected
 
 
 def test_rendering_follows_every_write_of_the_service(client, db_conn):
@@ -163,21 +180,13 @@ def test_init_db_adds_job_json_to_a_database_made_before_it(database_url):
             assert cur.fetchone() == (True,)
             cur.execute("UPDATE jobs SET status = 'SCHEDULED' WHERE node_id = 'old-2'")
             cur.execute("INSERT INTO jobs (node_id) VALUES ('new-3')")
-            cur.execute(
-                "SELECT job_json, id, created_at, updated_at, node_id, status, descriptor"
-                " FROM jobs ORDER BY id"
-            )
+            cur.execute(f"SELECT job_json, {', '.join(JOB_COLUMNS)} FROM jobs ORDER BY id")
             rows = cur.fetchall()
         assert len(rows) == 3
-        for rendered, job_id, created, updated, node_id, status, descriptor in rows:
-            assert json.loads(rendered) == {
-                "id": job_id,
-                "created_at": rfc3339(created),
-                "updated_at": rfc3339(updated),
-                "node_id": node_id,
-                "status": status,
-                "descriptor": descriptor,
-            }
+        for rendered, *columns in rows:
+            assert json.loads(rendered) == expected_json(columns)
+            # Jobs made before attempts are on their first, of one.
+            assert (json.loads(rendered)["attempt"], json.loads(rendered)["max_attempts"]) == (1, 1)
     finally:
         with conn.cursor() as cur:
             cur.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")

@@ -586,12 +586,11 @@ STATUS_BAD = [
         ({"status": "FAILED", "detail": v}, "detail")
         for v in [[], "x", 1, True, 1.5, {"a": "\x00"}, {"\x00": 1}, {"a": [{"b": "\x00"}]}]
     ],
+    # node_id with another status than SCHEDULED names the reporting worker
+    # now (a stale one is a 409, test_attempts.py), so only a malformed one is a 400.
     *[
-        ({"status": s, "node_id": "worker-02"}, "node_id")
-        for s in ["RUNNING", "COMPLETED", "FAILED", "STOPPING", "STOPPED"]
-    ],
-    *[
-        ({"status": "SCHEDULED", "node_id": v}, "node_id")
+        ({"status": s, "node_id": v}, "node_id")
+        for s in ["SCHEDULED", "RUNNING", "FAILED"]
         for v in ["", "1abc", "a" * 129, 1, True, [], {}, "a\x00", "w\n", "a b"]
     ],
     ({"status": "FAILED", "extra": 1}, "extra"),

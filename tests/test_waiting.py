@@ -92,7 +92,7 @@ def test_a_heartbeat_waiting_on_one_instance_hears_of_a_job_created_on_another(a
     assert woken_in(beat, changed_at) < WAKE_S
     status, body = beat.result
     assert status == 200
-    assert set(body) == {"node_id", "heartbeat_at", "scheduled", "stop_requested"}
+    assert set(body) == {"node_id", "heartbeat_at", "scheduled", "stop_requested", "leases"}
     assert (body["node_id"], body["scheduled"], body["stop_requested"]) == ("w-1", [job["id"]], [])
 
 
@@ -189,6 +189,7 @@ def test_a_heartbeat_waits_out_its_time_and_answers_the_usual_body(a_b, db_conn)
         "heartbeat_at": body["heartbeat_at"],
         "scheduled": [],
         "stop_requested": [],
+        "leases": [{"job_id": job["id"], "attempt": 1, "status": "RUNNING"}],
     }
     # Set when it arrived, and again when it answered.
     assert arrival < body["heartbeat_at"] == b("GET", "/workers/w-idle")[1]["heartbeat_at"]

@@ -47,7 +47,6 @@ from helpers import (
 from app import create_app
 from jobs import chores
 from jobs.chores import leases
-from jobs.domain import TRANSITIONS
 from jobs.store import jobs as job_store
 from jobs.store import workers as worker_store
 
@@ -165,7 +164,7 @@ def test_malformed_worker_ids_are_refused(client, node_id):
         ("POST", f"/workers/{node_id}/heartbeat"),
     ]:
         assert_error(client.open(path, method=method), 400, "INVALID_WORKER_ID")
-    assert client.get("/workers").get_json() == {"workers": []}
+    assert client.get("/workers").get_json() == {"workers": [], "next_cursor": None}
 
 
 def test_the_longest_and_oddest_valid_ids_work(client):
@@ -180,7 +179,7 @@ def test_unknown_workers_are_not_found(client):
     # A job's node_id does not register a worker.
     create_job(flask_caller(client.application), "ghost")
     assert_error(client.post("/workers/ghost/heartbeat"), 404, "WORKER_NOT_FOUND")
-    assert client.get("/workers").get_json() == {"workers": []}
+    assert client.get("/workers").get_json() == {"workers": [], "next_cursor": None}
 
 
 def test_heartbeat_lists_the_workers_jobs_to_start_and_stop(client):
@@ -194,7 +193,8 @@ def test_heartbeat_lists_the_workers_jobs_to_start_and_stop(client):
     before = client.get("/workers/w1").get_json()["heartbeat_at"]
 
     beat = client.post("/workers/w1/heartbeat").get_json()
-    assert set(beat) == {"node_id", "heartbeat_at", "scheduled", "stop_requested"}
+    # leases (the fencing tokens) are tested in test_attempts.py.
+    assert set(beat) == {"node_id", "heartbeat_at", "scheduled", "stop_requested", "leases"}
     assert beat["node_id"] == "w1"
     assert beat["scheduled"] == scheduled
     assert beat["stop_requested"] == stopping
@@ -709,7 +709,7 @@ def test_a_heartbeat_committed_while_the_sweep_waits_keeps_the_jobs(client, data
     conn = psycopg2.connect(database_url)
     try:
         with conn.cursor() as cur:
-            cur.execute(worker_store.HEARTBEAT, {"node_id": "w"})  # not committed yet
+            worker_store.heartbeat(cur, "w")  # not committed yet
         thread, result = sweep_in_thread(client.application)
         wait_until_blocked(database_url)
         conn.commit()
@@ -761,17 +761,7 @@ def test_a_report_committed_while_the_sweep_waits_wins(client, database_url, sta
     conn = psycopg2.connect(database_url)
     try:
         with conn.cursor() as cur:  # the report, caught before its commit
-            cur.execute(
-                job_store.CHANGE_STATUS,
-                {
-                    "job_id": job_id,
-                    "to": report,
-                    "from": sorted(TRANSITIONS[report]),
-                    "node_id": None,
-                    "reassign": False,
-                    "detail": None,
-                },
-            )
+            assert isinstance(job_store.change_status(cur, job_id, report), job_store.Moved)
         thread, result = sweep_in_thread(client.application)
         wait_until_blocked(database_url)
         conn.commit()
@@ -781,9 +771,14 @@ def test_a_report_committed_while_the_sweep_waits_wins(client, database_url, sta
     call = flask_caller(client.application)
     events = events_of(call, job_id)
     if final in ("STOPPING",):
-        # STOPPING is still leased: the sweep moved it on after the report.
-        assert result["moved"] == {"STOPPED": 1}
+        # STOPPING is still leased, but not the status the sweep saw: the
+        # sweep leaves it (it guards on what it read: node, status, attempt),
+        # and the next sweep expires it.
+        assert result["moved"] == {}
+        assert status_of(client, job_id) == "STOPPING"
+        assert sweep_leases(client.application) == {"STOPPED": 1}
         assert status_of(client, job_id) == "STOPPED"
+        events = events_of(call, job_id)
     else:
         assert result["moved"] == {}
         assert status_of(client, job_id) == final

@@ -3,15 +3,18 @@ marshmallow schemas that validate and serialise every route."""
 
 from __future__ import annotations
 
+import inspect
 import re
 from http import HTTPStatus
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
+from marshmallow import validate
+from marshmallow.decorators import VALIDATES_SCHEMA
 
 from jobs.api.registry import EndpointRegistry, Route
 from jobs.domain import MAX_BATCH, MAX_JOB_ID
-from jobs.schemas import ErrorSchema, FileSchema, JobId, Param
+from jobs.schemas import ErrorSchema, FileSchema, JobId, Param, no_nul
 
 _documents: dict[int, dict] = {}
 
@@ -36,6 +39,8 @@ def _build(registry: EndpointRegistry) -> dict:
     plugin.converter.field_mapping[JobId] = ("integer", None)
     plugin.converter.add_attribute_function(_job_id_range)
     plugin.converter.add_attribute_function(_param_doc)
+    plugin.converter.add_attribute_function(_nul_free)
+    _describe_rules(plugin.converter)
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
     spec.components.schema("Error", schema=ErrorSchema)
     spec.components.schema("File", schema=FileSchema)
@@ -62,6 +67,44 @@ def _job_id_range(self, field, ret=None, **kwargs) -> dict:
 def _param_doc(self, field, ret=None, **kwargs) -> dict:
     # A path or query value: what its rule (parse.py) accepts.
     return dict(field.openapi) if isinstance(field, Param) else {}
+
+
+def _nul_free(self, field, ret=None, **kwargs) -> dict:
+    # Strings cannot hold U+0000 (schemas.no_nul); fields with a pattern of
+    # their own exclude it already.
+    validators = getattr(field, "validators", ())
+    if no_nul in validators and not any(isinstance(v, validate.Regexp) for v in validators):
+        return {"pattern": "^[^\\u0000]*$"}
+    return {}
+
+
+def rules_of(schema) -> list[str]:
+    """The rules a schema checks across its fields: its @validates_schema methods' docstrings.
+
+    Read from the code that enforces them, so that the document follows it.
+    """
+    cls = schema if isinstance(schema, type) else type(schema)
+    rules = []
+    for name, *_ in cls._hooks.get(VALIDATES_SCHEMA, ()):
+        doc = inspect.getdoc(getattr(cls, name))
+        if doc:
+            rules.append(" ".join(doc.split()))
+    return rules
+
+
+def _describe_rules(converter) -> None:
+    """Each object schema's description carries its cross-field rules (rules_of)."""
+    to_jsonschema = converter.schema2jsonschema
+
+    def with_rules(schema):
+        out = to_jsonschema(schema)
+        rules = rules_of(schema)
+        if rules:
+            described = [out["description"]] if out.get("description") else []
+            out["description"] = " ".join([*described, *rules])
+        return out
+
+    converter.schema2jsonschema = with_rules
 
 
 def _reason(code: int) -> str:
@@ -106,6 +149,7 @@ def _body_schema(schema):
                     "items": {"$ref": "#/components/schemas/File"},
                     "minItems": 1,
                     "maxItems": MAX_BATCH,
+                    "description": " ".join(rules_of(schema)),
                 },
             ]
         }
@@ -123,7 +167,7 @@ def _response(code: int, schema) -> dict:
 
 def _error_response(code: int, error_codes: tuple[str, ...]) -> dict:
     """The Error shape, with the error codes this route answers at this status."""
-    return {
+    response = {
         "description": f"{_reason(code)}: {', '.join(error_codes)}",
         "content": {
             "application/json": {
@@ -139,3 +183,11 @@ def _error_response(code: int, error_codes: tuple[str, ...]) -> dict:
             }
         },
     }
+    if "SERVICE_BUSY" in error_codes:
+        response["headers"] = {
+            "Retry-After": {
+                "description": "seconds to wait before trying again (then back off)",
+                "schema": {"type": "integer", "minimum": 1},
+            }
+        }
+    return response

@@ -9,7 +9,7 @@ import time
 import psycopg2
 from flask import current_app
 
-from jobs import observability, pool
+from jobs import observability, pool, readiness
 from jobs.api import endpoint, openapi
 from jobs.responses import json_response
 from jobs.schemas import HealthSchema
@@ -33,24 +33,16 @@ def healthz():
     "/readyz",
     "GET",
     access="open",
-    summary="Readiness: SELECT 1 succeeds within 1 s",
+    summary="Readiness: settings allowed, SELECT 1 and the schema within 1 s "
+    "(checked once per second per process)",
     responses={200: HealthSchema, 503: HealthSchema},
 )
 def readyz():
-    cfg = current_app.config
-    try:
-        pool.ping(cfg["DATABASE_URL"], cfg["READY_TIMEOUT_S"], application_name="jobs-readyz")
-    except psycopg2.Error as exc:
-        log.warning("readiness check failed", extra={"fields": {"error": type(exc).__name__}})
-        return json_response(
-            {
-                "status": "unavailable",
-                "error_code": "DATABASE_UNAVAILABLE",
-                "error_message": "the database did not answer SELECT 1 in time",
-            },
-            503,
-        )
-    return json_response(b'{"status":"ok"}')
+    checker = current_app.extensions.get("jobs_readiness")
+    if checker is None:
+        checker = current_app.extensions.setdefault("jobs_readiness", readiness.Readiness())
+    outcome = checker.outcome(current_app.config)
+    return json_response(outcome.body(), 200 if outcome.ready else 503)
 
 
 @endpoint(

@@ -4,17 +4,19 @@
 what the rest of the service needs to know about it: who may call it
 (auth.py), its path parameters, query and body (marshmallow schemas, parsed
 here before the view runs and handed to it), the error codes it answers and
-its *_ERROR code for database failures (errors.py), and what openapi.py turns
-into the OpenAPI document. A view receives its parsed path parameters and
+its *_ERROR code for database failures (errors.py), whether a replica may
+answer it (db.read_on_replica), and what openapi.py turns into the OpenAPI
+document. A view receives its parsed path parameters and
 query values as keyword arguments, and its loaded body as ``body``.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from jobs import parse
+from jobs import db, parse
 from jobs.errors import ApiError
 
 
@@ -34,6 +36,11 @@ class Route:
     # A query parameter that names another form of the request than a body
     # (DELETE /jobs?status= vs a body of job_ids): both at once is a 400.
     body_excludes: str | None = None
+    # An operator's read that a replica may answer (DATABASE_REPLICA_URL): its
+    # view's cursors then come from a replica fresh enough, or from the primary
+    # (db.read_on_replica). Never a write, nor what a worker acts on. A
+    # function of the parsed arguments says it request by request.
+    replica: bool | Callable[[dict], bool] = False
     responses: dict = field(default_factory=dict)
     errors: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
@@ -56,6 +63,9 @@ class Route:
             if self.access == "admin":  # the worker token is refused here
                 add(403, "FORBIDDEN")
             add(500, self.error_code)
+            # Every such route takes a pooled database connection: none free
+            # within DB_POOL_TIMEOUT_S is an overload (errors.py), not an error.
+            add(503, "SERVICE_BUSY")
         if self.body is not None or self.access != "open":
             # Every such route reads what body the request has (to refuse one it
             # does not take), with a size limit and a deadline.
@@ -110,6 +120,8 @@ class EndpointRegistry:
                             f"{', '.join(body_schema.fields)}, not both",
                         )
                     args["body"] = parse.load_body(body_schema) if given else None
+                if route.replica is True or (callable(route.replica) and route.replica(args)):
+                    return db.read_on_replica(lambda: view(**args))
                 return view(**args)
 
             # OPTIONS is not one of our methods: a JSON 405, not Flask's empty HTML 200.

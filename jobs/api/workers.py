@@ -1,18 +1,22 @@
-"""Workers: registration, heartbeats (what to start and stop), and the list."""
+"""Workers: registration, heartbeats (what to start and stop, and the leases), the list,
+deregistration."""
 
 from __future__ import annotations
 
+import logging
 import time
 
+import orjson
 from flask import current_app
 
-from jobs import db
+from jobs import db, parse
 from jobs.api import endpoint, waits
 from jobs.errors import ApiError
-from jobs.responses import json_response, json_with_fragments
+from jobs.responses import json_response, json_with_fragments, no_content
 from jobs.schemas import (
     HeartbeatQuerySchema,
     HeartbeatSchema,
+    ListWorkersQuerySchema,
     RegisterWorkerSchema,
     WorkerListSchema,
     WorkerPath,
@@ -20,6 +24,8 @@ from jobs.schemas import (
 )
 from jobs.store import workers as worker_store
 from jobs.store.outcomes import NotFound
+
+log = logging.getLogger("jobs")
 
 WORKER_ERRORS = {400: "INVALID_WORKER_ID", 404: "WORKER_NOT_FOUND"}
 
@@ -55,7 +61,8 @@ def register_worker(node_id, body):
     "POST",
     access="worker",
     error_code="WORKER_HEARTBEAT_ERROR",
-    summary="A worker is alive: its SCHEDULED and STOP_REQUESTED jobs, oldest first"
+    summary="A worker is alive: its SCHEDULED and STOP_REQUESTED jobs, and its leases "
+    "(every active job with its attempt), oldest first"
     " (with ?wait=S, as soon as there are any, within S seconds)",
     path=WorkerPath,
     query=HeartbeatQuerySchema,
@@ -100,6 +107,7 @@ def heartbeat_body(node_id: str, beat: worker_store.Heartbeat) -> dict:
         "heartbeat_at": beat.heartbeat_at,
         "scheduled": beat.scheduled,
         "stop_requested": beat.stop_requested,
+        "leases": beat.leases,
     }
 
 
@@ -108,12 +116,38 @@ def heartbeat_body(node_id: str, beat: worker_store.Heartbeat) -> dict:
     "GET",
     access="read",
     error_code="SCHEDULER_LIST_WORKERS_ERROR",
-    summary="Registered workers, most recently registered first",
+    replica=True,
+    summary="Registered workers, most recently registered first, a page at a time",
+    query=ListWorkersQuerySchema,
     responses={200: WorkerListSchema},
+    errors={400: ("INVALID_QUERY_PARAMETERS", "LIMIT_INVALID", "LIMIT_TOO_LARGE")},
 )
-def list_workers():
+def list_workers(limit, cursor):
+    after = worker_store.WorkerPosition() if cursor is None else cursor
     with db.cursor() as cur:
-        return json_with_fragments({}, workers=worker_store.list_workers(cur, lost_after_s()))
+        page = worker_store.list_workers(cur, after, limit, lost_after_s())
+    next_cursor = None if page.next is None else parse.worker_cursor(page.next)
+    return json_with_fragments(
+        {}, workers=f"[{','.join(page.workers_json)}]", next_cursor=orjson.dumps(next_cursor)
+    )
+
+
+@endpoint(
+    "/workers/<node_id>",
+    "DELETE",
+    access="admin",
+    error_code="DELETE_WORKER_ERROR",
+    summary="Deregister a worker: its jobs stay, no longer under a lease (204 also when absent)",
+    path=WorkerPath,
+    responses={204: None},
+    errors={400: "INVALID_WORKER_ID"},
+)
+def delete_worker(node_id):
+    with db.cursor() as cur:
+        forgotten = worker_store.delete_worker(cur, node_id)
+    if forgotten:
+        log.info("worker deregistered", extra={"fields": {"node_id": node_id}})
+    return no_content()
 
 
 @endpoint(
@@ -121,6 +155,7 @@ def list_workers():
     "GET",
     access="read",
     error_code="SCHEDULER_GET_WORKER_ERROR",
+    replica=True,
     summary="One worker, with its build info and status",
     path=WorkerPath,
     responses={200: WorkerSchema},

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import psycopg2
 
 from jobs import db
+from jobs.pool import PoolExhausted
 from jobs.store import chores as chore_store
 
 log = logging.getLogger("jobs")
@@ -92,7 +93,7 @@ class Chores:
             with conn, conn.cursor() as cur:
                 current.run(cur, config)
             return True
-        except psycopg2.Error as exc:
+        except (psycopg2.Error, PoolExhausted) as exc:
             log.warning(
                 "chore failed",
                 extra={"fields": {"chore": current.name, "error": type(exc).__name__}},

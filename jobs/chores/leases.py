@@ -18,6 +18,7 @@ import logging
 
 from jobs import observability
 from jobs.chores import Chore
+from jobs.store import jobs as job_store
 from jobs.store import workers as worker_store
 
 log = logging.getLogger("jobs")
@@ -31,9 +32,16 @@ def sweep_interval(config) -> float:
 
 def expire_leases(cur, config) -> dict[str, int]:
     """Move one batch of lost workers' jobs; the count per new status."""
-    moved = worker_store.expire_leases(cur, config["WORKER_LOST_AFTER_S"], EXPIRY_BATCH)
+    moved = worker_store.expire_leases(
+        cur,
+        config["WORKER_LOST_AFTER_S"],
+        EXPIRY_BATCH,
+        job_store.Backoff.of(config),
+    )
     for status, count in moved.items():
         observability.LEASES_EXPIRED.labels(status).inc(count)
+    # A RUNNING job failed below its max_attempts waits for its retry.
+    observability.count_retries_scheduled("lease_expiry", moved.retries_scheduled)
     if moved:
         log.info("leases expired", extra={"fields": {"moved": moved}})
     return moved

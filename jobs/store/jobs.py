@@ -9,8 +9,10 @@ from jobs import pool
 from jobs.domain import (
     DEFAULT_PAGE_SIZE,
     EVENTS_PAGE_BYTES,
+    MAX_PAGE_BYTES,
     MAX_PAGE_SIZE,
     REASSIGNABLE_STATUSES,
+    RETRY_CANCELLED,
     TERMINAL_STATUSES,
     TRANSITIONS,
 )
@@ -57,7 +59,16 @@ WITH page AS (
 -- from the index alone (an index-only scan, see jobs_status_newest). Rows,
 -- not one aggregated string: string_agg and its concatenations cost
 -- PostgreSQL more than joining 51 strings costs Python.
-SELECT page.id, jobs.job_json FROM page JOIN jobs ON jobs.id = page.id ORDER BY page.id DESC
+-- The page's byte budget (domain.MAX_PAGE_BYTES): each row's JSON comes only
+-- when it is at most {inline_max} bytes, the budget shared by the limit + 1
+-- rows, so this statement never sends more than the budget; larger jobs come
+-- as their size alone (octet_length reads a TOASTed value's header, not the
+-- value) and list_page fetches those that fit (JOBS_JSON). A running sum
+-- here instead (a window over the rows) cost the hot page 0.044 ms of 0.200
+-- in execution, this CASE 0.006 ms (BENCHMARKS.md, "Bounded everywhere").
+SELECT page.id, octet_length(jobs.job_json),
+       CASE WHEN octet_length(jobs.job_json) <= {inline_max} THEN jobs.job_json END
+FROM page JOIN jobs ON jobs.id = page.id ORDER BY page.id DESC
 """
 NODE_FILTER = "jobs.node_id = %(node_id)s AND "
 
@@ -73,6 +84,7 @@ PREPARED_PAGE_SIZES = frozenset(
 @functools.cache
 def list_statement(limit: int, by_node: bool = False) -> pool.Prepared | str:
     sql = LIST_JOBS.replace("%(limit)s", str(int(limit)))
+    sql = sql.replace("{inline_max}", str(MAX_PAGE_BYTES // (int(limit) + 1)))
     sql = sql.replace("{node_filter}", NODE_FILTER if by_node else "")
     if limit in PREPARED_PAGE_SIZES:
         if by_node:
@@ -81,6 +93,15 @@ def list_statement(limit: int, by_node: bool = False) -> pool.Prepared | str:
             )
         return pool.Prepared(f"list_jobs_{limit}", sql, statuses="text[]", max_id="bigint")
     return sql
+
+
+# The JSON of a page's jobs too large to come with the listing (LIST_JOBS).
+JOBS_JSON = "SELECT id, job_json FROM jobs WHERE id = ANY(%(job_ids)s::bigint[])"
+
+
+def jobs_json(cur, job_ids: list[int]) -> dict[int, str]:
+    """The JSON of the jobs of ``job_ids`` that exist."""
+    return dict(fetch_all(cur, JOBS_JSON, {"job_ids": job_ids}))
 
 
 @dataclass(frozen=True)
@@ -92,21 +113,36 @@ class Page:
 def list_page(
     cur, statuses: tuple[str, ...], max_id: int, limit: int, node_id: str | None = None
 ) -> Page:
-    """Jobs in ``statuses`` (of ``node_id``, if given) with id <= max_id, newest first."""
+    """Jobs in ``statuses`` (of ``node_id``, if given) with id <= max_id, newest first,
+    as many as ``limit`` and MAX_PAGE_BYTES of their JSON allow (always one, when any
+    matches)."""
     params = {"statuses": list(statuses), "max_id": max_id, "node_id": node_id}
     rows = fetch_all(cur, list_statement(limit, node_id is not None), params)
-    page = rows[:limit]
-    # One row more than the page tells whether there is a next page.
-    cursor = page[-1][0] if len(rows) > limit else None
-    return Page([job for _, job in page], cursor)
+    page, total, more = [], 0, False
+    for job_id, size, job_json in rows:
+        # A row after the page (the limit's extra one, or one past the budget)
+        # tells that a next page exists.
+        if len(page) == limit or (page and total + size > MAX_PAGE_BYTES):
+            more = True
+            break
+        page.append((job_id, job_json))
+        total += size
+    del rows  # what came after the page, let go before the large jobs come
+    cursor = page[-1][0] if more else None
+    large = [job_id for job_id, job_json in page if job_json is None]
+    if large:
+        fetched = jobs_json(cur, large)
+        # A job deleted in between is left out; the cursor stays where the page ended.
+        page = [(i, fetched.get(i) if j is None else j) for i, j in page]
+    return Page([job_json for _, job_json in page if job_json is not None], cursor)
 
 
 # A repeated idempotency_key finds the existing job; the no-op update makes
 # the racing loser wait for and return the winner's row in this one statement.
 CREATE_JOB = """
 WITH created AS (
-    INSERT INTO jobs (node_id, descriptor, idempotency_key)
-    VALUES (%(node_id)s, %(descriptor)s, %(idempotency_key)s)
+    INSERT INTO jobs (node_id, descriptor, idempotency_key, max_attempts)
+    VALUES (%(node_id)s, %(descriptor)s, %(idempotency_key)s, %(max_attempts)s)
     ON CONFLICT (idempotency_key) DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key
     RETURNING *, (xmax = 0) AS inserted
 ), event AS (
@@ -124,7 +160,9 @@ class Created:
     new: bool  # False: the idempotency_key named an existing job
 
 
-def create_job(cur, node_id: str, descriptor: dict, idempotency_key: str | None) -> Created:
+def create_job(
+    cur, node_id: str, descriptor: dict, idempotency_key: str | None, max_attempts: int = 1
+) -> Created:
     inserted, job_id, job_json = fetch_one(
         cur,
         CREATE_JOB,
@@ -132,25 +170,80 @@ def create_job(cur, node_id: str, descriptor: dict, idempotency_key: str | None)
             "node_id": node_id,
             "descriptor": as_jsonb(descriptor),
             "idempotency_key": idempotency_key,
+            "max_attempts": max_attempts,
         },
     )
     return Created(job_id, job_json, inserted)
 
 
-# The state guard: lock the job, move it only from an allowed status, record
-# the event, and tell "not found" / "not allowed from X" / "moved" apart.
-# A reschedule (a SCHEDULED job reported SCHEDULED with another node_id) is
-# a move too: %(reassign)s is true only for such a report, and the job moves
-# only when the node it names is not the job's node already.
-CHANGE_STATUS = """
+# How long a job that failed on its attempt waits for the retry (domain.retry_delay_s):
+# RETRY_BACKOFF_S x 2^(attempt - 1), at most RETRY_BACKOFF_MAX_S. ``{attempt}`` is
+# the attempt that failed; the parameters come from Backoff.params().
+RETRY_DELAY_SQL = (
+    "make_interval(secs => least(%(backoff_max_s)s::float8,"
+    " %(backoff_s)s::float8 * 2.0::float8 ^ ({attempt} - 1)))"
+)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """The retry settings a statement that can fail a job needs (settings.py)."""
+
+    backoff_s: float
+    backoff_max_s: float
+
+    @classmethod
+    def of(cls, config) -> Backoff:
+        return cls(float(config["RETRY_BACKOFF_S"]), float(config["RETRY_BACKOFF_MAX_S"]))
+
+    def params(self) -> dict:
+        return {"backoff_s": self.backoff_s, "backoff_max_s": self.backoff_max_s}
+
+
+DEFAULT_BACKOFF = Backoff(10.0, 3600.0)
+
+
+# The state guard: lock the job, check the report is for the job's current
+# worker and attempt (the fence), move it only from an allowed status, record
+# the event, and tell "not found" / "stale" / "not allowed from X" / "moved"
+# apart. A reschedule (a SCHEDULED job reported SCHEDULED with another
+# node_id) is a move too: %(reassign)s is true only for such a report, and
+# the job moves only when the node it names is not the job's node already.
+#
+# The fence and the status guard are one WHERE: a report from a worker whose
+# job moved to another worker or another attempt can never slip in between.
+# A move out of FAILED to SCHEDULED starts the next attempt; every move
+# clears retry_at, and a move to FAILED below max_attempts (unless the report
+# said "retryable": false) sets it: the failure time, the row's new
+# updated_at, plus the backoff. One clock reading serves both, read when the
+# row is updated (after its lock was granted), so retry_at - updated_at is
+# exactly the backoff and updated_at never goes back past a change this
+# statement waited for.
+#
+# Prepared (directly; plain SQL through a pooler): planning these CTEs cost
+# more than running them, ~1 ms of a ~1.3 ms report on the 2-core box.
+CHANGE_STATUS_SQL = f"""
 WITH target AS (
     SELECT * FROM jobs WHERE id = %(job_id)s FOR UPDATE
+), fence AS (
+    SELECT (%(fence_node)s::text IS NOT NULL AND target.node_id <> %(fence_node)s::text)
+        OR (%(fence_attempt)s::bigint IS NOT NULL AND target.attempt <> %(fence_attempt)s::bigint)
+        AS stale
+    FROM target
 ), moved AS (
     UPDATE jobs
-    SET status = %(to)s, updated_at = clock_timestamp(),
-        node_id = coalesce(%(node_id)s, jobs.node_id)
-    FROM target
-    WHERE jobs.id = target.id
+    SET status = %(to)s,
+        node_id = coalesce(%(node_id)s, jobs.node_id),
+        attempt = jobs.attempt + CASE WHEN jobs.status = 'FAILED' AND %(to)s = 'SCHEDULED'
+                                      THEN 1 ELSE 0 END,
+        (updated_at, retry_at) = (
+            SELECT now.t,
+                   CASE WHEN %(to)s = 'FAILED' AND %(retryable)s
+                             AND jobs.attempt < jobs.max_attempts
+                        THEN now.t + {RETRY_DELAY_SQL.format(attempt="jobs.attempt")} END
+            FROM (SELECT clock_timestamp() AS t) now)
+    FROM target, fence
+    WHERE jobs.id = target.id AND NOT fence.stale
       AND (target.status = ANY(%(from)s)
            OR (%(reassign)s AND target.status = %(to)s AND target.node_id <> %(node_id)s))
     RETURNING jobs.*
@@ -158,16 +251,66 @@ WITH target AS (
     INSERT INTO job_events (job_id, created_at, event_type, node_id, detail)
     SELECT id, updated_at, status, node_id, %(detail)s FROM moved
 )
-SELECT target.status, moved.id IS NOT NULL, coalesce(moved.job_json, target.job_json)
-FROM target LEFT JOIN moved ON true
+SELECT target.status, target.node_id, target.attempt, fence.stale,
+       moved.id IS NOT NULL, moved.retry_at IS NOT NULL,
+       coalesce(moved.job_json, target.job_json)
+FROM target CROSS JOIN fence LEFT JOIN moved ON true
 """
+CHANGE_STATUS = pool.Prepared(
+    "change_status",
+    CHANGE_STATUS_SQL,
+    job_id="bigint",
+    fence_node="text",
+    fence_attempt="bigint",
+    to="text",
+    node_id="text",
+    retryable="boolean",
+    backoff_max_s="float8",
+    backoff_s="float8",
+    reassign="boolean",
+    detail="jsonb",
+    **{"from": "text[]"},
+)
+
+
+@dataclass(frozen=True)
+class Stale:
+    """The report named another worker or attempt than the job's: nothing changed.
+
+    ``node_id`` and ``attempt`` are the job's own, for the answer's message.
+    """
+
+    node_id: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class RetryScheduled(Moved):
+    """Moved to FAILED, and an automatic retry is due at the job's retry_at."""
+
+
+@dataclass(frozen=True)
+class RetryCancelled(Moved):
+    """A stop on a job waiting for its retry: it stays FAILED and will not be retried."""
 
 
 def change_status(
     cur,
-    job_id: int, to: str, node_id: str | None = None, detail: dict | None = None
-) -> Moved | Refused | NotFound:
-    """Apply one move of TRANSITIONS (or a reschedule) atomically, with its event."""
+    job_id: int,
+    to: str,
+    node_id: str | None = None,
+    detail: dict | None = None,
+    *,
+    fence_node: str | None = None,
+    fence_attempt: int | None = None,
+    retryable: bool = True,
+    backoff: Backoff = DEFAULT_BACKOFF,
+) -> Moved | Refused | Stale | NotFound:
+    """Apply one move of TRANSITIONS (or a reschedule) atomically, with its event.
+
+    ``node_id`` is the node a SCHEDULED move goes to; ``fence_node`` and
+    ``fence_attempt``, when given, must be the job's own or nothing changes (Stale).
+    """
     row = fetch_one(
         cur,
         CHANGE_STATUS,
@@ -178,12 +321,64 @@ def change_status(
             "node_id": node_id,
             "reassign": node_id is not None and to in REASSIGNABLE_STATUSES,
             "detail": as_jsonb(detail),
+            "fence_node": fence_node,
+            "fence_attempt": fence_attempt,
+            "retryable": retryable,
+            **backoff.params(),
         },
     )
     if row is None:
         return NOT_FOUND
-    before, moved, job_json = row
-    return Moved(job_json) if moved else Refused(before, job_json)
+    before, job_node, job_attempt, stale, moved, retry, job_json = row
+    if stale:
+        return Stale(job_node, job_attempt)
+    if not moved:
+        return Refused(before, job_json)
+    return RetryScheduled(job_json) if retry else Moved(job_json)
+
+
+# PUT /jobs/{id}/stop, one statement: SCHEDULED and RUNNING become
+# STOP_REQUESTED; a FAILED job waiting for its retry stays FAILED and loses
+# the retry (retry_at back to null, a RETRY_CANCELLED event recording what
+# was cancelled). Anything else is left alone, without an event.
+REQUEST_STOP = f"""
+WITH target AS (
+    SELECT * FROM jobs WHERE id = %(job_id)s FOR UPDATE
+), moved AS (
+    UPDATE jobs
+    SET status = CASE WHEN target.status = 'FAILED' THEN 'FAILED' ELSE 'STOP_REQUESTED' END,
+        updated_at = clock_timestamp(), retry_at = NULL
+    FROM target
+    WHERE jobs.id = target.id
+      AND (target.status = ANY(%(stoppable)s)
+           OR (target.status = 'FAILED' AND target.retry_at IS NOT NULL))
+    RETURNING jobs.*, target.status AS before, target.retry_at AS cancelled_retry_at
+), event AS (
+    INSERT INTO job_events (job_id, created_at, event_type, node_id, detail)
+    SELECT id, updated_at,
+           CASE WHEN before = 'FAILED' THEN '{RETRY_CANCELLED}' ELSE status END, node_id,
+           CASE WHEN before = 'FAILED'
+                THEN jsonb_build_object('retry_at', jobs_timestamp(cancelled_retry_at),
+                                        'attempt', attempt) END
+    FROM moved
+)
+SELECT target.status, moved.id IS NOT NULL, moved.before = 'FAILED',
+       coalesce(moved.job_json, target.job_json)
+FROM target LEFT JOIN moved ON true
+"""
+
+
+def request_stop(cur, job_id: int) -> Moved | RetryCancelled | Refused | NotFound:
+    """The operators' stop: a stop request, a cancelled retry, or nothing to do."""
+    row = fetch_one(
+        cur, REQUEST_STOP, {"job_id": job_id, "stoppable": sorted(TRANSITIONS["STOP_REQUESTED"])}
+    )
+    if row is None:
+        return NOT_FOUND
+    before, moved, cancelled, job_json = row
+    if not moved:
+        return Refused(before, job_json)
+    return RetryCancelled(job_json) if cancelled else Moved(job_json)
 
 
 DELETE_JOB = """
@@ -264,7 +459,13 @@ SELECT (SELECT count(*) FROM removed), (SELECT count(*) FROM candidates), last.u
 FROM (SELECT) AS one LEFT JOIN last ON true
 """
 # now(): the transaction's start, the same instant for the candidates and the recheck.
-OLDER_THAN = " AND jobs.updated_at < now() - make_interval(secs => %(older_than_s)s)"
+# A job waiting for its automatic retry is not history yet: deletes by age
+# (retention, prune --older-than) leave it, whatever its age; deletes by
+# status alone (DELETE /jobs?status=) take it like any terminal job.
+OLDER_THAN = (
+    " AND jobs.updated_at < now() - make_interval(secs => %(older_than_s)s)"
+    " AND jobs.retry_at IS NULL"
+)
 DELETE_BATCH_ANY_AGE = DELETE_BATCH.format(age="")
 DELETE_BATCH_OLDER = DELETE_BATCH.format(age=OLDER_THAN)
 
@@ -347,10 +548,8 @@ def delete_jobs_by_ids(cur, job_ids: list[int]) -> Deleted | Blocked:
 EVENT_JSON = """json_build_object(
     'id', e.id, 'created_at', jobs_timestamp(e.created_at), 'event_type', e.event_type,
     'node_id', e.node_id, 'detail', e.detail)::text"""
-# Whether a FAILED job waits for an automatic retry. Read through to_jsonb so
-# that it works with or without the retry_at column (added with automatic
-# retries); once schema.sql has it this is j.retry_at IS NOT NULL.
-RETRY_PENDING = "(j.status = 'FAILED' AND (to_jsonb(j) ->> 'retry_at') IS NOT NULL)"
+# Whether a FAILED job waits for an automatic retry (retry_at is set only then).
+RETRY_PENDING = "(j.retry_at IS NOT NULL)"
 EVENTS_PAGE = pool.Prepared(
     "events_page",
     f"""
@@ -475,3 +674,38 @@ def get_event(cur, job_id: int, event_id: int) -> Event | NoSuchEvent | NotFound
     if row is None:
         return NOT_FOUND
     return NoSuchEvent() if row[0] is None else Event(row[0])
+
+
+# ---- Upgrades --------------------------------------------------------------------
+#
+# A field added to the job's JSON (schema.sql, jobs_render_json) reaches a
+# row when the row is next written. init-db renders the rows already there
+# again (db.rerender_jobs), in batches of short transactions after the
+# schema's own, when schema.sql left a row in schema_upgrades saying so.
+RENDER_UPGRADE = "render jobs with attempts"
+UPGRADE_PENDING = (
+    "SELECT EXISTS (SELECT FROM schema_upgrades WHERE name = %(name)s AND done_at IS NULL)"
+)
+# Setting job_json to null makes the rendering trigger write it afresh.
+RERENDER_BATCH = """
+WITH batch AS (
+    UPDATE jobs SET job_json = NULL
+    WHERE id IN (SELECT id FROM jobs WHERE id > %(after)s ORDER BY id LIMIT %(limit)s)
+    RETURNING id
+)
+SELECT max(id) FROM batch
+"""
+UPGRADE_DONE = "UPDATE schema_upgrades SET done_at = clock_timestamp() WHERE name = %(name)s"
+
+
+def upgrade_pending(cur, name: str) -> bool:
+    return fetch_one(cur, UPGRADE_PENDING, {"name": name})[0]
+
+
+def rerender_batch(cur, after_id: int, limit: int) -> int | None:
+    """Render the JSON of up to ``limit`` jobs after ``after_id`` again; the last id, or None."""
+    return fetch_one(cur, RERENDER_BATCH, {"after": after_id, "limit": int(limit)})[0]
+
+
+def upgrade_done(cur, name: str) -> None:
+    cur.execute(UPGRADE_DONE, {"name": name})

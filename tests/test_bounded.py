@@ -1,0 +1,707 @@
+"""Bounded everywhere (docs/API.md, Bounds): what a client can make the service store
+or send has a limit, and the limits hold.
+
+- A status report's ``detail`` is at most MAX_DETAIL_BYTES as compact JSON
+  (numbers written out as PostgreSQL writes them back); over it, a 400 that
+  names ``detail`` and changes nothing. A descriptor is bounded the same way at
+  1 MiB, so numbers like 1e300 cannot blow a body up into a huge job.
+- A page of GET /jobs holds at most MAX_PAGE_BYTES of jobs' JSON, at least one
+  job, and its next_cursor continues it: paging sees every job exactly once.
+- A job whose history is huge (many large details, inserted with SQL) does
+  not slow the reads of other jobs, even while that history is read.
+- Workers can be deregistered (DELETE /workers/{node_id}); their jobs stay and
+  leave the lease; WORKER_RETENTION forgets long-lost idle workers, a bounded
+  batch per run; GET /workers is paged by an opaque cursor.
+- Numbers in descriptors and details come back exactly as sent.
+- /openapi.json states the constraints: input the service refuses is invalid
+  by the document too, and the cross-field rules are read from the schemas.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import statistics
+import threading
+import time
+from datetime import timedelta
+
+import jsonschema
+import pytest
+from helpers import (
+    assert_error,
+    create_job,
+    flask_caller,
+    lose_worker,
+    make_app,
+    move_to,
+    serving,
+    sweep_leases,
+)
+from openapi_schema import to_json_schema
+
+from jobs import chores
+from jobs.api.openapi import rules_of
+from jobs.chores import workers as worker_chore
+from jobs.domain import MAX_DESCRIPTOR_BYTES, MAX_DETAIL_BYTES, MAX_PAGE_BYTES
+from jobs.schemas import FileBatchSchema, FileSchema, StatusReportSchema
+from jobs.settings import from_environment
+
+# ---- detail and descriptor bounds ------------------------------------------------------
+
+
+def compact_size(value) -> int:
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def detail_of(size: int) -> dict:
+    """A detail of exactly ``size`` bytes as compact JSON."""
+    detail = {"error": ""}
+    detail["error"] = "x" * (size - compact_size(detail))
+    assert compact_size(detail) == size
+    return detail
+
+
+def events_count(db_conn, job_id: int) -> int:
+    with db_conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM job_events WHERE job_id = %s", (job_id,))
+        return cur.fetchone()[0]
+
+
+def test_detail_at_the_bound_is_stored_and_over_it_refused_naming_detail(client, db_conn):
+    call = flask_caller(client.application)
+    job = create_job(call)["id"]
+    over = client.put(
+        f"/jobs/{job}/status", json={"status": "FAILED", "detail": detail_of(MAX_DETAIL_BYTES + 1)}
+    )
+    message = assert_error(over, 400, "INVALID_PAYLOAD_FORMAT")
+    assert message.startswith("detail: ") and str(MAX_DETAIL_BYTES) in message, message
+    # Nothing changed: no move, no event.
+    assert client.get(f"/jobs/{job}").get_json()["status"] == "SCHEDULED"
+    assert events_count(db_conn, job) == 1
+    # Multi-byte characters count as the bytes they take.
+    wide = {"error": "é" * (MAX_DETAIL_BYTES // 2)}
+    assert_error(client.put(f"/jobs/{job}/status", json={"status": "FAILED", "detail": wide}),
+                 400, "INVALID_PAYLOAD_FORMAT")
+    # Numbers count as PostgreSQL writes them back: 1e300 is 301 digits, not 5 bytes.
+    exponents = b'{"status": "FAILED", "detail": {"n": [' + b",".join([b"1e300"] * 60) + b"]}}"
+    assert len(exponents) < 1000
+    assert_error(client.put(f"/jobs/{job}/status", data=exponents), 400, "INVALID_PAYLOAD_FORMAT")
+    assert events_count(db_conn, job) == 1
+    # At the bound it is stored, and comes back as given.
+    at = detail_of(MAX_DETAIL_BYTES)
+    stored = client.put(f"/jobs/{job}/status", json={"status": "FAILED", "detail": at})
+    assert stored.status_code == 200
+    assert client.get(f"/jobs/{job}/events").get_json()["events"][-1]["detail"] == at
+
+
+def test_a_descriptor_cannot_grow_past_a_mebibyte_as_written_back(client):
+    # 3,500 numbers of 5 bytes (a 20 kB body) that PostgreSQL writes as 301 digits each.
+    blown = b'{"node_id": "w", "descriptor": {"n": [' + b",".join([b"1e300"] * 3500) + b"]}}"
+    message = assert_error(client.post("/jobs", data=blown), 400, "INVALID_PAYLOAD_FORMAT")
+    assert message.startswith("descriptor: ") and str(MAX_DESCRIPTOR_BYTES) in message
+    # The same count of plain numbers is fine, and so is a descriptor near the body limit.
+    plain = b'{"node_id": "w", "descriptor": {"n": [' + b",".join([b"1e3"] * 3500) + b"]}}"
+    assert client.post("/jobs", data=plain).status_code == 201
+    big = {"node_id": "w", "descriptor": {"pad": "x" * (1024 * 1024 - 100)}}
+    assert client.post("/jobs", json=big).status_code == 201
+
+
+# ---- Exact numbers ----------------------------------------------------------------------
+
+EXACT = (
+    b'{"tiny": 0.30000000000000000000000000000001, "scale": 1.50, "neg": -12.000,'
+    b' "big": 123456789012345678901234567890, "deep": [{"x": 2.718281828459045235360287471352}]}'
+)
+
+
+def test_decimals_round_trip_exactly_through_every_read(client):
+    raw = b'{"node_id": "w", "idempotency_key": "exact", "descriptor": ' + EXACT + b"}"
+    created = client.post("/jobs", data=raw)
+    assert created.status_code == 201, created.data
+    job = created.get_json()["id"]
+    for answer in (
+        created,
+        client.post("/jobs", data=raw),  # the idempotent replay
+        client.get(f"/jobs/{job}"),
+        client.get("/jobs?status=all"),
+        client.get("/jobs?node_id=w&status=all&limit=7"),  # the unprepared list
+    ):
+        assert b"0.30000000000000000000000000000001" in answer.data, answer.data
+        assert b"1.50" in answer.data and b"-12.000" in answer.data
+        assert b"123456789012345678901234567890" in answer.data
+        assert b"2.718281828459045235360287471352" in answer.data
+    # The detail of a report too, and its event read alone.
+    report = b'{"status": "FAILED", "detail": ' + EXACT + b"}"
+    assert client.put(f"/jobs/{job}/status", data=report).status_code == 200
+    events = client.get(f"/jobs/{job}/events")
+    assert b"0.30000000000000000000000000000001" in events.data
+    event_id = events.get_json()["events"][-1]["id"]
+    one = client.get(f"/jobs/{job}/events/{event_id}")
+    assert b"2.718281828459045235360287471352" in one.data and b"1.50" in one.data
+
+
+def test_numbers_come_back_as_postgresql_writes_them(client):
+    raw = b'{"node_id": "w", "descriptor": {"e": 1e2, "small": 1.5E-3, "f": 2.5}}'
+    job = client.post("/jobs", data=raw)
+    assert job.status_code == 201
+    assert json.loads(client.get(f"/jobs/{job.get_json()['id']}").data)["descriptor"] == {
+        "e": 100,
+        "small": 0.0015,
+        "f": 2.5,
+    }
+    # More fraction digits than PostgreSQL's numeric holds: refused, not rounded.
+    many = b'{"node_id": "w", "descriptor": {"x": 0.' + b"1" * 16384 + b"}}"
+    message = assert_error(client.post("/jobs", data=many), 400, "INVALID_PAYLOAD_FORMAT")
+    assert message.startswith("descriptor: ")
+    fine = b'{"node_id": "w", "descriptor": {"x": 0.' + b"1" * 16383 + b"}}"
+    created = client.post("/jobs", data=fine)
+    assert created.status_code == 201 and b"1" * 16383 in created.data
+    # A fraction elsewhere in a body is no integer (strict integers stay strict).
+    file = {"file_name": "a", "start_block": 1.0, "end_block": 2, "size_bytes": 1}
+    jid = created.get_json()["id"]
+    assert_error(client.post(f"/jobs/{jid}/tables/t/files", json=file), 400,
+                 "INVALID_PAYLOAD_FORMAT")
+
+
+# ---- GET /jobs: a byte budget per page ----------------------------------------------------
+
+
+def insert_jobs(db_conn, sizes: list[int], status: str = "SCHEDULED", node: str = "n") -> list[int]:
+    """Jobs with descriptors of about ``sizes`` bytes, in that (id) order."""
+    with db_conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO jobs (node_id, status, descriptor)"
+            " SELECT %s, %s, jsonb_build_object('pad', repeat('x', s))"
+            " FROM unnest(%s::int[]) WITH ORDINALITY AS u(s, n) ORDER BY n RETURNING id",
+            (node, status, sizes),
+        )
+        return [row[0] for row in cur.fetchall()]
+
+
+def json_sizes(db_conn) -> dict[int, int]:
+    with db_conn.cursor() as cur:
+        cur.execute("SELECT id, octet_length(job_json) FROM jobs")
+        return dict(cur.fetchall())
+
+
+def page_through(call, query: str) -> list[list[int]]:
+    pages, path = [], f"/jobs?{query}"
+    for _ in range(10_000):
+        status, body = call("GET", path)
+        assert status == 200, body
+        pages.append([job["id"] for job in body["jobs"]])
+        if body["next_cursor"] is None:
+            return pages
+        assert body["next_cursor"] == pages[-1][-1]
+        path = f"/jobs?{query}&last_job_id={body['next_cursor']}"
+    raise AssertionError("paging did not end")
+
+
+def check_pages(pages: list[list[int]], expected: list[int], sizes: dict[int, int], limit: int):
+    """Every job once, newest first; each page within the budget and as full as it may be."""
+    assert [i for page in pages for i in page] == expected
+    listed = iter(expected)
+    for page in pages:
+        assert page, "an empty page"
+        assert [next(listed) for _ in page] == page
+        total = sum(sizes[i] for i in page)
+        assert len(page) <= limit
+        assert total <= MAX_PAGE_BYTES or len(page) == 1, (len(page), total)
+    # Full: the page's first job after it would have passed the limit or the budget.
+    for page, after in itertools.pairwise(pages):
+        total = sum(sizes[i] for i in page)
+        assert len(page) == limit or total + sizes[after[0]] > MAX_PAGE_BYTES, (page, after)
+
+
+def test_a_page_ends_at_the_byte_budget_and_paging_sees_every_job_once(client, db_conn):
+    # 0.2-1 MB descriptors among small jobs, in a pattern that makes pages end
+    # at the budget in various places; one job of 5 MiB (only SQL can make one)
+    # alone on its page.
+    sizes = [900_000, 150, 1_000_000, 200_000, 150, 150, 700_000, 1_000_000, 1_000_000, 999_000]
+    sizes = sizes * 3 + [5 * 1024 * 1024] + [150] * 40 + [1_040_000] * 5
+    ids = insert_jobs(db_conn, sizes)
+    json_size = json_sizes(db_conn)
+    call = flask_caller(client.application)
+    newest_first = sorted(ids, reverse=True)
+    for limit in (1000, 50, 3):
+        pages = page_through(call, f"status=all&limit={limit}")
+        check_pages(pages, newest_first, json_size, limit)
+    # The 5 MiB job is a page of its own, and the one after it still comes.
+    pages = page_through(call, "status=all&limit=1000")
+    huge = max(json_size, key=json_size.get)
+    assert [huge] in pages
+    # A status filter and a node filter page the same way.
+    other = insert_jobs(db_conn, [800_000] * 12, status="RUNNING", node="other")
+    json_size = json_sizes(db_conn)
+    pages = page_through(call, "status=running&node_id=other&limit=1000")
+    check_pages(pages, sorted(other, reverse=True), json_size, 1000)
+    assert len(pages) == 3  # 5 + 5 + 2 jobs of ~800 kB
+
+
+def test_the_answer_is_the_page_and_nothing_more(client, db_conn):
+    """What goes over the wire is the page's JSON, not limit + 1 jobs, and the
+    page's last row says only that a next page exists."""
+    insert_jobs(db_conn, [1_000_000] * 12)
+    answer = client.get("/jobs?status=all&limit=1000")
+    body = answer.get_json()
+    assert len(body["jobs"]) == 4 and body["next_cursor"] == body["jobs"][-1]["id"]
+    assert MAX_PAGE_BYTES - 1_100_000 < len(answer.data) <= MAX_PAGE_BYTES + 100
+
+
+def test_a_large_job_deleted_while_its_page_is_read_is_left_out(client, db_conn, monkeypatch):
+    """Large jobs' JSON comes from a second statement (store/jobs.jobs_json): one
+    deleted in between is missing from the page, and paging goes on from its end."""
+    from jobs.store import jobs as job_store
+
+    ids = insert_jobs(db_conn, [2_000_000, 150, 2_000_000, 150], status="FAILED")
+    read = job_store.jobs_json
+
+    def deleted_first(cur, job_ids):
+        with db_conn.cursor() as other:
+            other.execute("DELETE FROM jobs WHERE id = %s", (max(job_ids),))
+        return read(cur, job_ids)
+
+    monkeypatch.setattr(job_store, "jobs_json", deleted_first)
+    body = client.get("/jobs?status=failed&limit=3").get_json()
+    # The page was ids[3], ids[2] (2 MB), ids[1]: ids[2] went, the cursor stays ids[1].
+    assert [j["id"] for j in body["jobs"]] == [ids[3], ids[1]]
+    assert body["next_cursor"] == ids[1]
+    monkeypatch.setattr(job_store, "jobs_json", read)
+    rest = client.get(f"/jobs?status=failed&limit=3&last_job_id={ids[1]}").get_json()
+    assert [j["id"] for j in rest["jobs"]] == [ids[0]] and rest["next_cursor"] is None
+
+
+# ---- A job with a huge history does not slow the others ----------------------------------
+
+
+def bomb(db_conn, job_id: int, events: int, detail_bytes: int) -> None:
+    with db_conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO job_events (job_id, event_type, node_id, detail)"
+            " SELECT %s, CASE WHEN g %% 2 = 0 THEN 'FAILED' ELSE 'SCHEDULED' END, 'w',"
+            "        jsonb_build_object('error', repeat(md5(g::text), %s / 32))"
+            " FROM generate_series(1, %s) g",
+            (job_id, detail_bytes, events),
+        )
+
+
+def latencies(call, paths: list[str], rounds: int) -> list[float]:
+    timings = []
+    for i in range(rounds):
+        started = time.perf_counter()
+        status, _ = call("GET", paths[i % len(paths)])
+        timings.append(time.perf_counter() - started)
+        assert status == 200
+    return timings
+
+
+def test_a_huge_history_keeps_other_reads_fast_and_details_stay_bounded(_schema, db_conn):
+    from conftest import truncate_all
+
+    truncate_all(_schema)
+    with serving(_schema, workers=2) as server:
+        call = server.caller()
+        bombed = create_job(call)["id"]
+        others = [create_job(call)["id"] for _ in range(5)]
+        # 1,500 events with 16 KiB details: a ~25 MB history, as fast as SQL writes it.
+        bomb(db_conn, bombed, 1500, MAX_DETAIL_BYTES)
+        paths = [f"/jobs/{others[0]}", "/jobs?limit=5", f"/jobs/{bombed}"]
+        quiet = latencies(call, paths, 60)
+        # Two clients read the whole history again and again meanwhile.
+        stop, reads, failures = threading.Event(), [], []
+
+        def read_history():
+            while not stop.is_set():
+                status, body = call("GET", f"/jobs/{bombed}/events")
+                (reads if status == 200 and len(body["events"]) == 1501 else failures).append(1)
+
+        readers = [threading.Thread(target=read_history) for _ in range(2)]
+        for reader in readers:
+            reader.start()
+        try:
+            while not reads:
+                time.sleep(0.01)
+            busy = latencies(call, paths, 60)
+        finally:
+            stop.set()
+            for reader in readers:
+                reader.join(30)
+        assert reads and not failures
+        # The history's reads take their worker's time while they serialise; the
+        # other reads share the workers with them and stay within a few of those.
+        assert statistics.median(busy) < max(0.1, 10 * statistics.median(quiet)), (quiet, busy)
+        assert max(busy) < 2.0, sorted(busy)[-5:]
+        # And a worker still cannot add a detail over the bound.
+        status, body = call(
+            "PUT", f"/jobs/{others[1]}/status",
+            {"status": "FAILED", "detail": detail_of(1024 * 1024 - 100)},
+        )
+        assert status == 400 and body["error_code"] == "INVALID_PAYLOAD_FORMAT"
+        assert body["error_message"].startswith("detail: ")
+
+
+# ---- DELETE /workers/{node_id} -----------------------------------------------------------
+
+
+def register(client, node_id: str) -> None:
+    assert client.put(f"/workers/{node_id}").status_code == 200
+
+
+def job_status(client, job_id: int) -> str:
+    return client.get(f"/jobs/{job_id}").get_json()["status"]
+
+
+def test_deregistering_a_worker_forgets_it_and_releases_its_jobs_from_the_lease(
+    app, client, database_url
+):
+    call = flask_caller(app)
+    for node in ("gone", "kept"):
+        register(client, node)
+    running = {}
+    for node in ("gone", "kept"):
+        running[node] = create_job(call, node)["id"]
+        move_to(call, running[node], "RUNNING")
+    scheduled = create_job(call, "gone")["id"]
+
+    assert client.delete("/workers/gone").status_code == 204
+    assert client.delete("/workers/gone").status_code == 204  # absent: the same answer
+    assert client.delete("/workers/never-was").status_code == 204
+    assert_error(client.get("/workers/gone"), 404, "WORKER_NOT_FOUND")
+    assert_error(client.post("/workers/gone/heartbeat"), 404, "WORKER_NOT_FOUND")
+    listed = [w["node_id"] for w in client.get("/workers").get_json()["workers"]]
+    assert listed == ["kept"]
+    # Its jobs stay as they were, and no lease expiry touches them; a registered
+    # lost worker's job, in the same sweep, does expire.
+    lose_worker(database_url, "kept")
+    assert sweep_leases(app) == {"FAILED": 1}
+    assert job_status(client, running["gone"]) == "RUNNING"
+    assert job_status(client, scheduled) == "SCHEDULED"
+    assert job_status(client, running["kept"]) == "FAILED"
+    # It may register again, as a fresh worker.
+    register(client, "gone")
+    assert client.get("/workers/gone").get_json()["status"] == "ALIVE"
+    assert_error(client.delete("/workers/1bad"), 400, "INVALID_WORKER_ID")
+    assert_error(client.delete("/workers/gone", json={"x": 1}), 400, "INVALID_PAYLOAD_FORMAT")
+    assert client.get("/workers/gone").status_code == 200
+
+
+def test_deregistering_needs_the_admin_token(app, database_url):
+    tokened = make_app(database_url, ADMIN_TOKEN="adm-bounded", WORKER_TOKEN="wrk-bounded")
+    try:
+        c = tokened.test_client()
+        worker = {"Authorization": "Bearer wrk-bounded"}
+        assert c.put("/workers/w1", headers=worker).status_code == 200
+        assert_error(c.delete("/workers/w1", headers=worker), 403, "FORBIDDEN")
+        assert_error(c.delete("/workers/w1"), 401, "UNAUTHORIZED")
+        assert c.get("/workers/w1", headers=worker).status_code == 200
+        admin = {"Authorization": "Bearer adm-bounded"}
+        assert c.delete("/workers/w1", headers=admin).status_code == 204
+        assert c.get("/workers/w1", headers=admin).status_code == 404
+    finally:
+        tokened.extensions["jobs_db_pool"].drop_idle()
+
+
+# ---- WORKER_RETENTION -----------------------------------------------------------------------
+
+
+def worker_names(db_conn) -> set[str]:
+    with db_conn.cursor() as cur:
+        cur.execute("SELECT node_id FROM workers")
+        return {row[0] for row in cur.fetchall()}
+
+
+def run_worker_retention(app, db_conn) -> bool:
+    """Run the chore now, as the after-response hook would, its last claim dropped."""
+    with db_conn.cursor() as cur:
+        cur.execute("DELETE FROM service_chores WHERE name = 'worker_retention'")
+    with app.app_context():
+        return chores.of(app).run_claimed(chores.of(app).named("worker_retention"))
+
+
+def test_retention_forgets_long_lost_idle_workers_only(app, client, db_conn, database_url):
+    assert app.config["WORKER_RETENTION"] == timedelta(days=7)
+    call = flask_caller(app)
+    for node in ("old-idle", "old-busy", "old-done", "young-lost", "alive"):
+        register(client, node)
+    busy = create_job(call, "old-busy")["id"]
+    move_to(call, busy, "RUNNING")
+    move_to(call, create_job(call, "old-done")["id"], "COMPLETED")
+    for node in ("old-idle", "old-busy", "old-done"):
+        lose_worker(database_url, node, seconds=8 * 86400)
+    lose_worker(database_url, "young-lost", seconds=6 * 86400)
+
+    assert run_worker_retention(app, db_conn)
+    assert worker_names(db_conn) == {"old-busy", "young-lost", "alive"}
+    # The busy one goes once its job has moved on (the lease sweep fails it).
+    sweep_leases(app)
+    assert job_status(client, busy) == "FAILED"
+    assert run_worker_retention(app, db_conn)
+    assert worker_names(db_conn) == {"young-lost", "alive"}
+    # Claimed a moment ago: no second run within the interval.
+    with app.app_context():
+        assert not chores.of(app).run_claimed(chores.of(app).named("worker_retention"))
+    # A forgotten worker that comes back registers again.
+    assert_error(client.post("/workers/old-idle/heartbeat"), 404, "WORKER_NOT_FOUND")
+
+
+def test_one_run_forgets_a_bounded_batch(app, db_conn, monkeypatch):
+    monkeypatch.setattr(worker_chore, "FORGET_BATCH", 40)
+    with db_conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO workers (node_id, created_at, registered_at, heartbeat_at)"
+            " SELECT 'w' || g, t, t, t FROM generate_series(1, 100) g,"
+            " LATERAL (SELECT now() - interval '30 days' - g * interval '1 s') x(t)"
+        )
+    # w100 has the oldest heartbeat: a run takes the 40 oldest.
+    assert run_worker_retention(app, db_conn)
+    assert worker_names(db_conn) == {f"w{g}" for g in range(1, 61)}
+    forgotten = []
+    for _ in range(3):
+        before = worker_names(db_conn)
+        assert run_worker_retention(app, db_conn)
+        forgotten.append(len(before - worker_names(db_conn)))
+    assert forgotten == [40, 20, 0]
+
+
+def test_a_run_looks_at_a_bounded_number_of_the_longest_lost(app, db_conn, monkeypatch):
+    """FORGET_SCAN longest lost at most: busy ones (a SCHEDULED job waiting) are passed
+    over within it, and only as many busy ones as it looks at can hold the rest back."""
+    monkeypatch.setattr(worker_chore, "FORGET_BATCH", 40)
+    monkeypatch.setattr(worker_chore, "FORGET_SCAN", 5)
+    with db_conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO workers (node_id, created_at, registered_at, heartbeat_at)"
+            " SELECT 'w' || g, t, t, t FROM generate_series(1, 10) g,"
+            " LATERAL (SELECT now() - interval '30 days' - g * interval '1 s') x(t)"
+        )
+        # The three longest lost (w8, w9, w10) each keep a job waiting.
+        cur.execute("INSERT INTO jobs (node_id) SELECT 'w' || g FROM generate_series(8, 10) g")
+    busy = {"w8", "w9", "w10"}
+    assert run_worker_retention(app, db_conn)
+    assert worker_names(db_conn) == busy | {f"w{g}" for g in range(1, 6)}  # w6, w7 went
+    assert run_worker_retention(app, db_conn)
+    assert worker_names(db_conn) == busy | {"w1", "w2", "w3"}
+    monkeypatch.setattr(worker_chore, "FORGET_SCAN", 3)
+    assert run_worker_retention(app, db_conn)
+    assert worker_names(db_conn) == busy | {"w1", "w2", "w3"}  # held back, as documented
+
+
+def test_retention_follows_the_setting(app, database_url, db_conn, monkeypatch):
+    off = make_app(database_url, WORKER_RETENTION="off")
+    short = make_app(database_url, WORKER_RETENTION="1h")
+    try:
+        assert off.config["WORKER_RETENTION"] is None
+        assert not off.extensions["jobs_chores"].named("worker_retention").enabled(off.config)
+        assert short.config["WORKER_RETENTION"] == timedelta(hours=1)
+        register(short.test_client(), "w-2h")
+        register(short.test_client(), "w-30m")
+        lose_worker(database_url, "w-2h", seconds=7200)
+        lose_worker(database_url, "w-30m", seconds=1800)
+        assert run_worker_retention(short, db_conn)
+        assert worker_names(db_conn) == {"w-30m"}
+    finally:
+        for a in (off, short):
+            if "jobs_db_pool" in a.extensions:
+                a.extensions["jobs_db_pool"].drop_idle()
+    # From the environment: unset or empty is the default, "off" turns it off,
+    # anything else that is no duration stops the start-up, naming the setting.
+    for value, expected in (("", timedelta(days=7)), ("OFF", None), (" 12h ", timedelta(hours=12))):
+        monkeypatch.setenv("WORKER_RETENTION", value)
+        assert make_app(database_url).config["WORKER_RETENTION"] == expected
+    monkeypatch.delenv("WORKER_RETENTION")
+    assert from_environment()["WORKER_RETENTION"] == "7d"
+    for bad in ("7", "1.5h", "0s", "never", "7d12h"):
+        monkeypatch.setenv("WORKER_RETENTION", bad)
+        with pytest.raises(ValueError, match="WORKER_RETENTION"):
+            make_app(database_url)
+
+
+# ---- GET /workers, a page at a time --------------------------------------------------------
+
+
+def insert_workers(db_conn, count: int) -> list[str]:
+    """``count`` workers, registered in groups of 7 at the same microsecond (ties)."""
+    with db_conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO workers (node_id, created_at, registered_at, heartbeat_at)"
+            " SELECT 'w-' || lpad(g::text, 5, '0'), t, t, t FROM generate_series(1, %s) g,"
+            " LATERAL (SELECT timestamptz '2026-01-01' + (g / 7) * interval '1 ms') x(t)",
+            (count,),
+        )
+        cur.execute("SELECT node_id FROM workers ORDER BY registered_at DESC, node_id DESC")
+        return [row[0] for row in cur.fetchall()]
+
+
+def list_all_workers(client, limit: int | None = None) -> list[list[str]]:
+    pages, query = [], "" if limit is None else f"limit={limit}"
+    path = f"/workers?{query}"
+    for _ in range(1000):
+        body = client.get(path).get_json()
+        pages.append([w["node_id"] for w in body["workers"]])
+        if body["next_cursor"] is None:
+            return pages
+        path = f"/workers?{query}&cursor={body['next_cursor']}"
+    raise AssertionError("paging did not end")
+
+
+def test_paging_through_2500_workers_shows_each_once_in_order(client, db_conn):
+    expected = insert_workers(db_conn, 2500)
+    pages = list_all_workers(client)  # the default page of 100
+    assert [len(p) for p in pages] == [100] * 25
+    assert [w for page in pages for w in page] == expected
+    pages = list_all_workers(client, limit=1000)
+    assert [len(p) for p in pages] == [1000, 1000, 500]
+    assert [w for page in pages for w in page] == expected
+    assert list_all_workers(client, limit=7)[-1] == expected[-(2500 % 7) :]
+    # Registrations while paging neither repeat nor shift anyone.
+    first = client.get("/workers?limit=500").get_json()
+    for node in ("late-1", "late-2"):
+        register(client, node)
+    register(client, expected[10])  # seen already: moves to the front, not shown again
+    rest = []
+    cursor = first["next_cursor"]
+    while cursor:
+        body = client.get(f"/workers?limit=500&cursor={cursor}").get_json()
+        rest += [w["node_id"] for w in body["workers"]]
+        cursor = body["next_cursor"]
+    assert [w["node_id"] for w in first["workers"]] + rest == expected
+
+
+def forged(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    ("query", "code"),
+    [
+        ("limit=0", "LIMIT_INVALID"),
+        ("limit=1001", "LIMIT_TOO_LARGE"),
+        ("limit=x", "INVALID_QUERY_PARAMETERS"),
+        ("cursor=", "INVALID_QUERY_PARAMETERS"),
+        ("cursor=nope", "INVALID_QUERY_PARAMETERS"),
+        ("cursor=" + forged("2026-13-45T10:00:00.000000Z w-1"), "INVALID_QUERY_PARAMETERS"),
+        ("cursor=" + forged("2026-01-01T10:00:00.000000Z 1bad"), "INVALID_QUERY_PARAMETERS"),
+        ("cursor=" + forged("2026-01-01T10:00:00Z w-1"), "INVALID_QUERY_PARAMETERS"),
+        ("cursor=" + forged("٢٠٢٦-01-01T10:00:00.000000Z w-1"), "INVALID_QUERY_PARAMETERS"),
+        ("cursor=" + "A" * 3000, "INVALID_QUERY_PARAMETERS"),
+        ("limit=5&limit=6", "INVALID_QUERY_PARAMETERS"),
+        ("after=x", "INVALID_QUERY_PARAMETERS"),
+    ],
+)
+def test_bad_worker_paging_is_refused(client, query, code):
+    message = assert_error(client.get(f"/workers?{query}"), 400, code)
+    assert ("limit" in message) or ("cursor" in message) or ("after" in message), message
+
+
+# ---- /openapi.json states what validation refuses ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def document():
+    from app import create_app
+
+    return create_app({"TESTING": True}).test_client().get("/openapi.json").get_json()
+
+
+def body_schema(document, path: str, method: str):
+    schema = document["paths"][path][method]["requestBody"]["content"]["application/json"]
+    return jsonschema.Draft4Validator(
+        to_json_schema(schema["schema"], document["components"]["schemas"])
+    )
+
+
+def param_schema(document, path: str, method: str, name: str):
+    (param,) = [p for p in document["paths"][path][method]["parameters"] if p["name"] == name]
+    return jsonschema.Draft4Validator(param["schema"])
+
+
+REFUSED_BODIES = [
+    ("/jobs/{job_id}/status", "put", {"status": "STOP_REQUESTED"}),
+    ("/jobs/{job_id}/status", "put", {"status": "running"}),
+    ("/jobs/{job_id}/status", "put", {"status": "RUNNING", "extra": 1}),
+    ("/jobs/{job_id}/status", "put", {"status": "RUNNING", "detail": "oops"}),
+    ("/jobs/{job_id}/status", "put", {"detail": {}}),
+    ("/jobs/{job_id}/status", "put", {"status": "SCHEDULED", "node_id": "9bad"}),
+    ("/jobs", "post", {"node_id": "w", "idempotency_key": ""}),
+    ("/jobs", "post", {"node_id": "w", "idempotency_key": "k" * 257}),
+    ("/jobs", "post", {"node_id": "w", "idempotency_key": "a\x00b"}),
+    ("/jobs", "post", {"node_id": "w" * 129}),
+    ("/jobs", "post", {"node_id": "w", "descriptor": []}),
+    ("/workers/{node_id}", "put", {"info": {"version": "v" * 257}}),
+    ("/workers/{node_id}", "put", {"info": {"version": "v\x001"}}),
+    ("/workers/{node_id}", "put", {"info": {"flavour": "x"}}),
+    ("/jobs/{job_id}/tables/{table}/files", "post", {"file_name": "a", "start_block": -1,
+                                                     "end_block": 1, "size_bytes": 1}),
+    ("/jobs/{job_id}/tables/{table}/files", "post", []),
+    ("/jobs/{job_id}/tables/{table}/files", "post", {"file_name": "", "start_block": 0,
+                                                     "end_block": 1, "size_bytes": 1}),
+    ("/jobs", "delete", {"job_ids": [0]}),
+]
+
+
+def concrete(path: str, job_id: int) -> str:
+    return path.format(job_id=job_id, node_id="w-1", table="blocks")
+
+
+def test_bodies_the_service_refuses_are_invalid_by_the_document(client, document):
+    job = create_job(flask_caller(client.application))["id"]
+    for path, method, body in REFUSED_BODIES:
+        answer = client.open(concrete(path, job), method=method.upper(), json=body)
+        assert_error(answer, 400, "INVALID_PAYLOAD_FORMAT")
+        assert not body_schema(document, path, method).is_valid(body), (path, body)
+    # And what it accepts is valid by it.
+    for path, method, body in [
+        ("/jobs/{job_id}/status", "put", {"status": "SCHEDULED", "node_id": "w-2"}),
+        ("/jobs", "post", {"node_id": "w", "idempotency_key": "k", "descriptor": {"a": 1}}),
+        ("/workers/{node_id}", "put", {"info": {"version": "v1"}}),
+    ]:
+        assert client.open(concrete(path, job), method=method.upper(), json=body).status_code < 300
+        assert body_schema(document, path, method).is_valid(body), (path, body)
+
+
+def test_query_values_the_service_refuses_are_invalid_by_the_document(client, document):
+    for path, name, raw, value in [
+        ("/jobs", "limit", "1001", 1001),
+        ("/jobs", "limit", "0", 0),
+        ("/jobs", "last_job_id", "0", 0),
+        ("/jobs", "node_id", "9x", "9x"),
+        ("/workers", "limit", "1001", 1001),
+        ("/workers", "limit", "0", 0),
+        ("/workers", "cursor", "", ""),
+    ]:
+        assert client.get(f"{path}?{name}={raw}").status_code == 400
+        assert not param_schema(document, path, "get", name).is_valid(value), (path, name)
+
+
+def test_cross_field_rules_and_size_bounds_are_described_from_the_code(client, document):
+    components = document["components"]["schemas"]
+    # The rules are the schemas' own (their @validates_schema docstrings), so the
+    # document changes with them.
+    for name, schema in (("StatusReport", StatusReportSchema), ("File", FileSchema)):
+        rules = rules_of(schema)
+        assert rules, name
+        for rule in rules:
+            assert rule in components[name]["description"], (name, rule)
+    assert "end_block must be >= start_block" in components["File"]["description"]
+    files = document["paths"]["/jobs/{job_id}/tables/{table}/files"]["post"]["requestBody"]
+    batch = files["content"]["application/json"]["schema"]["oneOf"][1]
+    assert rules_of(FileBatchSchema)[0] in batch["description"]
+    # The bounds validation enforces on the free-form objects are stated.
+    detail = components["StatusReport"]["properties"]["detail"]
+    assert str(MAX_DETAIL_BYTES) in detail["description"]
+    descriptor = components["CreateJob"]["properties"]["descriptor"]
+    assert str(MAX_DESCRIPTOR_BYTES) in descriptor["description"]
+    # The cross-field refusals the descriptions state are real.
+    job = create_job(flask_caller(client.application))["id"]
+    bad_blocks = {"file_name": "a", "start_block": 5, "end_block": 4, "size_bytes": 1}
+    message = assert_error(
+        client.post(f"/jobs/{job}/tables/t/files", json=bad_blocks), 400, "INVALID_PAYLOAD_FORMAT"
+    )
+    assert message.endswith("end_block: must be >= start_block."), message
+    late_node = {"status": "RUNNING", "node_id": "w-2"}
+    message = assert_error(
+        client.put(f"/jobs/{job}/status", json=late_node), 400, "INVALID_PAYLOAD_FORMAT"
+    )
+    assert message.startswith("node_id")
