@@ -14,6 +14,8 @@ from bench.console import STARTED
 from bench.load import SINGLE_CLIENT_REQUESTS, Probe
 from bench.retries import section as retries_section
 from bench.slow_clients import DRIBBLING, IDLE
+from bench.waiting import section as waiting_section
+from bench.waiting import summary as waiting_summary
 
 if TYPE_CHECKING:
     from bench.replicas import Replicas
@@ -281,6 +283,27 @@ def report(bench: Bench, only: str | None = None) -> tuple[str, str]:
         100 * (bench.rss["after_all_kib"] / bench.rss["after_1k_kib"] - 1) if bench.rss else None
     )
 
+    waiting = bench.waiting
+    direct_wake = waiting and waiting.schedule_to_worker.get("direct (LISTEN)")
+    waiting_rows = (
+        []
+        if waiting is None
+        else [
+            [
+                "POST /jobs -> the waiting heartbeat's answer, p99, direct",
+                f"{fmt(direct_wake and direct_wake.p99_ms)} ms",
+                "< 50 ms",
+                verdict(direct_wake, direct_wake is not None and direct_wake.p99_ms < 50),
+            ],
+            [
+                "GET /jobs/{id} with 1,000 heartbeats waiting vs none",
+                f"{fmt(waiting.get_ratio)}x",
+                ">= 0.9x",
+                verdict(waiting.get_ratio, (waiting.get_ratio or 0) >= 0.9),
+            ],
+        ]
+    )
+
     service_name = {"naive": "naive_app.py standing in for the service"}.get(
         args.service, "wsgi:app with gunicorn.conf.py"
     )
@@ -378,6 +401,7 @@ def report(bench: Bench, only: str | None = None) -> tuple[str, str]:
                     "within 10 %",
                     verdict(rss_growth, abs(rss_growth or 99) <= 10),
                 ],
+                *waiting_rows,
             ],
         ),
         "",
@@ -482,7 +506,14 @@ def report(bench: Bench, only: str | None = None) -> tuple[str, str]:
     growth_lines, growth = growth_section(bench)
     slow_lines, healthz_under_attack = slow_clients_section(bench)
     replica_lines, replica_figures = replicas_section(bench.replicas)
-    out += pgbouncer_lines + replica_lines + slow_lines + growth_lines + retry_lines
+    out += (
+        pgbouncer_lines
+        + replica_lines
+        + slow_lines
+        + waiting_section(waiting)
+        + growth_lines
+        + retry_lines
+    )
     if bench.notes:
         out += ["", "## Notes", "", *(f"- {note}" for note in bench.notes)]
     plans = [(s, p) for s in bench.skews for p in s.plans]
@@ -508,4 +539,6 @@ def report(bench: Bench, only: str | None = None) -> tuple[str, str]:
         f" read_p99_during_prune_ms={fmt(growth['prune_p99_ms'])}"
         + "".join(f" {k}={v}" for k, v in retry_summary.items())
     )
+    if waiting is not None:
+        summary += " " + waiting_summary(waiting)
     return "\n".join(out) + "\n", summary

@@ -26,6 +26,9 @@ naive_app.py), and measures:
   local PgBouncer in transaction pooling mode (through_pgbouncer.py);
 - the list and get throughput with the operators' reads on a hot standby,
   next to primary-only, and the writes across a failover (replicas.py);
+- waiting without polling (waiting.py): the time from a POST /jobs to the
+  answer of the heartbeat waiting for it, directly and through PgBouncer, and
+  GET /jobs/{id} throughput and memory with 1,000 heartbeats waiting;
 - the same reads at 1M and at 5M jobs, then the time to prune the terminal
   jobs through the API and the read p99 meanwhile (growth.py);
 - the retry sweep retrying 500 due jobs and finding none due on the mixed
@@ -50,8 +53,8 @@ harness: load.py (wrk, single-client probes, pgbench), servers.py
 (PostgreSQL, and the floors' options for dev/gunicorn.py, which runs every
 app under gunicorn), plans.py (auto_explain capture and
 plan analysis), report.py (tables, verdicts, summary line), seed.py (the
-tables), through_pgbouncer.py, replicas.py, growth.py and register.py (those
-scenarios),
+tables), through_pgbouncer.py, replicas.py, growth.py, register.py and
+waiting.py (those scenarios),
 console.py (progress).
 
 Everything shares two cores: wrk runs one thread, and numbers are only
@@ -101,6 +104,7 @@ from bench.servers import (
 )
 from bench.slow_clients import slow_clients
 from bench.through_pgbouncer import through_pgbouncer
+from bench.waiting import Waiting, run_waiting
 from dev.gunicorn import Server
 
 RESULTS = ROOT / "bench" / "results" / "latest.md"
@@ -150,6 +154,7 @@ class Bench:
         self.slow_client_loads: dict[tuple[str, str], Load] = {}
         self.registration: Registration | None = None
         self.growth_stages: list[Stage] = []
+        self.waiting: Waiting | None = None
         self.replicas: replicas.Replicas | None = None
         self.prune: Prune | None = None
         self.retries = None  # retries.RetryFigures
@@ -489,6 +494,18 @@ def main() -> None:
         help="skip the service under sync and gevent workers with idle and slow clients held open",
     )
     parser.add_argument(
+        "--no-waiting",
+        dest="waiting",
+        action="store_false",
+        help="skip waiting without polling (long-polled heartbeats, 1,000 waiters)",
+    )
+    parser.add_argument(
+        "--waiting-trials",
+        type=int,
+        default=200,
+        help="schedule-to-worker trials per set-up (default 200)",
+    )
+    parser.add_argument(
         "--no-growth",
         dest="growth",
         action="store_false",
@@ -496,9 +513,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        choices=["retries"],
+        choices=["retries", "waiting"],
         default=None,
-        help="run one part alone: retries (the retry sweep and fenced reports, mixed table)",
+        help="run one part alone: retries (the retry sweep and fenced reports, mixed table),"
+        " waiting (long-polled heartbeats, 1,000 waiters, over the mixed table)",
     )
     parser.add_argument(
         "--growth-jobs",
@@ -524,6 +542,10 @@ def main() -> None:
                 bench = Bench(args, workdir, stack, floors=False)
                 bench.seed("mixed")
                 bench.retries = run_retries(bench)
+            elif args.only == "waiting":
+                bench = Bench(args, workdir, stack, floors=False)
+                bench.seed("mixed")
+                bench.waiting = run_waiting(bench)
             else:
                 bench = run_all(args, Bench(args, workdir, stack))
     except BaseException:
@@ -573,6 +595,8 @@ def run_all(args, bench: Bench) -> Bench:
     bench.retries = run_retries(bench)
     bench.progress_and_reorg(progress_job)
     bench.file_register()
+    if args.waiting:
+        bench.waiting = run_waiting(bench)
     bench.leak(progress_job)
     bench.seed("bulk_delete")
     bench.bulk_delete()

@@ -138,6 +138,7 @@ class Hub:
         self._closed = False
         self.mode: str | None = None  # "listen" or "poll", once connected
         self.connected = False
+        self._last_busy = 0.0  # monotonic time the greenlet last saw a waiter
 
     # -- waiters
 
@@ -227,9 +228,7 @@ class Hub:
                     fields = item.split(",")
                     if len(fields) not in (3, 4):
                         raise ValueError(item)
-                    self.wake(("job", int(fields[0])))
-                    if len(fields) == 4 and fields[2] in HEARTBEAT_WAKE_EVENTS:
-                        self.wake(("node", fields[3]))
+                    self._event(int(fields[0]), fields[2], fields[3] if len(fields) == 4 else None)
             elif kind == "d":
                 for item in items.split(" "):
                     self.wake(("job", int(item)))
@@ -240,6 +239,7 @@ class Hub:
             self.wake_all()
 
     def _event(self, job_id: int, event_type: str, node_id: str | None) -> None:
+        """An event committed: its job's waiters look, and its worker's if it concerns them."""
         self.wake(("job", job_id))
         if node_id is not None and event_type in HEARTBEAT_WAKE_EVENTS:
             self.wake(("node", node_id))
@@ -272,8 +272,6 @@ class Hub:
 
     def _idle_for_long(self) -> bool:
         return time.monotonic() - self._last_busy >= IDLE_CLOSE_S
-
-    _last_busy = 0.0
 
     def _session(self) -> None:
         url = self._listen_url or self._url

@@ -74,7 +74,7 @@ def test_an_instance_holds_a_thousand_waiting_heartbeats(app, server, db_conn):
         assert pooled <= 2 * 4  # each process's pool, whatever waits
         # Their other routes keep their latency.
         assert statistics.median(busy) < max(0.05, 3 * statistics.median(idle)), (idle, busy)
-        assert max(busy) < 0.5, busy
+        assert max(busy) < 1.0, busy
         # Ten of them get a job: those answer at once, the rest at the end of their wait.
         chosen = list(range(0, WAITERS, WAITERS // 10))
         created = {}
