@@ -277,6 +277,11 @@ def _worker_retention() -> tuple[str, Callable, Callable]:
         return None if text.lower() == "off" else parse_duration(text)
 
     def allows(value) -> bool:
+        if isinstance(value, str):  # the default, or a test's override, before app.py reads it
+            try:
+                value = parse(value.strip())
+            except ValueError:
+                return False
         return value is None or (
             isinstance(value, timedelta) and timedelta(seconds=1) <= value <= MAX_DURATION
         )

@@ -124,10 +124,16 @@ def get_job(job_id):
         200: {
             "application/json": {"schema": EventListSchema},
             "text/event-stream": {
+                # The shape of each event of the stream (OpenAPI's reading of SSE).
                 "schema": {
-                    "type": "string",
+                    "type": "object",
                     "description": "with follow=true: id:, event: and data: (the event's "
                     "JSON) per event, comment lines as keep-alives",
+                    "properties": {
+                        "id": {"type": "string"},
+                        "event": {"type": "string"},
+                        "data": {"type": "string"},
+                    },
                 }
             },
         }
