@@ -318,6 +318,7 @@ def test_a_frozen_database_fails_a_pooled_request_in_seconds(restart_pg):
 ASKERS = 6  # within the pools of both workers (DB_POOL_SIZE 4 each)
 
 
+@pytest.mark.alone  # each of 18 requests answers within STATEMENT_TIMEOUT_MS + 3 s
 @pytest.mark.parametrize("via", ["direct", "pgbouncer-transaction"])
 def test_a_frozen_database_under_gunicorn(restart_pg, pgbouncer_factory, via):
     """Frozen: every API request answers its *_ERROR in seconds, and no worker dies.
