@@ -112,6 +112,21 @@ def pg_factory():
         server.destroy()
 
 
+@pytest.fixture(scope="module")
+def pg(pg_factory):
+    """A throwaway PostgreSQL of the module's own, with the schema (outage tests stop it)."""
+    server = pg_factory()
+    init_db(server.url)
+    return server
+
+
+@pytest.fixture
+def restart_pg(pg):
+    """Whatever the test does to ``pg``, it is running again afterwards."""
+    yield pg
+    pg.start()
+
+
 @pytest.fixture(scope="session")
 def postgres_url(pg_factory):
     """The session's PostgreSQL, reached directly."""

@@ -22,22 +22,19 @@ import pytest
 
 from jobs.schemas import EventListSchema, JobListSchema, JobSchema, ProgressSchema
 
-from support.oracle import ACTIVE, REPORTABLE, STATUSES, STOPPABLE, TERMINAL, WORKER_MOVES
+from support.oracle import (
+    ACTIVE,
+    JOB_FIELDS,
+    REPORTABLE,
+    STATUSES,
+    STOPPABLE,
+    TERMINAL,
+    WORKER_MOVES,
+)
 from support.service import MAX_ID, assert_error, block_hash, file_entry, register_files
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
-# attempt, max_attempts and retry_at: docs/API.md, "Attempts and retries".
-JOB_KEYS = {
-    "id",
-    "created_at",
-    "updated_at",
-    "node_id",
-    "status",
-    "attempt",
-    "max_attempts",
-    "retry_at",
-    "descriptor",
-}
+JOB_KEYS = set(JOB_FIELDS)
 EVENT_KEYS = {"id", "created_at", "event_type", "node_id", "detail"}
 TABLE_KEYS = {"start_block", "current_block", "files_count", "total_size_bytes"}
 

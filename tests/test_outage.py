@@ -19,7 +19,7 @@ from app import create_app
 from dev.gunicorn import serving, wait_for_workers, worker_pids
 from jobs.domain import JOB_ID_RULE
 
-from support.databases import Blackhole, init_db, table_locked
+from support.databases import Blackhole, table_locked
 from support.service import flask_caller, route_plan, seed_two_jobs
 
 # Under pytest-xdist, on one worker: its PostgreSQL and gunicorn are the module's.
@@ -87,20 +87,6 @@ def check_down(call, a, b, rounds=1):
                 "error_message": f"job id must be {JOB_ID_RULE}",
             },
         )
-
-
-@pytest.fixture(scope="module")
-def pg(pg_factory):
-    server = pg_factory()
-    init_db(server.url)
-    return server
-
-
-@pytest.fixture
-def restart_pg(pg):
-    """Whatever the test does to ``pg``, it is running again afterwards."""
-    yield pg
-    pg.start()
 
 
 @pytest.fixture(scope="module")

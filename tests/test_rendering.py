@@ -17,6 +17,8 @@ import psycopg2
 
 from jobs.schemas import JobSchema
 
+from support.oracle import JOB_FIELDS
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -35,17 +37,7 @@ def stored_and_expected(db_conn, job_id: int) -> tuple[dict, dict]:
 
 
 # Every field of the job's JSON is a column of the same name.
-JOB_COLUMNS = (
-    "id",
-    "created_at",
-    "updated_at",
-    "node_id",
-    "status",
-    "attempt",
-    "max_attempts",
-    "retry_at",
-    "descriptor",
-)
+JOB_COLUMNS = JOB_FIELDS
 
 
 def expected_json(columns) -> dict:

@@ -15,7 +15,6 @@ import pytest
 
 from dev.gunicorn import Server
 
-from support.databases import init_db
 from support.service import create_job, served_metric
 from support.waiting import Background, until, until_requests_wait
 
@@ -23,20 +22,6 @@ from support.waiting import Background, until, until_requests_wait
 pytestmark = pytest.mark.xdist_group("waiting_outage")
 
 GENERIC = "database error; the request was not completed"
-
-
-@pytest.fixture(scope="module")
-def pg(pg_factory):
-    server = pg_factory()
-    init_db(server.url)
-    return server
-
-
-@pytest.fixture
-def restart_pg(pg):
-    """Whatever the test does to ``pg``, it is running again afterwards."""
-    yield pg
-    pg.start()
 
 
 @pytest.fixture(scope="module")

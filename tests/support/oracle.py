@@ -13,6 +13,21 @@ from __future__ import annotations
 
 from itertools import pairwise
 
+# ---- The job, as the API reference lists its fields (docs/API.md, The job) -----------
+# attempt, max_attempts and retry_at: docs/API.md, "Attempts and retries".
+JOB_FIELDS = (
+    "id",
+    "created_at",
+    "updated_at",
+    "node_id",
+    "status",
+    "attempt",
+    "max_attempts",
+    "retry_at",
+    "descriptor",
+)
+
+
 # ---- The status machine --------------------------------------------------------------
 
 STATUSES = ("SCHEDULED", "RUNNING", "STOP_REQUESTED", "STOPPING", "COMPLETED", "STOPPED", "FAILED")
