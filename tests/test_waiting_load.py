@@ -10,6 +10,7 @@ The waiters are raw sockets read with one selector (no thread each).
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 
@@ -71,12 +72,17 @@ def test_an_instance_holds_a_thousand_waiting_heartbeats(app, server, db_conn):
 
         until(arrived, timeout=30, what="every heartbeat's arrival")
         busy = get_latencies(call, f"/jobs/{job_id}", 30)
-        with db_conn.cursor() as cur:
-            cur.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'jobs-service'"
-            )
-            (pooled,) = cur.fetchone()
-        assert pooled <= 2 * 4  # each process's pool, whatever waits
+        # Directly, PostgreSQL's backends are this instance's own. Through PgBouncer
+        # they are the pooler's server connections, shared with every app this test
+        # process made before: that count says nothing of the instance (the direct
+        # pass of the suite checks it).
+        if (os.environ.get("JOBS_TEST_DATABASE_VIA") or "direct") == "direct":
+            with db_conn.cursor() as cur:
+                cur.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'jobs-service'"
+                )
+                (pooled,) = cur.fetchone()
+            assert pooled <= 2 * 4  # each process's pool, whatever waits
         # Their other routes keep their latency.
         assert statistics.median(busy) < max(0.05, 3 * statistics.median(idle)), (idle, busy)
         assert max(busy) < 1.0, busy
