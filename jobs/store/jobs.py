@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from jobs import pool
 from jobs.domain import (
     DEFAULT_PAGE_SIZE,
     EVENTS_PAGE_BYTES,
@@ -17,11 +16,11 @@ from jobs.domain import (
     TRANSITIONS,
 )
 from jobs.store.outcomes import NOT_FOUND, Blocked, Deleted, Moved, NotFound, Refused
-from jobs.store.sql import as_jsonb, fetch_all, fetch_one
+from jobs.store.sql import Prepared, as_jsonb, fetch_all, fetch_one
 
 TERMINAL = list(TERMINAL_STATUSES)
 
-GET_JOB = pool.Prepared(
+GET_JOB = Prepared(
     "get_job", "SELECT j.job_json FROM jobs j WHERE j.id = %(job_id)s", job_id="bigint"
 )
 
@@ -82,16 +81,16 @@ PREPARED_PAGE_SIZES = frozenset(
 
 
 @functools.cache
-def list_statement(limit: int, by_node: bool = False) -> pool.Prepared | str:
+def list_statement(limit: int, by_node: bool = False) -> Prepared | str:
     sql = LIST_JOBS.replace("%(limit)s", str(int(limit)))
     sql = sql.replace("{inline_max}", str(MAX_PAGE_BYTES // (int(limit) + 1)))
     sql = sql.replace("{node_filter}", NODE_FILTER if by_node else "")
     if limit in PREPARED_PAGE_SIZES:
         if by_node:
-            return pool.Prepared(
+            return Prepared(
                 f"list_node_jobs_{limit}", sql, statuses="text[]", max_id="bigint", node_id="text"
             )
-        return pool.Prepared(f"list_jobs_{limit}", sql, statuses="text[]", max_id="bigint")
+        return Prepared(f"list_jobs_{limit}", sql, statuses="text[]", max_id="bigint")
     return sql
 
 
@@ -256,7 +255,7 @@ SELECT target.status, target.node_id, target.attempt, fence.stale,
        coalesce(moved.job_json, target.job_json)
 FROM target CROSS JOIN fence LEFT JOIN moved ON true
 """
-CHANGE_STATUS = pool.Prepared(
+CHANGE_STATUS = Prepared(
     "change_status",
     CHANGE_STATUS_SQL,
     job_id="bigint",
@@ -550,7 +549,7 @@ EVENT_JSON = """json_build_object(
     'node_id', e.node_id, 'detail', e.detail)::text"""
 # Whether a FAILED job waits for an automatic retry (retry_at is set only then).
 RETRY_PENDING = "(j.retry_at IS NOT NULL)"
-EVENTS_PAGE = pool.Prepared(
+EVENTS_PAGE = Prepared(
     "events_page",
     f"""
 WITH RECURSIVE walk AS (
@@ -633,7 +632,7 @@ def events_page(
     return EventsPage(list(zip(ids, types, events, strict=True)), more, ended)
 
 
-LATEST_EVENT = pool.Prepared(
+LATEST_EVENT = Prepared(
     "latest_event",
     """
 SELECT (SELECT max(e.id) FROM job_events e WHERE e.job_id = j.id)
