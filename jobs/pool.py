@@ -210,7 +210,7 @@ def _alive(conn) -> bool:
     # An idle connection has nothing to read; anything readable is the server
     # closing it (or an error for us), so it is no longer usable.
     # The unpatched poll: a zero timeout never waits, and under gevent the
-    # patched one cost 33 us a checkout instead of 0.6.
+    # patched one costs far more per checkout (BENCHMARKS.md, "How the service gets there").
     poller = _blocking_poll()()
     poller.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
     return not poller.poll(0)
@@ -339,9 +339,8 @@ def wait(conn) -> None:
 
     ``select`` is looked up at each call, not imported by name: under gevent's
     monkey-patching the wait then yields to the other greenlets instead of
-    blocking the worker. Cost, measured on SELECT 1 over TCP (5,000 queries,
-    median of 5): 12.1 -> 13.8 us per query directly, 23.6 -> 26.8 through
-    PgBouncer, about what psycopg2.extras.wait_select costs.
+    blocking the worker. It costs about what psycopg2.extras.wait_select costs
+    (BENCHMARKS.md, "The client-side deadline and the PgBouncer path").
     """
     if conn.status == psycopg2.extensions.STATUS_SETUP:
         budget = _connect_timeout(conn.dsn)
@@ -376,7 +375,7 @@ def wait(conn) -> None:
 
 # How long a query's answer is awaited blocking the worker before yielding
 # (see wait). Measured under the gevent worker, GET /jobs/{id} with wrk -c4:
-# see BENCHMARKS.md (client-side deadline).
+# BENCHMARKS.md, "How the service gets there".
 SPIN_S = 0.001
 
 

@@ -12,10 +12,10 @@ from typing import NamedTuple
 
 # Set session state only if this connection reaches PostgreSQL itself. The
 # BackendKeyData that PostgreSQL sends at connect carries its backend's pid;
-# PgBouncer (both pool modes, 1.18) sends a made-up key instead (measured:
-# 568495161 vs pg_backend_pid() 10669), as other poolers do, since the
-# client is not tied to one backend. One round trip: the settings are applied
-# (only) by the row that says "direct".
+# PgBouncer (both pool modes, 1.18) sends a made-up key instead, as other
+# poolers do, since the client is not tied to one backend (BENCHMARKS.md,
+# "Design measurements: Pooler detection"). One round trip: the settings are
+# applied (only) by the row that says "direct".
 CONFIGURE = """
 SELECT set_config('statement_timeout', %(timeout)s, false),
        set_config('plan_cache_mode', 'force_generic_plan', false)
@@ -32,10 +32,8 @@ def configure(cur, statement_timeout_ms: int, backend_key_pid: int) -> bool:
 
 # PostgreSQL runs a message of several statements as one implicit
 # transaction, so SET LOCAL holds for the query that follows it, and ends
-# with it. Measured on PostgreSQL 15 and 18, directly and through PgBouncer
-# 1.18 in both modes: "SET LOCAL statement_timeout = 200; SELECT pg_sleep(1)"
-# is cancelled at 201 ms and SHOW statement_timeout says 0 afterwards. In the
-# same message it costs no round trip (SELECT 1: 12.1 -> 13.9 us directly).
+# with it; in the same message it costs no round trip (BENCHMARKS.md,
+# "Design measurements: SET LOCAL in front of a query").
 def local_timeout_prefix(timeout_ms: int) -> str:
     """What goes in front of a transaction's first statement, in the same message,
     where session settings are not ours (through a pooler: Cursor.execute)."""

@@ -13,8 +13,8 @@ class Prepared:
     """A statement prepared once per session, then only EXECUTEd, where sessions are ours.
 
     psycopg2 sends every query as text for the server to parse and plan anew;
-    for the hot reads that planning costs as much as running them (pgbench on
-    the list query: ~4,700 tps as simple queries, ~7,700 prepared). ``sql``
+    for the hot reads that planning costs as much as running them
+    (BENCHMARKS.md, "How the service gets there"). ``sql``
     uses psycopg2's %(name)s placeholders; ``types`` names each parameter's
     SQL type, in order. Prepared statements outlive transactions, not the
     session: a new connection (pool.Connection.prepared empty) prepares again.
