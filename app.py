@@ -6,7 +6,8 @@
   route is declared once (registry.py: access, input, answers, error codes),
   and openapi.py builds the OpenAPI document from those declarations.
 - ``jobs/store/``: every SQL statement, one function per statement, taking the
-  caller's cursor and returning a named outcome.
+  caller's cursor and returning a named outcome (session.py: the connection's
+  own statements, for pool.py, replicas.py and init-db).
 - ``jobs/domain.py``: statuses, the status machine, lease moves, id rules.
 - ``jobs/schemas.py``: every request and response shape (marshmallow).
 - ``jobs/chores/``: housekeeping after responses (lease expiry, retention of

@@ -64,8 +64,8 @@ worker_connections = SETTINGS["WORKER_CONNECTIONS"]
 # 0 would turn both off (base_async.py reads the head without a timeout), so
 # 1 is the least. Behind a load balancer that reuses connections, set it
 # above the balancer's idle timeout (e.g. 65 for an ALB's 60 s). On SIGTERM a
-# worker waits for its idle keep-alive connections to time out (measured:
-# exit 6.3 s after SIGTERM with 5, 21.5 s with 20), at most graceful_timeout.
+# worker waits for its idle keep-alive connections to time out, at most
+# graceful_timeout (BENCHMARKS.md, "Design measurements: Keep-alive and SIGTERM").
 keepalive = SETTINGS["KEEPALIVE_S"]
 # The app is imported in each worker, after the fork: no connection or
 # metrics file is ever shared between processes.
@@ -232,8 +232,8 @@ def post_worker_init(worker):
     # gevent's server accepts up to 100 connections per wake-up: clients that
     # connect at once (a load balancer's pool, wrk -c4) then all land on the
     # worker that woke first, and with keep-alive they stay there while the
-    # other worker idles (measured: GET /jobs/{id} at 1,542 req/s with a
-    # p99 of 143 ms in one run, 2,913 req/s and 9 ms in another). One
+    # other worker idles (BENCHMARKS.md, "How the service gets there", and
+    # "Design measurements: Connections landing on one worker"). One
     # connection per wake-up lets every worker take its share.
     from gevent.baseserver import BaseServer
 

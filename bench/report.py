@@ -18,8 +18,8 @@ from bench.waiting import section as waiting_section
 from bench.waiting import summary as waiting_summary
 
 if TYPE_CHECKING:
+    from bench.context import Bench
     from bench.replicas import Replicas
-    from bench.run import Bench
 
 ROOT = Path(__file__).resolve().parent.parent
 

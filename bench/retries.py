@@ -32,7 +32,7 @@ from jobs.domain import ACTIVE_STATUSES
 from jobs.store import workers as worker_store
 
 if TYPE_CHECKING:
-    from bench.run import Bench
+    from bench.context import Bench
 
 REPORT_LUA = Path(__file__).resolve().parent / "report.lua"
 SWEEP_BATCH = 500

@@ -48,8 +48,9 @@ The SQL behind a request is captured from the server, not taken from the
 app's code (plans.py), and pgbench replays it with its values written in,
 prepared as the service runs it.
 
-This file is the orchestration: the scenarios, in order. The rest of the
-harness: load.py (wrk, single-client probes, pgbench), servers.py
+This file is the orchestration: the scenarios, in order, each a function
+given the run's context (context.Bench: its PostgreSQL, servers and results).
+The rest of the harness: load.py (wrk, single-client probes, pgbench), servers.py
 (PostgreSQL, and the floors' options for dev/gunicorn.py, which runs every
 app under gunicorn), plans.py (auto_explain capture and
 plan analysis), report.py (tables, verdicts, summary line), seed.py (the
@@ -68,43 +69,31 @@ import http.client
 import shutil
 import sys
 import tempfile
-import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import replicas, seed
 from bench.console import say
-from bench.growth import Prune, Stage, run_growth
+from bench.context import Bench, Skew
+from bench.growth import run_growth
 from bench.load import (
-    Load,
-    Probe,
     ensure_wrk,
     get_json,
     id_script,
     load_during,
     pgbench,
     request,
-    run_wrk,
     run_wrk_until,
     single_client,
 )
-from bench.plans import Plans, jobs_rows_read
-from bench.register import Registration, measure_registration
+from bench.plans import jobs_rows_read
+from bench.register import measure_registration
 from bench.report import fmt, report
 from bench.retries import run_retries
-from bench.servers import (
-    ROOT,
-    connect,
-    floor_launch,
-    rss_kib,
-    service_launch,
-    start_postgres,
-    start_server,
-)
+from bench.servers import ROOT, rss_kib
 from bench.slow_clients import slow_clients
 from bench.through_pgbouncer import through_pgbouncer
-from bench.waiting import Waiting, run_waiting
+from bench.waiting import run_waiting
 from dev.gunicorn import Server
 
 RESULTS = ROOT / "bench" / "results" / "latest.md"
@@ -113,336 +102,216 @@ PROGRESS_TABLES, PROGRESS_FILES = 10, 10_000
 REORG_FROM, REORG_FILES = 5_000, 100  # rewrite files 5000..5099 of table_0
 
 
-@dataclass
-class Skew:
-    label: str
-    scenario: str
-    path: str
-    service: Probe | None = None
-    naive: Probe | None = None
-    # Per statement the request ran: its EXPLAIN text and the rows of jobs it read.
-    plans: list[tuple[str, int]] = field(default_factory=list)
-    table_rows: int = 0
-
-    def reads_table(self) -> bool:
-        """Whether any statement read a tenth of the table or more: a scan, not a lookup."""
-        return any(rows >= self.table_rows / 10 for _, rows in self.plans)
+# ---- The phases run here (the others have modules of their own) --------------------------
 
 
-class Bench:
-    def __init__(self, args, workdir: Path, stack: ExitStack, floors: bool = True):
-        self.args = args
-        self.workdir = workdir
-        self.stack = stack
-        self.scenarios = seed.scenarios(args.jobs, args.bulk_delete)
-        self.pg = start_postgres(workdir)
-        stack.callback(self.pg.destroy)
-        self.conn = connect(self.pg.url)
-        with self.conn.cursor() as cur:
-            cur.execute((ROOT / "schema.sql").read_text())
-        self.plans = Plans(self.conn)
-        self.loads: dict[tuple[str, str], Load] = {}  # (app, endpoint) -> wrk result
-        self.tps: dict[str, float] = {}
-        self.skews: list[Skew] = []
-        self.progress: dict[str, Probe] = {}
-        self.notes: list[str] = []
-        self.seed_seconds: dict[str, float] = {}
-        self.delete: dict[str, float | int] = {}
-        self.rss: dict[str, int] = {}
-        self.pgbouncer_loads: dict[str, Load] = {}  # endpoint -> wrk result via PgBouncer
-        # (worker class, endpoint) -> wrk result with idle and slow clients held open
-        self.slow_client_loads: dict[tuple[str, str], Load] = {}
-        self.registration: Registration | None = None
-        self.growth_stages: list[Stage] = []
-        self.waiting: Waiting | None = None
-        self.replicas: replicas.Replicas | None = None
-        self.prune: Prune | None = None
-        self.retries = None  # retries.RetryFigures
-        self.servers = {}
-        if floors:
-            self.servers = {
-                "constant": self.serve("constant", floor_launch("constant_app", 2)),
-                "naive": self.serve("naive", floor_launch("naive_app", 2)),
-                # The naive GET again with the service's client-side deadline:
-                # what the deadline costs a bare round trip.
-                "naive+deadline": self.serve(
-                    "naive+deadline",
-                    floor_launch("naive_app", 2),
-                    extra_env={"NAIVE_CLIENT_DEADLINE": "1"},
-                ),
-            }
-        service = self.service_launch(workers=2)
-        if service is not None:
-            self.servers["service"] = self.serve("service", service)
-
-    # -- servers
-
-    def service_launch(self, workers: int) -> dict | None:
-        """dev.gunicorn.Server's options for the service, or None when it is absent and
-        may be."""
-        if self.args.service == "naive":
-            return floor_launch("naive_app", workers)
-        if not (ROOT / "wsgi.py").exists():
-            if self.args.service == "app":
-                raise SystemExit("--service app: wsgi.py does not exist yet")
-            self.notes.append("The service (wsgi.py) does not exist yet: its rows read n/a.")
-            return None
-        return service_launch(workers)
-
-    def serve(
-        self,
-        name: str,
-        launch: dict,
-        database_url: str | None = None,
-        extra_env: dict[str, str] | None = None,
-    ) -> Server:
-        """Start an app under gunicorn (``launch``: dev.gunicorn.Server's options); it is
-        stopped when the run ends, if not before."""
-        server = start_server(name, launch, database_url or self.pg.url, self.workdir, extra_env)
-        self.stack.callback(server.stop)
-        return server
-
-    @property
-    def service(self) -> Server | None:
-        return self.servers.get("service")
-
-    # -- data
-
-    def seed(self, name: str) -> None:
-        started = time.monotonic()
-        seed.seed(self.conn, self.scenarios[name])
-        self.seed_seconds[name] = time.monotonic() - started
-        say(f"seeded {name}: {self.scenarios[name].description} in {self.seed_seconds[name]:.1f} s")
-
-    def table_rows(self) -> int:
-        with self.conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM jobs")
-            return cur.fetchone()[0]
-
-    # -- phases
-
-    def skew(self, label: str, scenario: str, path: str) -> None:
-        """Single-client p50 of a listing, and the plans of the service's SQL."""
-        entry = Skew(label, scenario, path)
-        entry.naive = single_client(self.servers["naive"].port, path)
-        if self.service is not None:
-            entry.service = single_client(self.service.port, path)
-            statements = self.plans.capture(lambda: request(self.service.port, "GET", path))
-            entry.table_rows = self.table_rows()
-            for statement in statements:
-                entry.plans.append(
-                    (
-                        f"{statement.shown()}\n\n{statement.plan_text}",
-                        jobs_rows_read(statement.plan_json),
-                    )
+def skew(bench: Bench, label: str, scenario: str, path: str) -> None:
+    """Single-client p50 of a listing, and the plans of the service's SQL."""
+    entry = Skew(label, scenario, path)
+    entry.naive = single_client(bench.servers["naive"].port, path)
+    if bench.service is not None:
+        entry.service = single_client(bench.service.port, path)
+        statements = bench.plans.capture(lambda: request(bench.service.port, "GET", path))
+        entry.table_rows = bench.table_rows()
+        for statement in statements:
+            entry.plans.append(
+                (
+                    f"{statement.shown()}\n\n{statement.plan_text}",
+                    jobs_rows_read(statement.plan_json),
                 )
-        self.skews.append(entry)
-        say(
-            f"{label}: service p50 {fmt(entry.service and entry.service.p50_ms)} ms,"
-            f" naive p50 {entry.naive.p50_ms:.2f} ms"
-        )
+            )
+    bench.skews.append(entry)
+    say(
+        f"{label}: service p50 {fmt(entry.service and entry.service.p50_ms)} ms,"
+        f" naive p50 {entry.naive.p50_ms:.2f} ms"
+    )
 
-    def throughput_endpoints(self) -> dict[str, tuple[str, list[str] | None]]:
-        """endpoint -> (path for wrk, load.lua's arguments or None), over the mixed table."""
-        ids = range(1, self.scenarios["mixed"].jobs + 1)
-        return {
-            "GET /jobs?limit=50": ("/jobs?limit=50", None),
-            "GET /jobs/{id}": ("/", id_script(ids, "/jobs/{id}")),
-        }
 
-    def wrk_endpoint(self, app: str, server: Server, endpoint: str) -> Load:
-        """wrk on one endpoint of one server: a warm-up, then the measured run."""
-        path, script = self.throughput_endpoints()[endpoint]
-        seconds, connections = self.args.duration, self.args.connections
-        run_wrk(server.url + path, min(2, seconds), connections, script)  # warm-up
-        load = run_wrk(server.url + path, seconds, connections, script)
-        say(
-            f"{app:8} {endpoint:20} {load.rps:8.0f} req/s  p50 {load.p50_ms:.2f} ms"
-            f"  p99 {load.p99_ms:.2f} ms  errors {load.errors}"
-        )
-        return load
-
-    def throughput(self) -> None:
-        for app, server in self.servers.items():
-            for endpoint in self.throughput_endpoints():
-                if app in ("constant", "naive+deadline") and endpoint != "GET /jobs/{id}":
-                    continue
-                self.loads[(app, endpoint)] = self.wrk_endpoint(app, server, endpoint)
-
-    def run_replicas(self) -> None:
-        """Replica reads over the mixed table next to primary-only, and a failover."""
-        if self.service is None:
-            return
-
-        def serve(name: str, url: str, env: dict[str, str]) -> Server:
-            return self.serve(name, self.service_launch(workers=2), url, env)
-
-        self.replicas = replicas.run(
-            self.pg,
-            self.workdir,
-            serve,
-            self.throughput_endpoints(),
-            self.args.duration,
-            self.args.connections,
-        )
-
-    def pgbench_lists(self) -> None:
-        """pgbench on the very SQL each app runs for GET /jobs?limit=50."""
-        for app in ("naive", "service"):
-            server = self.servers.get(app)
-            if server is None:
+def throughput(bench: Bench) -> None:
+    for app, server in bench.servers.items():
+        for endpoint in bench.throughput_endpoints():
+            if app in ("constant", "naive+deadline") and endpoint != "GET /jobs/{id}":
                 continue
-            statements = self.plans.capture(
-                lambda server=server: request(server.port, "GET", "/jobs?limit=50")
+            bench.loads[(app, endpoint)] = bench.wrk_endpoint(app, server, endpoint)
+
+
+def run_replicas(bench: Bench) -> None:
+    """Replica reads over the mixed table next to primary-only, and a failover."""
+    if bench.service is None:
+        return
+
+    def serve(name: str, url: str, env: dict[str, str]) -> Server:
+        return bench.serve(name, bench.service_launch(workers=2), url, env)
+
+    bench.replicas = replicas.run(
+        bench.pg,
+        bench.workdir,
+        serve,
+        bench.throughput_endpoints(),
+        bench.args.duration,
+        bench.args.connections,
+    )
+
+
+def pgbench_lists(bench: Bench) -> None:
+    """pgbench on the very SQL each app runs for GET /jobs?limit=50."""
+    for app in ("naive", "service"):
+        server = bench.servers.get(app)
+        if server is None:
+            continue
+        statements = bench.plans.capture(
+            lambda server=server: request(server.port, "GET", "/jobs?limit=50")
+        )
+        bench.tps[app] = pgbench(
+            bench.pg.url,
+            [s.replay for s in statements],
+            bench.args.duration,
+            bench.args.connections,
+            bench.workdir,
+            prepared=any(s.prepared for s in statements),
+        )
+        say(f"pgbench {app} list SQL: {bench.tps[app]:.0f} tps")
+
+
+def progress_and_reorg(bench: Bench, job_id: int) -> None:
+    path = f"/jobs/{job_id}/progress"
+    for app in ("naive", "service"):
+        server = bench.servers.get(app)
+        if server is not None:
+            bench.progress[f"{app} before reorg"] = single_client(server.port, path)
+    if bench.service is None:
+        return
+    files, prev = [], seed.chain_hash("table_0", REORG_FROM - 1)
+    for i in range(REORG_FROM, REORG_FROM + REORG_FILES):
+        block_hash = seed.chain_hash("table_0-reorg", i)
+        files.append(
+            {
+                "file_name": f"table_0_{i:09d}_reorg.parquet",
+                "start_block": i * 1000,
+                "end_block": i * 1000 + 999,
+                "size_bytes": 120_000_000,
+                "block_hash": block_hash,
+                "prev_hash": prev,
+            }
+        )
+        prev = block_hash
+    status, seconds = request(
+        bench.service.port, "POST", f"/jobs/{job_id}/tables/table_0/files", files
+    )
+    bench.delete["reorg_status"], bench.delete["reorg_s"] = status, seconds
+    bench.progress["service after reorg"] = single_client(bench.service.port, path)
+    # The reorg replaced file 5000 onwards, and the old files after it no
+    # longer link: the chain now ends with the last reorg file.
+    table = get_json(bench.service.port, path)["tables"].get("table_0", {})
+    expected = REORG_FROM + REORG_FILES
+    if table.get("files_count") != expected:
+        bench.notes.append(
+            f"Progress after the reorg counts {table.get('files_count')}"
+            f" files in table_0, expected {expected}."
+        )
+    say("progress p50: " + ", ".join(f"{k} {v.p50_ms:.2f} ms" for k, v in bench.progress.items()))
+
+
+def file_register(bench: Bench) -> None:
+    """Registering one file before the tip of a 200,000-file table (register.py)."""
+    if bench.service is None:
+        return
+    bench.registration = measure_registration(bench.conn, bench.service.port)
+    bench.notes += bench.registration.problems
+    say(
+        f"file registration before the tip of {bench.registration.files:,} files:"
+        f" p50 {bench.registration.p50_ms:.2f} ms over {bench.registration.samples} requests"
+    )
+
+
+def leak(bench: Bench, progress_job: int) -> None:
+    """A worker's RSS after 1,000 and after ``--leak-requests`` requests.
+
+    A dedicated service with one worker, so that every request lands on
+    the worker being measured; the routes rotate through listings, gets,
+    progress, a 404 and a 400.
+    """
+    launch = bench.service_launch(workers=1)
+    if launch is None:
+        return
+    server = bench.serve("service-1-worker", launch)
+    ids = range(1, bench.scenarios["mixed"].jobs + 1)
+    paths = [
+        "/jobs?limit=50",
+        "/jobs/{id}",
+        f"/jobs/{progress_job}/progress",
+        "/jobs?status=completed&last_job_id={id}",
+        "/jobs/{id}00000000",
+        "/jobs/not-a-number",
+    ]
+    marker = bench.workdir / "wrk.done"
+    samples = {}
+    for label, count in (("1k", 1_000), ("total", bench.args.leak_requests - 1_000)):
+        run_wrk_until(
+            server.url,
+            bench.args.connections,
+            id_script(ids, *paths, stop_after=count, marker=str(marker)),
+            marker,
+        )
+        (worker,) = server.workers()
+        samples[label] = (worker, rss_kib(worker))
+    if samples["1k"][0] != samples["total"][0]:
+        bench.notes.append(
+            "The worker was replaced during the RSS run (max_requests?):"
+            " its growth cannot be measured."
+        )
+        return
+    bench.rss = {"after_1k_kib": samples["1k"][1], "after_all_kib": samples["total"][1]}
+    say(
+        f"RSS {bench.rss['after_1k_kib']} KiB after 1,000 requests,"
+        f" {bench.rss['after_all_kib']} KiB after {bench.args.leak_requests:,}"
+    )
+    server.stop()
+
+
+def bulk_delete(bench: Bench) -> None:
+    """DELETE /jobs?status=completed while wrk reads surviving jobs."""
+    if bench.service is None:
+        return
+    ids = bench.scenarios["bulk_delete"].spread_ids()
+    outcome: dict[str, object] = {}
+
+    def delete() -> None:
+        try:
+            outcome["status"], outcome["seconds"] = request(
+                bench.service.port, "DELETE", "/jobs?status=completed"
             )
-            self.tps[app] = pgbench(
-                self.pg.url,
-                [s.replay for s in statements],
-                self.args.duration,
-                self.args.connections,
-                self.workdir,
-                prepared=any(s.prepared for s in statements),
-            )
-            say(f"pgbench {app} list SQL: {self.tps[app]:.0f} tps")
+        except (OSError, http.client.HTTPException) as exc:
+            # Most likely gunicorn's timeout killing the worker mid-delete.
+            bench.notes.append(f"DELETE /jobs?status=completed got no answer: {exc!r}")
+            outcome["status"], outcome["seconds"] = "none", None
 
-    def progress_and_reorg(self, job_id: int) -> None:
-        path = f"/jobs/{job_id}/progress"
-        for app in ("naive", "service"):
-            server = self.servers.get(app)
-            if server is not None:
-                self.progress[f"{app} before reorg"] = single_client(server.port, path)
-        if self.service is None:
-            return
-        files, prev = [], seed.chain_hash("table_0", REORG_FROM - 1)
-        for i in range(REORG_FROM, REORG_FROM + REORG_FILES):
-            block_hash = seed.chain_hash("table_0-reorg", i)
-            files.append(
-                {
-                    "file_name": f"table_0_{i:09d}_reorg.parquet",
-                    "start_block": i * 1000,
-                    "end_block": i * 1000 + 999,
-                    "size_bytes": 120_000_000,
-                    "block_hash": block_hash,
-                    "prev_hash": prev,
-                }
-            )
-            prev = block_hash
-        status, seconds = request(
-            self.service.port, "POST", f"/jobs/{job_id}/tables/table_0/files", files
-        )
-        self.delete["reorg_status"], self.delete["reorg_s"] = status, seconds
-        self.progress["service after reorg"] = single_client(self.service.port, path)
-        # The reorg replaced file 5000 onwards, and the old files after it no
-        # longer link: the chain now ends with the last reorg file.
-        table = get_json(self.service.port, path)["tables"].get("table_0", {})
-        expected = REORG_FROM + REORG_FILES
-        if table.get("files_count") != expected:
-            self.notes.append(
-                f"Progress after the reorg counts {table.get('files_count')}"
-                f" files in table_0, expected {expected}."
-            )
-        say(
-            "progress p50: " + ", ".join(f"{k} {v.p50_ms:.2f} ms" for k, v in self.progress.items())
-        )
-
-    def file_register(self) -> None:
-        """Registering one file before the tip of a 200,000-file table (register.py)."""
-        if self.service is None:
-            return
-        self.registration = measure_registration(self.conn, self.service.port)
-        self.notes += self.registration.problems
-        say(
-            f"file registration before the tip of {self.registration.files:,} files:"
-            f" p50 {self.registration.p50_ms:.2f} ms over {self.registration.samples} requests"
-        )
-
-    def leak(self, progress_job: int) -> None:
-        """A worker's RSS after 1,000 and after ``--leak-requests`` requests.
-
-        A dedicated service with one worker, so that every request lands on
-        the worker being measured; the routes rotate through listings, gets,
-        progress, a 404 and a 400.
-        """
-        launch = self.service_launch(workers=1)
-        if launch is None:
-            return
-        server = self.serve("service-1-worker", launch)
-        ids = range(1, self.scenarios["mixed"].jobs + 1)
-        paths = [
-            "/jobs?limit=50",
-            "/jobs/{id}",
-            f"/jobs/{progress_job}/progress",
-            "/jobs?status=completed&last_job_id={id}",
-            "/jobs/{id}00000000",
-            "/jobs/not-a-number",
-        ]
-        marker = self.workdir / "wrk.done"
-        samples = {}
-        for label, count in (("1k", 1_000), ("total", self.args.leak_requests - 1_000)):
-            run_wrk_until(
-                server.url,
-                self.args.connections,
-                id_script(ids, *paths, stop_after=count, marker=str(marker)),
-                marker,
-            )
-            (worker,) = server.workers()
-            samples[label] = (worker, rss_kib(worker))
-        if samples["1k"][0] != samples["total"][0]:
-            self.notes.append(
-                "The worker was replaced during the RSS run (max_requests?):"
-                " its growth cannot be measured."
-            )
-            return
-        self.rss = {"after_1k_kib": samples["1k"][1], "after_all_kib": samples["total"][1]}
-        say(
-            f"RSS {self.rss['after_1k_kib']} KiB after 1,000 requests,"
-            f" {self.rss['after_all_kib']} KiB after {self.args.leak_requests:,}"
-        )
-        server.stop()
-
-    def bulk_delete(self) -> None:
-        """DELETE /jobs?status=completed while wrk reads surviving jobs."""
-        if self.service is None:
-            return
-        ids = self.scenarios["bulk_delete"].spread_ids()
-        outcome: dict[str, object] = {}
-
-        def delete() -> None:
-            try:
-                outcome["status"], outcome["seconds"] = request(
-                    self.service.port, "DELETE", "/jobs?status=completed"
-                )
-            except (OSError, http.client.HTTPException) as exc:
-                # Most likely gunicorn's timeout killing the worker mid-delete.
-                self.notes.append(f"DELETE /jobs?status=completed got no answer: {exc!r}")
-                outcome["status"], outcome["seconds"] = "none", None
-
-        # Two connections: one per worker, one of which is busy deleting.
-        load = load_during(
-            self.service.url,
-            2,
-            id_script(ids, "/jobs/{id}"),
-            delete,
-            warmup_s=min(2, self.args.duration),
-        )
-        status, seconds = outcome["status"], outcome["seconds"]
-        with self.conn.cursor() as cur:
-            cur.execute("SELECT count(*) FILTER (WHERE status = 'COMPLETED'), count(*) FROM jobs")
-            completed_left, jobs_left = cur.fetchone()
-        self.delete.update(
-            status=status,
-            seconds=seconds,
-            p99_ms=load.p99_ms,
-            p50_ms=load.p50_ms,
-            reads=load.requests,
-            errors=load.errors,
-            completed_left=completed_left,
-            jobs_left=jobs_left,
-        )
-        say(
-            f"bulk delete: HTTP {status} in {fmt(seconds, 1)} s; GET p99 meanwhile"
-            f" {load.p99_ms:.2f} ms over {load.requests} reads"
-        )
+    # Two connections: one per worker, one of which is busy deleting.
+    load = load_during(
+        bench.service.url,
+        2,
+        id_script(ids, "/jobs/{id}"),
+        delete,
+        warmup_s=min(2, bench.args.duration),
+    )
+    status, seconds = outcome["status"], outcome["seconds"]
+    with bench.conn.cursor() as cur:
+        cur.execute("SELECT count(*) FILTER (WHERE status = 'COMPLETED'), count(*) FROM jobs")
+        completed_left, jobs_left = cur.fetchone()
+    bench.delete.update(
+        status=status,
+        seconds=seconds,
+        p99_ms=load.p99_ms,
+        p50_ms=load.p50_ms,
+        reads=load.requests,
+        errors=load.errors,
+        completed_left=completed_left,
+        jobs_left=jobs_left,
+    )
+    say(
+        f"bulk delete: HTTP {status} in {fmt(seconds, 1)} s; GET p99 meanwhile"
+        f" {load.p99_ms:.2f} ms over {load.requests} reads"
+    )
 
 
 def main() -> None:
@@ -575,31 +444,32 @@ def run_all(args, bench: Bench) -> Bench:
         ("mostly_active", "default list, 99% active", "/jobs"),
     ):
         bench.seed(scenario)
-        bench.skew(label, scenario, path)
+        skew(bench, label, scenario, path)
     bench.seed("mixed")
     progress_job = seed.seed_progress_job(bench.conn, PROGRESS_TABLES, PROGRESS_FILES)
-    bench.skew(
+    skew(
+        bench,
         "status=completed, deep cursor",
         "mixed",
         f"/jobs?status=completed&last_job_id={args.jobs // 100}",
     )
-    bench.skew("status=scheduled,failed", "mixed", "/jobs?status=scheduled,failed")
-    bench.throughput()
+    skew(bench, "status=scheduled,failed", "mixed", "/jobs?status=scheduled,failed")
+    throughput(bench)
     if args.pgbouncer:
         through_pgbouncer(bench)
     if args.replicas:
-        bench.run_replicas()
+        run_replicas(bench)
     if args.slow_clients:
         slow_clients(bench)
-    bench.pgbench_lists()
+    pgbench_lists(bench)
     bench.retries = run_retries(bench)
-    bench.progress_and_reorg(progress_job)
-    bench.file_register()
+    progress_and_reorg(bench, progress_job)
+    file_register(bench)
     if args.waiting:
         bench.waiting = run_waiting(bench)
-    bench.leak(progress_job)
+    leak(bench, progress_job)
     bench.seed("bulk_delete")
-    bench.bulk_delete()
+    bulk_delete(bench)
     if args.growth:
         bench.growth_stages, bench.prune = run_growth(bench, tuple(args.growth_jobs))
     return bench

@@ -20,7 +20,7 @@ from bench.console import say
 from bench.load import id_script, run_wrk
 
 if TYPE_CHECKING:
-    from bench.run import Bench
+    from bench.context import Bench
 
 IDLE = 50
 DRIBBLING = 10

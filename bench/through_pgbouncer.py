@@ -1,7 +1,7 @@
 """The service through PgBouncer: the list and get throughput with its
 DATABASE_URL pointing at a local PgBouncer in transaction pooling mode, in
 front of the same PostgreSQL, over the same table as the direct figures
-(Bench.throughput) of the same run.
+(run.throughput) of the same run.
 
 PgBouncer is Debian's package (`make bench` installs it when missing),
 started by devpgbouncer.LocalPgBouncer as the tests start it.
@@ -15,7 +15,7 @@ from bench.console import say
 from dev.pgbouncer import LocalPgBouncer
 
 if TYPE_CHECKING:
-    from bench.run import Bench
+    from bench.context import Bench
 
 POOL_MODE = "transaction"
 

@@ -55,7 +55,7 @@ from dev.gunicorn import Server
 from dev.pgbouncer import LocalPgBouncer
 
 if TYPE_CHECKING:
-    from bench.run import Bench
+    from bench.context import Bench
 
 WAITERS = 1000
 ROUNDS = 3

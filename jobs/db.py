@@ -23,6 +23,7 @@ from flask.cli import with_appcontext
 
 from jobs import observability, pool, replicas
 from jobs.store import jobs as job_store
+from jobs.store import session
 
 
 def get_pool() -> pool.ConnectionPool:
@@ -187,8 +188,7 @@ def apply_schema(database_url: str, connect_timeout: int) -> None:
     conn = psycopg2.connect(database_url, connect_timeout=connect_timeout)
     try:
         with conn, conn.cursor() as cur:
-            # Replicas deploying at once must not race on CREATE ... IF NOT EXISTS.
-            cur.execute("SELECT pg_advisory_xact_lock(hashtext('jobs-service init-db'))")
+            session.lock_for_init_db(cur)  # one deploying replica at a time
             cur.execute(schema)
         rerender_jobs(conn)
     finally:

@@ -240,8 +240,8 @@ def _rfc3339(seconds: float | None = None) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _utc_second(whole: int) -> str:
-    # Formatted once per second: datetime's isoformat on every request cost
-    # 12 us of the ~500 us a GET takes in the test client.
+    # Formatted once per second: datetime's isoformat on every request was a
+    # visible share of a GET (BENCHMARKS.md, "Design measurements: Log timestamps").
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
 
 

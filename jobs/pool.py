@@ -34,13 +34,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import re
 import select
 import threading
 import time
 
 import psycopg2
 import psycopg2.extensions
+
+from jobs.store import session
 
 # How far past its time limit a query may go unanswered before the client
 # gives up on its connection. The server cancels at the limit itself (a
@@ -59,13 +60,8 @@ class Cursor(psycopg2.extensions.cursor):
     def execute(self, query, vars=None):
         conn = self.connection
         # The first statement of a transaction (psycopg2 sends BEGIN before
-        # it) or an autocommit statement: PostgreSQL runs a message of several
-        # statements as one implicit transaction, so SET LOCAL holds for the
-        # query that follows it, and ends with it. Measured on PostgreSQL 15
-        # and 18, directly and through PgBouncer 1.18 in both modes:
-        # "SET LOCAL statement_timeout = 200; SELECT pg_sleep(1)" is cancelled
-        # at 201 ms and SHOW statement_timeout says 0 afterwards. In the same
-        # message it costs no round trip (SELECT 1: 12.1 -> 13.9 us directly).
+        # it) or an autocommit statement: the prefix, in the same message,
+        # holds for it and ends with it (session.local_timeout_prefix).
         if (
             conn.transaction_prefix
             and conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE
@@ -86,19 +82,6 @@ class Cursor(psycopg2.extensions.cursor):
 # behind it refuses writes (a standby, or a primary demoted behind the same
 # name): a new connection lets libpq pick a host again (target_session_attrs).
 DISCARD_SQLSTATES = frozenset({"25006"})
-
-
-# Set session state only if this connection reaches PostgreSQL itself. The
-# BackendKeyData that PostgreSQL sends at connect carries its backend's pid;
-# PgBouncer (both pool modes, 1.18) sends a made-up key instead (measured:
-# 568495161 vs pg_backend_pid() 10669), as other poolers do, since the
-# client is not tied to one backend. One round trip: the settings are applied
-# (only) by the row that says "direct".
-CONFIGURE = """
-SELECT set_config('statement_timeout', %(timeout)s, false),
-       set_config('plan_cache_mode', 'force_generic_plan', false)
-WHERE pg_backend_pid() = %(backend_key_pid)s
-"""
 
 
 class Connection(psycopg2.extensions.connection):
@@ -125,57 +108,22 @@ class Connection(psycopg2.extensions.connection):
         self.autocommit = True
         self.statement_timeout_ms = int(statement_timeout_ms)
         self.budget_s = self.statement_timeout_ms / 1000 + DEADLINE_GRACE_S
-        params = {
-            "timeout": str(self.statement_timeout_ms),
-            "backend_key_pid": self.info.backend_pid,
-        }
         with self.cursor() as cur:
-            cur.execute(CONFIGURE, params)
-            self.direct = cur.fetchone() is not None
+            # Direct or not, from the backend pid PostgreSQL sent at connect.
+            self.direct = session.configure(cur, self.statement_timeout_ms, self.info.backend_pid)
         if not self.direct:
-            self.transaction_prefix = f"SET LOCAL statement_timeout = {self.statement_timeout_ms}; "
+            self.transaction_prefix = session.local_timeout_prefix(self.statement_timeout_ms)
 
     @contextlib.contextmanager
     def time_limit(self, cur, timeout_ms: int):
         """In a transaction: ``timeout_ms`` for the rest of it, on the server and in ``wait``."""
-        cur.execute("SET LOCAL statement_timeout = %s", (int(timeout_ms),))
+        session.set_local_timeout(cur, timeout_ms)
         saved = self.budget_s
         self.budget_s = int(timeout_ms) / 1000 + DEADLINE_GRACE_S
         try:
             yield cur
         finally:
             self.budget_s = saved
-
-
-class Prepared:
-    """A statement prepared once per session, then only EXECUTEd, where sessions are ours.
-
-    psycopg2 sends every query as text for the server to parse and plan anew;
-    for the hot reads that planning costs as much as running them (pgbench on
-    the list query: ~4,700 tps as simple queries, ~7,700 prepared). ``sql``
-    uses psycopg2's %(name)s placeholders; ``types`` names each parameter's
-    SQL type, in order. Prepared statements outlive transactions, not the
-    session: a new connection (Connection.prepared empty) prepares again.
-    Through a pooler (Connection.direct false) the plain SQL runs instead.
-    """
-
-    def __init__(self, name: str, sql: str, **types: str):
-        numbers = {param: f"${n}" for n, param in enumerate(types, start=1)}
-        body = re.sub(r"%\((\w+)\)s", lambda m: numbers[m.group(1)], sql)
-        self.name = name
-        self.sql = sql
-        self.prepare_sql = f"PREPARE {name} ({', '.join(types.values())}) AS {body}"
-        self.execute_sql = f"EXECUTE {name} ({', '.join(f'%({p})s' for p in types)})"
-
-    def execute(self, cur, params) -> None:
-        conn = cur.connection
-        if not getattr(conn, "direct", False):
-            cur.execute(self.sql, params)
-            return
-        if self.name not in conn.prepared:
-            cur.execute(self.prepare_sql)
-            conn.prepared.add(self.name)
-        cur.execute(self.execute_sql, params)
 
 
 class PoolExhausted(Exception):
@@ -262,7 +210,7 @@ def _alive(conn) -> bool:
     # An idle connection has nothing to read; anything readable is the server
     # closing it (or an error for us), so it is no longer usable.
     # The unpatched poll: a zero timeout never waits, and under gevent the
-    # patched one cost 33 us a checkout instead of 0.6.
+    # patched one costs far more per checkout (BENCHMARKS.md, "How the service gets there").
     poller = _blocking_poll()()
     poller.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
     return not poller.poll(0)
@@ -391,9 +339,8 @@ def wait(conn) -> None:
 
     ``select`` is looked up at each call, not imported by name: under gevent's
     monkey-patching the wait then yields to the other greenlets instead of
-    blocking the worker. Cost, measured on SELECT 1 over TCP (5,000 queries,
-    median of 5): 12.1 -> 13.8 us per query directly, 23.6 -> 26.8 through
-    PgBouncer, about what psycopg2.extras.wait_select costs.
+    blocking the worker. It costs about what psycopg2.extras.wait_select costs
+    (BENCHMARKS.md, "The client-side deadline and the PgBouncer path").
     """
     if conn.status == psycopg2.extensions.STATUS_SETUP:
         budget = _connect_timeout(conn.dsn)
@@ -428,7 +375,7 @@ def wait(conn) -> None:
 
 # How long a query's answer is awaited blocking the worker before yielding
 # (see wait). Measured under the gevent worker, GET /jobs/{id} with wrk -c4:
-# see BENCHMARKS.md (client-side deadline).
+# BENCHMARKS.md, "How the service gets there".
 SPIN_S = 0.001
 
 

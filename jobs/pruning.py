@@ -60,10 +60,10 @@ class BatchSizer:
     """Jobs per batch: starts small, doubles while batches are quick, halves when slow.
 
     A batch's time grows with its jobs' events and files, not only with its
-    jobs: 1,000 jobs take ~10-15 ms here with 2 events each, but seconds if
-    each has thousands of files. Sizing by measured time keeps every batch
-    near ``target_s`` whatever the jobs carry, so locks are held briefly and
-    a request overshoots its budget by one short batch at most.
+    jobs (BENCHMARKS.md, "Design measurements: Bulk delete batches"). Sizing
+    by measured time keeps every batch near ``target_s`` whatever the jobs
+    carry, so locks are held briefly and a request overshoots its budget by
+    one short batch at most.
     """
 
     def __init__(self, most: int, target_s: float, start: int = 100):
@@ -78,8 +78,8 @@ class BatchSizer:
             self.size = min(self.most, self.size * 2)
 
 
-# A batch of 1,000 jobs with 2 events each takes 10-15 ms on the 2-core
-# test box; 100 ms leaves room for jobs with many files before shrinking.
+# Room above what 1,000 jobs with a few events each take: batches shrink only
+# for jobs with many files (BENCHMARKS.md, "Design measurements: Bulk delete batches").
 BATCH_TARGET_S = 0.1
 
 
@@ -134,11 +134,12 @@ def batch_timeout_ms(config) -> int:
     """Each batch statement's time limit: half the request's budget, never below the
     ordinary limit.
 
-    A batch normally takes 10-100 ms; the limit only ends one stuck on a lock
-    or a stalled server. A batch runs two statements (the wait for the bulk
-    delete lock, then the delete) and none starts after the budget, so a
-    request ends within twice the budget at the very worst: 20 s with the
-    default 10 s. (0 would mean no limit at all.)
+    A batch is normally far shorter (BENCHMARKS.md, "Design measurements:
+    Bulk delete batches"); the limit only ends one stuck on a lock or a
+    stalled server. A batch runs two statements (the wait for the bulk delete
+    lock, then the delete) and none starts after the budget, so a request ends
+    within twice the budget at the very worst: 20 s with the default 10 s. (0
+    would mean no limit at all.)
     """
     return max(int(config["BULK_DELETE_BUDGET_MS"]) // 2, int(config["STATEMENT_TIMEOUT_MS"]), 1)
 

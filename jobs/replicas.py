@@ -21,7 +21,7 @@ timestamp, pg_last_xact_replay_timestamp, would grow and call it stale). Between
 checks the age grows with the clock, so a replica that cannot be checked
 (down, or the primary down) ages out by itself.
 
-Checks cost two short queries on pooled connections, at most once per
+Checks cost two short queries (store/session.py) on pooled connections, at most once per
 REPLICA_CHECK_S per replica per process, and only while reads come in. They
 run in a thread of their own (a greenlet under gunicorn's gevent workers):
 no request waits for one, whatever the replica does.
@@ -36,25 +36,19 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import psycopg2
 
 from jobs import observability
 from jobs.pool import ConnectionPool, PoolExhausted
+from jobs.store import session
 
 log = logging.getLogger("jobs")
 
-# The primary's insert position and its WAL page size, and a replica's replay
-# position (a server that is not in recovery: its own insert position, as a
-# primary's). In bytes from 0/0.
-PRIMARY_POSITION = """
-SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint,
-       current_setting('wal_block_size')::int
-"""
-REPLICA_POSITION = """
-SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
-             ELSE pg_current_wal_insert_lsn() END - '0/0'::pg_lsn)::bigint
-"""
+T = TypeVar("T")
+
 # The insert position points past a page's header when the last record ended
 # at the page's end, where replay stops: within a header of a page's start
 # (SizeOfXLogLongPHD, the longer), the page's start is the position to reach.
@@ -156,7 +150,8 @@ class ReplicaSet:
     def _check(self, replica: Replica) -> None:
         asked_at = time.monotonic()
         try:
-            position, page = _ask(self.primary, PRIMARY_POSITION)
+            primary = _ask(self.primary, session.primary_wal_position)
+            position, page = primary.position, primary.page_size
             if position % page <= PAGE_HEADER_MAX:
                 position -= position % page
             replica.samples.append((asked_at, position))
@@ -171,7 +166,7 @@ class ReplicaSet:
         else:
             replica.primary_unknown = False
         try:
-            (position,) = _ask(replica.pool, REPLICA_POSITION)
+            position = _ask(replica.pool, session.replica_wal_position)
             # Replay usually trails by milliseconds: a moment later it has the
             # primary's position of this check, fresh as of now rather than of
             # the previous check (or unknown, at the first).
@@ -179,7 +174,7 @@ class ReplicaSet:
                 if not replica.samples or position >= replica.samples[-1][1]:
                     break
                 time.sleep(CATCH_UP_WAIT_S)
-                (position,) = _ask(replica.pool, REPLICA_POSITION)
+                position = _ask(replica.pool, session.replica_wal_position)
         except (psycopg2.Error, PoolExhausted) as exc:
             if not replica.down:
                 log.warning(
@@ -198,19 +193,18 @@ class ReplicaSet:
         observability.replica_age(replica.number, replica.age(time.monotonic()))
 
 
-def _ask(pool: ConnectionPool, sql: str) -> tuple[int, ...]:
-    """One row of whole numbers, from a pooled connection, within CHECK_BUDGET_S once
-    connected."""
+def _ask(pool: ConnectionPool, question: Callable[[Any], T]) -> T:
+    """``question(cursor)`` (a store.session statement), on a pooled connection, within
+    CHECK_BUDGET_S once connected."""
     conn = pool.getconn()
     broken = True
     try:
         saved, conn.budget_s = conn.budget_s, CHECK_BUDGET_S
         with conn.cursor() as cur:
-            cur.execute(sql)
-            row = tuple(map(int, cur.fetchone()))
+            answer = question(cur)
         conn.budget_s = saved
         broken = False
-        return row
+        return answer
     finally:
         with contextlib.suppress(psycopg2.Error):
             pool.putconn(conn, broken=broken)

@@ -343,17 +343,17 @@ SETTINGS: tuple[Setting, ...] = (
     # budget rather than one statement's timeout: a delete by status runs batches of
     # BULK_DELETE_BATCH jobs, each its own short transaction, and starts
     # none after the budget, answering 200 {"deleted", "more": true}; a
-    # statement timeout instead cut one huge statement, deleting nothing
-    # (a 500 at 25 s past ~1.4M jobs). Half of it limits each batch
+    # statement timeout instead cut one huge statement, deleting nothing and
+    # answering 500 (BENCHMARKS.md, "Deleting history"). Half of it limits each batch
     # statement (pruning.batch_timeout_ms), so the worst case, a batch
     # stuck on a lock from the budget's last moment, ends within twice
     # the budget: 20 s with 10 s, 10 minutes with the most, 5 minutes. At
     # least 1 ms: every request runs one batch, so even that makes progress.
     _setting("BULK_DELETE_BUDGET_MS", 10000, _whole(1, 300_000, "milliseconds")),
     # The most jobs one batch deletes (pruning.BatchSizer shrinks batches
-    # whose jobs carry many files). 1000 jobs with 2 events each: 10-30 ms,
-    # 60-100k jobs/s; larger caps gained nothing beyond the shared box's
-    # noise and hold their locks longer (BENCHMARKS.md, Deleting history).
+    # whose jobs carry many files). Larger caps gained nothing beyond the
+    # shared box's noise and hold their locks longer (BENCHMARKS.md,
+    # "Deleting history").
     # The same range as `flask prune --batch-size`.
     _setting("BULK_DELETE_BATCH", 1000, _whole(1, 100_000, "jobs")),
     # A body of at most 1 MiB arrives in well under this from any real

@@ -35,7 +35,7 @@ from support.retrying import (
     leases_of,
     make_due,
     register,
-    register_files,
+    register_files_as,
     report,
     rows_of,
     sweep_retries,
@@ -188,7 +188,7 @@ def test_a_dead_workers_late_results_never_land_in_the_next_attempt(app, call, d
     job_id = create_job(call, "A", max_attempts=2)["id"]
     assert leases_of(call, "A") == {job_id: 1}
     ok(report(call, job_id, "RUNNING", "A", 1))
-    ok(register_files(call, job_id, "blocks", file_entry("blocks_000.parquet", 0, 999), "A", 1))
+    ok(register_files_as(call, job_id, "blocks", file_entry("blocks_000.parquet", 0, 999), "A", 1))
     # A's lease expires, and the job is retried on B.
     lose_worker(database_url, "A")
     assert sweep_leases(app) == {"FAILED": 1}
@@ -197,22 +197,22 @@ def test_a_dead_workers_late_results_never_land_in_the_next_attempt(app, call, d
     assert leases_of(call, "B") == {job_id: 2}
     ok(report(call, job_id, "RUNNING", "B", 2))
     b_files = [file_entry("blocks_001.parquet", 1000, 1999)]
-    progress = ok(register_files(call, job_id, "blocks", b_files, "B", 2))["progress"]
+    progress = ok(register_files_as(call, job_id, "blocks", b_files, "B", 2))["progress"]
     assert progress == expected_progress(0, 1999, 2, 2)
     before = rows_of_job(database_url)
 
     # A comes back. Its file covering blocks 0-5,000,000 is refused and B's
     # progress does not move.
     big = file_entry("blocks_all.parquet", 0, 5_000_000, size=10**9)
-    stale(register_files(call, job_id, "blocks", big, "A", 1), "B", 2)
-    stale(register_files(call, job_id, "blocks", big, "A"), "B", 2)
-    stale(register_files(call, job_id, "blocks", big, None, 1), "B", 2)
+    stale(register_files_as(call, job_id, "blocks", big, "A", 1), "B", 2)
+    stale(register_files_as(call, job_id, "blocks", big, "A"), "B", 2)
+    stale(register_files_as(call, job_id, "blocks", big, None, 1), "B", 2)
     # Its COMPLETED is refused: no status, no event credited to B.
     stale(report(call, job_id, "COMPLETED", "A", 1), "B", 2)
     assert rows_of_job(database_url) == before
 
     # B's own registrations and its COMPLETED go through.
-    more = ok(register_files(call, job_id, "blocks", file_entry("b_002", 2000, 2999), "B", 2))
+    more = ok(register_files_as(call, job_id, "blocks", file_entry("b_002", 2000, 2999), "B", 2))
     assert more["registered"] == 1 and more["progress"]["current_block"] == 2999
     done = ok(report(call, job_id, "COMPLETED", "B", 2))
     assert (done["status"], done["node_id"], done["attempt"]) == ("COMPLETED", "B", 2)
@@ -237,12 +237,14 @@ def test_a_retried_jobs_stale_reports_are_all_refused(call):
     ok(report(call, job_id, "SCHEDULED"))  # an operator's retry: attempt 2
     for status in ("RUNNING", "COMPLETED", "FAILED", "SCHEDULED", "STOPPING"):
         stale(report(call, job_id, status, "w", 1), "w", 2)
-    stale(register_files(call, job_id, "t", file_entry("f", 0, 9), "w", 1), "w", 2)
+    stale(register_files_as(call, job_id, "t", file_entry("f", 0, 9), "w", 1), "w", 2)
     assert get(call, job_id)["status"] == "SCHEDULED"
     # The current attempt's reports work, and so do unfenced ones, as before.
     ok(report(call, job_id, "RUNNING", "w", 2))
     ok(report(call, job_id, "RUNNING"))
-    assert ok(register_files(call, job_id, "t", file_entry("f", 0, 9), "w", 2))["registered"] == 1
+    assert (
+        ok(register_files_as(call, job_id, "t", file_entry("f", 0, 9), "w", 2))["registered"] == 1
+    )
 
 
 # ---- The order of the checks -----------------------------------------------------------------
@@ -251,20 +253,20 @@ def test_a_retried_jobs_stale_reports_are_all_refused(call):
 def test_the_fence_comes_before_every_other_answer(call):
     job_id = create_job(call, "w")["id"]
     ok(report(call, job_id, "RUNNING"))
-    ok(register_files(call, job_id, "t", file_entry("f", 0, 9)))
+    ok(register_files_as(call, job_id, "t", file_entry("f", 0, 9)))
     # The job's own status (a no-op otherwise): stale.
     stale(report(call, job_id, "RUNNING", "x"), "w", 1)
     # An illegal move (INVALID_STATE_TRANSITION otherwise): stale.
     stale(report(call, job_id, "STOPPED", None, 7), "w", 1)
     # A file conflict (FILE_CONFLICT otherwise): stale.
-    stale(register_files(call, job_id, "t", file_entry("f", 0, 19), "x"), "w", 1)
+    stale(register_files_as(call, job_id, "t", file_entry("f", 0, 19), "x"), "w", 1)
     ok(report(call, job_id, "COMPLETED"))
     # A terminal job (JOB_CONFLICT otherwise): stale.
-    stale(register_files(call, job_id, "t", file_entry("g", 10, 19), None, 2), "w", 1)
+    stale(register_files_as(call, job_id, "t", file_entry("g", 10, 19), None, 2), "w", 1)
     # The job's own worker and attempt get the usual answers.
     code, body = report(call, job_id, "RUNNING", "w", 1)
     assert (code, body["error_code"]) == (409, "INVALID_STATE_TRANSITION")
-    code, body = register_files(call, job_id, "t", file_entry("g", 10, 19), "w", 1)
+    code, body = register_files_as(call, job_id, "t", file_entry("g", 10, 19), "w", 1)
     assert (code, body["error_code"]) == (409, "JOB_CONFLICT")
     # A job that does not exist is still a 404.
     code, body = report(call, 999, "RUNNING", "w", 1)
@@ -274,14 +276,14 @@ def test_the_fence_comes_before_every_other_answer(call):
 def test_a_stale_report_changes_nothing(call, db_conn):
     job_id = create_job(call, "w", max_attempts=3)["id"]
     ok(report(call, job_id, "RUNNING"))
-    ok(register_files(call, job_id, "t", file_entry("f", 0, 9)))
+    ok(register_files_as(call, job_id, "t", file_entry("f", 0, 9)))
     before = rows_of(db_conn)
     for answer in (
         report(call, job_id, "FAILED", "w", 2, detail={"e": 1}),
         report(call, job_id, "COMPLETED", "v"),
         report(call, job_id, "FAILED", "v", 1, retryable=False),
-        register_files(call, job_id, "t", file_entry("f", 0, 99), "w", 3),
-        register_files(call, job_id, "u", [file_entry("g", 0, 9)], "v", 1),
+        register_files_as(call, job_id, "t", file_entry("f", 0, 99), "w", 3),
+        register_files_as(call, job_id, "u", [file_entry("g", 0, 9)], "v", 1),
     ):
         assert answer[1]["error_code"] == "STALE_ATTEMPT"
     assert rows_of(db_conn) == before
@@ -291,8 +293,8 @@ def test_stale_reports_are_counted(app, call):
     job_id = create_job(call, "w")["id"]
     before = metric_samples(app.test_client())
     stale(report(call, job_id, "RUNNING", "v"), "w", 1)
-    stale(register_files(call, job_id, "t", file_entry("f", 0, 9), "v"), "w", 1)
-    stale(register_files(call, job_id, "t", file_entry("f", 0, 9), None, 4), "w", 1)
+    stale(register_files_as(call, job_id, "t", file_entry("f", 0, 9), "v"), "w", 1)
+    stale(register_files_as(call, job_id, "t", file_entry("f", 0, 9), None, 4), "w", 1)
     after = metric_samples(app.test_client())
 
     def grew(kind):
@@ -395,9 +397,9 @@ def test_a_later_attempt_replaces_an_earlier_attempts_files(call):
         file_entry("blocks_001.parquet", 1000, 1999, 10),
         file_entry("blocks_002.parquet", 2000, 2999, 10),
     ]
-    ok(register_files(call, job_id, "blocks", first, "w", 1))
+    ok(register_files_as(call, job_id, "blocks", first, "w", 1))
     # Within the attempt, another blocks_000.parquet is a conflict.
-    code, body = register_files(
+    code, body = register_files_as(
         call, job_id, "blocks", file_entry("blocks_000.parquet", 0, 499, 5), "w", 1
     )
     assert (code, body["error_code"]) == (409, "FILE_CONFLICT")
@@ -409,26 +411,26 @@ def test_a_later_attempt_replaces_an_earlier_attempts_files(call):
     # the old entry, and the chain is the one the files now make (blocks_001
     # no longer links: a gap after 499).
     rewritten = file_entry("blocks_000.parquet", 0, 499, 5)
-    answer = ok(register_files(call, job_id, "blocks", rewritten, "w", 2))
+    answer = ok(register_files_as(call, job_id, "blocks", rewritten, "w", 2))
     assert answer["registered"] == 1 and answer["unchanged"] == 0
     files = [*first[1:], rewritten]  # in registration order: the replacement is the newest
     assert answer["progress"] == reference_progress(files) == expected_progress(0, 499, 1, 5)
     # Then the attempt fills the gap: the chain runs on through the old files.
     gap = file_entry("blocks_000b.parquet", 500, 999, 5)
-    answer = ok(register_files(call, job_id, "blocks", gap, "w", 2))
+    answer = ok(register_files_as(call, job_id, "blocks", gap, "w", 2))
     files.append(gap)
     assert answer["progress"] == reference_progress(files) == expected_progress(0, 2999, 4, 30)
     # Within attempt 2 the rewritten file is fixed again.
-    code, body = register_files(
+    code, body = register_files_as(
         call, job_id, "blocks", file_entry("blocks_000.parquet", 0, 999, 10), "w", 2
     )
     assert (code, body["error_code"]) == (409, "FILE_CONFLICT")
     # An earlier attempt's file registered again identically is unchanged,
     # and belongs to attempt 2 from then on: changing it now is a conflict.
-    again = ok(register_files(call, job_id, "blocks", first[2], "w", 2))
+    again = ok(register_files_as(call, job_id, "blocks", first[2], "w", 2))
     assert (again["registered"], again["unchanged"]) == (0, 1)
     changed = {**first[2], "size_bytes": 11}
-    code, body = register_files(call, job_id, "blocks", changed, "w", 2)
+    code, body = register_files_as(call, job_id, "blocks", changed, "w", 2)
     assert (code, body["error_code"]) == (409, "FILE_CONFLICT")
     code, progress = call("GET", f"/jobs/{job_id}/progress")
     assert progress["tables"]["blocks"] == reference_progress(files)
@@ -436,14 +438,14 @@ def test_a_later_attempt_replaces_an_earlier_attempts_files(call):
 
 def test_a_replacement_batch_is_all_or_nothing(call, db_conn):
     job_id = create_job(call, "w")["id"]
-    ok(register_files(call, job_id, "t", [file_entry("a", 0, 9), file_entry("b", 10, 19)]))
+    ok(register_files_as(call, job_id, "t", [file_entry("a", 0, 9), file_entry("b", 10, 19)]))
     ok(report(call, job_id, "FAILED"))
     ok(report(call, job_id, "SCHEDULED"))
-    ok(register_files(call, job_id, "t", file_entry("c", 20, 29)))  # attempt 2's
+    ok(register_files_as(call, job_id, "t", file_entry("c", 20, 29)))  # attempt 2's
     before = rows_of(db_conn)
     # a would be replaced, but c is this attempt's: nothing of the batch is stored.
     batch = [file_entry("a", 0, 4), file_entry("new", 30, 39), file_entry("c", 20, 25)]
-    code, body = register_files(call, job_id, "t", batch)
+    code, body = register_files_as(call, job_id, "t", batch)
     assert (code, body["error_code"]) == (409, "FILE_CONFLICT")
     assert "'c'" in body["error_message"]
     assert rows_of(db_conn) == before
@@ -463,7 +465,7 @@ def test_replacements_keep_the_chain_exact(call):
             name = f"f{i}"
             shrink = (attempt * 7 + i) % 3
             entry = file_entry(name, start, max(start, end - shrink * 10), size=attempt + i)
-            answer = ok(register_files(call, job_id, "t", entry, "w", attempt))
+            answer = ok(register_files_as(call, job_id, "t", entry, "w", attempt))
             if files.get(name) != entry:
                 order = [n for n in order if n != name] + [name]
                 files[name] = entry

@@ -57,8 +57,8 @@ def list_jobs(limit, last_job_id, status, node_id):
     cursor = "null" if page.next_cursor is None else str(page.next_cursor)
     # One join of the jobs' JSON, the object's head and tail stuck to the
     # first and last job, and the rows let go before the body is encoded: a
-    # page of MAX_PAGE_BYTES is held twice at most (7.6 MiB traced for 4 MB),
-    # where joining piece by piece held it four times (15.3 MiB).
+    # page of MAX_PAGE_BYTES is held twice at most, where joining piece by
+    # piece held it four times (BENCHMARKS.md, "Design measurements: A page's body").
     parts = page.jobs_json or [""]
     parts[0] = '{"jobs":[' + parts[0]
     parts[-1] = f'{parts[-1]}],"next_cursor":{cursor}}}'

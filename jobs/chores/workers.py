@@ -21,8 +21,8 @@ log = logging.getLogger("jobs")
 
 # Up to 1,000 workers every 10 s across all replicas (100 a second, 8.6
 # million a day), each run a single index-ordered statement looking at the
-# FORGET_SCAN longest-lost workers at most, ~25 ms when it forgets 1,000
-# (BENCHMARKS.md, "Bounded everywhere"). Lost workers that keep a job waiting
+# FORGET_SCAN longest-lost workers at most (BENCHMARKS.md,
+# "Design measurements: Forgetting lost workers"). Lost workers that keep a job waiting
 # (SCHEDULED, which no lease expiry moves) are passed over; only when more
 # than FORGET_SCAN of them are lost for longer than the retention does the
 # chore stop reaching the idle ones behind them.

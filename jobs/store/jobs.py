@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from jobs import pool
 from jobs.domain import (
     DEFAULT_PAGE_SIZE,
     EVENTS_PAGE_BYTES,
@@ -17,11 +16,11 @@ from jobs.domain import (
     TRANSITIONS,
 )
 from jobs.store.outcomes import NOT_FOUND, Blocked, Deleted, Moved, NotFound, Refused
-from jobs.store.sql import as_jsonb, fetch_all, fetch_one
+from jobs.store.sql import Prepared, as_jsonb, fetch_all, fetch_one
 
 TERMINAL = list(TERMINAL_STATUSES)
 
-GET_JOB = pool.Prepared(
+GET_JOB = Prepared(
     "get_job", "SELECT j.job_json FROM jobs j WHERE j.id = %(job_id)s", job_id="bigint"
 )
 
@@ -36,9 +35,8 @@ def get_job(cur, job_id: int) -> str | NotFound:
 # (limit + 1) index entries per status whatever the table's skew. The extra
 # row tells whether a next page exists. With ?node_id= the scans are of
 # jobs_node_status_newest instead (the {node_filter} below), so a node with
-# 10 active jobs among a million finished ones reads 10 index entries:
-# 0.03 ms (generic plan) to 0.06 ms (custom plan), against 0.10 ms for the
-# unfiltered active listing of the same 1.4M-job table (EXPLAIN ANALYZE).
+# 10 active jobs among a million finished ones reads 10 index entries
+# (BENCHMARKS.md, "Design measurements: Listing by node").
 LIST_JOBS = """
 WITH page AS (
     SELECT j.id
@@ -63,9 +61,9 @@ WITH page AS (
 -- when it is at most {inline_max} bytes, the budget shared by the limit + 1
 -- rows, so this statement never sends more than the budget; larger jobs come
 -- as their size alone (octet_length reads a TOASTed value's header, not the
--- value) and list_page fetches those that fit (JOBS_JSON). A running sum
--- here instead (a window over the rows) cost the hot page 0.044 ms of 0.200
--- in execution, this CASE 0.006 ms (BENCHMARKS.md, "Bounded everywhere").
+-- value) and list_page fetches those that fit (JOBS_JSON). A CASE, not a
+-- running sum (a window over the rows), which cost the hot page far more
+-- (BENCHMARKS.md, "Design measurements: The list's page budget").
 SELECT page.id, octet_length(jobs.job_json),
        CASE WHEN octet_length(jobs.job_json) <= {inline_max} THEN jobs.job_json END
 FROM page JOIN jobs ON jobs.id = page.id ORDER BY page.id DESC
@@ -74,24 +72,24 @@ NODE_FILTER = "jobs.node_id = %(node_id)s AND "
 
 # Prepared once per page size, so that its generic plan knows the LIMIT: with
 # the limit as a parameter the planner assumes a tenth of the rows and scans
-# whole statuses (6.6 ms a page instead of 0.28 ms). Other page sizes run
-# the same SQL unprepared, planned on every request.
+# whole statuses (BENCHMARKS.md, "How the service gets there"). Other page
+# sizes run the same SQL unprepared, planned on every request.
 PREPARED_PAGE_SIZES = frozenset(
     {1, 10, 20, 25, 50, 100, 200, 250, 500, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE}
 )
 
 
 @functools.cache
-def list_statement(limit: int, by_node: bool = False) -> pool.Prepared | str:
+def list_statement(limit: int, by_node: bool = False) -> Prepared | str:
     sql = LIST_JOBS.replace("%(limit)s", str(int(limit)))
     sql = sql.replace("{inline_max}", str(MAX_PAGE_BYTES // (int(limit) + 1)))
     sql = sql.replace("{node_filter}", NODE_FILTER if by_node else "")
     if limit in PREPARED_PAGE_SIZES:
         if by_node:
-            return pool.Prepared(
+            return Prepared(
                 f"list_node_jobs_{limit}", sql, statuses="text[]", max_id="bigint", node_id="text"
             )
-        return pool.Prepared(f"list_jobs_{limit}", sql, statuses="text[]", max_id="bigint")
+        return Prepared(f"list_jobs_{limit}", sql, statuses="text[]", max_id="bigint")
     return sql
 
 
@@ -221,7 +219,8 @@ DEFAULT_BACKOFF = Backoff(10.0, 3600.0)
 # statement waited for.
 #
 # Prepared (directly; plain SQL through a pooler): planning these CTEs cost
-# more than running them, ~1 ms of a ~1.3 ms report on the 2-core box.
+# more than running them (BENCHMARKS.md,
+# "Design measurements: Preparing CHANGE_STATUS").
 CHANGE_STATUS_SQL = f"""
 WITH target AS (
     SELECT * FROM jobs WHERE id = %(job_id)s FOR UPDATE
@@ -256,7 +255,7 @@ SELECT target.status, target.node_id, target.attempt, fence.stale,
        coalesce(moved.job_json, target.job_json)
 FROM target CROSS JOIN fence LEFT JOIN moved ON true
 """
-CHANGE_STATUS = pool.Prepared(
+CHANGE_STATUS = Prepared(
     "change_status",
     CHANGE_STATUS_SQL,
     job_id="bigint",
@@ -409,8 +408,8 @@ def delete_job(cur, job_id: int) -> Deleted | Refused | NotFound:
 # several jobs, in id order, but only active ones, which no bulk delete
 # wants; a cycle would need a job retried between the two statements'
 # snapshots, and PostgreSQL would then cancel one of them (the sweep retries
-# at its next interval). A batch holds the lock for ~10-100 ms, so other bulk
-# deletes take turns between batches.
+# at its next interval). A batch holds the lock briefly (pruning.BatchSizer
+# sizes batches by their time), so other bulk deletes take turns between batches.
 BULK_DELETE_LOCK = "SELECT pg_advisory_xact_lock(hashtext('jobs-service bulk delete'))"
 TRY_BULK_DELETE_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext('jobs-service bulk delete'))"
 
@@ -429,14 +428,10 @@ def lock_bulk_deletes(cur, wait: bool = True) -> bool:
 # tables and files go with it through the foreign keys' cascades, in the
 # same statement, so a job goes whole or not at all.
 #
-# Measured on 500k jobs (2 events each, 20 files for one job in 500),
-# PostgreSQL 15: ~85% of the time is the cascades' per-row triggers (2.1 s
-# for job_events, 1.3 s for job_tables that mostly finds nothing, of 3.9 s).
-# Deleting the children explicitly in this statement first does not help:
-# the triggers still fire once per job and cost 2.3-2.9 us each when they
-# find nothing, and the batch got slower (46-82k jobs/s vs 67-112k). Locking
-# the candidates FOR UPDATE before deleting them wrote each row twice (+37%
-# WAL, 238 vs 174 bytes a job) for no gain. See BENCHMARKS.md, "Deleting history".
+# Most of the time is the cascades' per-row triggers. Deleting the children
+# explicitly in this statement first does not help (the triggers still fire
+# once per job), nor does locking the candidates FOR UPDATE first (each row
+# written twice): BENCHMARKS.md, "Deleting history".
 #
 # The position comes from the candidates (the statement's snapshot), not
 # from the deleted rows, so a row rechecked on a newer version can never
@@ -550,7 +545,7 @@ EVENT_JSON = """json_build_object(
     'node_id', e.node_id, 'detail', e.detail)::text"""
 # Whether a FAILED job waits for an automatic retry (retry_at is set only then).
 RETRY_PENDING = "(j.retry_at IS NOT NULL)"
-EVENTS_PAGE = pool.Prepared(
+EVENTS_PAGE = Prepared(
     "events_page",
     f"""
 WITH RECURSIVE walk AS (
@@ -633,7 +628,7 @@ def events_page(
     return EventsPage(list(zip(ids, types, events, strict=True)), more, ended)
 
 
-LATEST_EVENT = pool.Prepared(
+LATEST_EVENT = Prepared(
     "latest_event",
     """
 SELECT (SELECT max(e.id) FROM job_events e WHERE e.job_id = j.id)

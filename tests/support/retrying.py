@@ -3,7 +3,8 @@
 
 - Workers: ``register``, ``leases_of`` (a heartbeat's leases, job_id -> attempt).
 - Reports through a ``Call``: ``report`` (a status report, fenced when a node
-  and attempt are given), ``register_files`` (fenced the same way).
+  and attempt are given), ``register_files_as`` (a file registration, fenced
+  the same way; unlike service.register_files, the answer is not checked).
 - Retries without waiting for a clock: ``make_due`` pushes jobs' retry_at into
   the past, ``sweep_retries`` runs the retry chore once in process.
 - ``retry_times``: a job's retry_at and updated_at as datetimes, from the database.
@@ -48,9 +49,11 @@ def report(
     return call("PUT", f"/jobs/{job_id}/status", body)
 
 
-def register_files(
+def register_files_as(
     call: Call, job_id: int, table: str, files, node_id: str | None = None, attempt=None
 ) -> tuple[int, dict]:
+    """POST /jobs/{id}/tables/{table}/files through ``call``, naming the worker and attempt
+    (the query's node_id and attempt) when given: (status, body), unchecked."""
     query = {k: v for k, v in (("node_id", node_id), ("attempt", attempt)) if v is not None}
     suffix = f"?{urlencode(query)}" if query else ""
     return call("POST", f"/jobs/{job_id}/tables/{table}/files{suffix}", files)
