@@ -137,6 +137,9 @@ def test_failover_under_writes(pair):
         workers = wait_for_workers(server.process.pid, 2)
         call = server.caller(timeout=30)
         a, b = seed_two_jobs(call)
+        # The plan's worker exists before the kill: a plan whose PUT failed in the
+        # outage and whose GET came after the promotion would otherwise meet a 404.
+        assert call("PUT", "/workers/plan-w")[0] == 200
         stream = Stream(call)
         keys = itertools.count()
 

@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 import pytest
 
+from support.databases import built_once
 from support.service import MAX_ID, assert_error, file_entry
 
 MIB = 1024 * 1024
@@ -64,7 +65,14 @@ PATH_TO = {
 
 @pytest.fixture
 def world(client):
-    """Jobs 1..12 in every status, with files, events and an idempotency key: {id: status}."""
+    """Jobs 1..12 in every status, with files, events and an idempotency key: {id: status}
+    (built through the API once, then copied back: support.databases.built_once)."""
+    return built_once(
+        client.application.config["DATABASE_URL"], "world", lambda: build_world(client)
+    )
+
+
+def build_world(client) -> dict[int, str]:
     statuses = [
         "SCHEDULED",
         "RUNNING",
@@ -392,7 +400,13 @@ NOT_OBJECTS = [
 
 @pytest.fixture
 def targets(client):
-    """Jobs in the statuses a body could act on: {status: id}."""
+    """Jobs in the statuses a body could act on: {status: id} (built once, as ``world``)."""
+    return built_once(
+        client.application.config["DATABASE_URL"], "targets", lambda: build_targets(client)
+    )
+
+
+def build_targets(client) -> dict[str, int]:
     ids = {}
     for status in ("SCHEDULED", "RUNNING", "STOP_REQUESTED", "FAILED", "COMPLETED"):
         job_id = create(client, idempotency_key=f"key-{status}")
@@ -724,7 +738,13 @@ JOB_ID_ITEMS_BAD = [
 
 @pytest.fixture
 def deletable(client):
-    """Three terminal jobs (1..3) and an active one (4)."""
+    """Three terminal jobs (1..3) and an active one (4) (built once, as ``world``)."""
+    return built_once(
+        client.application.config["DATABASE_URL"], "deletable", lambda: build_deletable(client)
+    )
+
+
+def build_deletable(client) -> list[int]:
     for status in ("COMPLETED", "STOPPED", "FAILED", "RUNNING"):
         job_id = create(client)
         add_file(client, job_id, "blocks", file_entry("f0", 0, 9))
