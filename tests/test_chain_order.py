@@ -33,15 +33,9 @@ from jobs.store import chain
 
 from support.databases import init_db
 from support.oracle import expected_progress, reference_chain, reference_progress
-from support.service import block_hash
+from support.service import block_hash, new_job
 
 TABLE = "blocks"
-
-
-def new_job(client) -> int:
-    response = client.post("/jobs", json={"node_id": "worker-01", "descriptor": {}})
-    assert response.status_code == 201, response.get_json()
-    return response.get_json()["id"]
 
 
 def wire(f: dict) -> dict:

@@ -25,6 +25,7 @@ from jobs import waiting
 from jobs.store import jobs as job_store
 
 from support.databases import init_db, lose_worker
+from support.retrying import register
 from support.service import (
     assert_error,
     create_job,
@@ -69,11 +70,6 @@ def hubs():
         hub = app.extensions.get("jobs_waiting")
         if hub is not None:
             hub.close()
-
-
-def register(call, node_id: str) -> None:
-    status, body = call("PUT", f"/workers/{node_id}")
-    assert status == 200, body
 
 
 def woken_in(request: Background, changed_at: float) -> float:
