@@ -43,9 +43,8 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import seed
-from bench.console import say
+from bench.console import fmt, say, table
 from bench.load import Load, ensure_wrk, id_script, run_wrk
-from bench.report import fmt, replicas_section, replicas_summary
 from bench.servers import ROOT, connect, service_launch, start_postgres, start_server
 from dev.gunicorn import Server
 from dev.postgres import LocalPostgres
@@ -335,3 +334,66 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def replicas_section(figures: Replicas | None) -> tuple[list[str], dict[str, str]]:
+    """The replica reads next to primary-only, and the failover; the summary's figures."""
+    if figures is None:
+        return [], dict.fromkeys(("list", "get", "failover_s", "failover_lost"), "n/a")
+    rows = []
+    for endpoint in ("GET /jobs?limit=50", "GET /jobs/{id}"):
+        primary, replica = (figures.loads.get((t, endpoint)) for t in ("primary", "replica"))
+        rows.append(
+            [
+                endpoint,
+                "n/a" if primary is None else f"{primary.rps:.0f}",
+                fmt(primary and primary.p99_ms),
+                "n/a" if replica is None else f"{replica.rps:.0f}",
+                fmt(replica and replica.p99_ms),
+                "n/a" if replica is None else str(replica.errors),
+                f"{fmt(figures.ratio(endpoint))}x",
+            ]
+        )
+    share = figures.replica_share
+    others = ", ".join(f"{n} {reason}" for reason, n in figures.fallbacks.items())
+    header = ["endpoint", "primary-only req/s", "primary-only p99 ms", "with replica req/s"]
+    header += ["with replica p99 ms", "with replica errors", "replica / primary"]
+    lines = [
+        "",
+        "## Replicas and failover",
+        "",
+        f"A hot standby of the same table (pg_basebackup and catch-up in"
+        f" {fmt(figures.standby_s, 1)} s), the service primary-only and then with"
+        " DATABASE_REPLICA_URL at it. Reads the standby answered in the measured runs:"
+        f" {'n/a' if share is None else f'{100 * share:.1f}%'}"
+        f" (the primary's, by jobs_replica_fallbacks_total: {others or 'n/a'}).",
+        "",
+        table(header, rows),
+    ]
+    out = figures.failover
+    if out is not None:
+        rows = [
+            ["promotion -> first acknowledged write", f"{fmt(out.failover_s)} s"],
+            ["kill -> first acknowledged write", f"{fmt(out.stopped_s)} s"],
+            ["acknowledged writes", str(out.acknowledged)],
+            ["acknowledged writes missing afterwards", str(out.lost)],
+            ["answers in between: CREATE_JOB_ERROR, other", f"{out.errors}, {len(out.unexpected)}"],
+            ["slowest answer", f"{fmt(out.slowest_s)} s"],
+        ]
+        title = "failover: primary killed, synchronous standby promoted 1 s later"
+        lines += ["", table([title, "value"], rows)]
+        if out.unexpected:
+            lines += ["", "Other answers: " + "; ".join(out.unexpected[:5])]
+    return lines, {
+        "list": fmt(figures.ratio("GET /jobs?limit=50")),
+        "get": fmt(figures.ratio("GET /jobs/{id}")),
+        "failover_s": fmt(out and out.failover_s),
+        "failover_lost": "n/a" if out is None or out.lost is None else str(out.lost),
+    }
+
+
+def replicas_summary(figures: dict[str, str]) -> str:
+    return (
+        f"list_replica_vs_primary={figures['list']} get_replica_vs_primary={figures['get']}"
+        f" failover_s={figures['failover_s']} failover_lost={figures['failover_lost']}"
+    )

@@ -73,7 +73,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench import replicas, seed
-from bench.console import say
+from bench.console import fmt, say
 from bench.context import Bench, Skew
 from bench.growth import run_growth
 from bench.load import (
@@ -88,7 +88,7 @@ from bench.load import (
 )
 from bench.plans import jobs_rows_read
 from bench.register import measure_registration
-from bench.report import fmt, report
+from bench.report import report
 from bench.retries import run_retries
 from bench.servers import ROOT, rss_kib
 from bench.slow_clients import slow_clients
