@@ -1,4 +1,4 @@
-"""The local PostgreSQL used by `make run`, the tests and the benchmarks."""
+"""The local PostgreSQL used by `make run`, the tests and the benchmarks (dev/postgres.py)."""
 
 import os
 import signal
