@@ -87,7 +87,8 @@ def count_stale_report(kind: str) -> None:
     _stale_reports[kind].inc()
 
 
-# Requests waiting right now (waiting.py), by kind: heartbeat, events, follow.
+# Requests waiting right now (waiting.py), by kind: heartbeat, events, follow; each
+# counted from its first sleep, after its first look at the database (waiting.Waiter).
 # Summed over the instance's live processes.
 WAIT_KINDS = ("heartbeat", "events", "follow")
 WAITING = Gauge(

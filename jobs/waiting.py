@@ -72,11 +72,15 @@ class Busy(Exception):
 class Waiter:
     """One waiting request: woken by its key's news, a (re)connection, or shutdown."""
 
-    __slots__ = ("_event", "key", "kind")
+    __slots__ = ("_event", "counted", "key", "kind")
 
     def __init__(self, key: tuple, kind: str):
         self.key, self.kind = key, kind
         self._event = threading.Event()
+        # In jobs_waiting_requests from its first sleep: after the request's first look
+        # at the database, so a waiting request seen there has taken its starting point
+        # (a wait without ``after`` fixes "the latest event at arrival" in that look).
+        self.counted = False
 
     def wake(self) -> None:
         self._event.set()
@@ -84,6 +88,9 @@ class Waiter:
     def sleep(self, timeout: float) -> bool:
         """Up to ``timeout`` seconds; True when woken. A wake-up that comes while the
         caller then checks the database is kept for the next sleep."""
+        if not self.counted:
+            self.counted = True
+            observability.WAITING.labels(self.kind).inc()
         woken = self._event.wait(max(0.0, timeout))
         self._event.clear()
         return woken
@@ -162,7 +169,6 @@ class Hub:
                 self._thread = threading.Thread(target=self._run, name="jobs-waiting", daemon=True)
                 self._thread.start()
         self._some_waiting.set()
-        observability.WAITING.labels(kind).inc()
         return waiter
 
     def unregister(self, waiter: Waiter) -> None:
@@ -177,7 +183,8 @@ class Hub:
             if not self._count:
                 self._some_waiting.clear()
                 self._idle_times += 1
-        observability.WAITING.labels(waiter.kind).dec()
+        if waiter.counted:
+            observability.WAITING.labels(waiter.kind).dec()
 
     @property
     def count(self) -> int:
