@@ -40,12 +40,9 @@ def local_timeout_prefix(timeout_ms: int) -> str:
     return f"SET LOCAL statement_timeout = {int(timeout_ms)}; "
 
 
-SET_LOCAL_TIMEOUT = "SET LOCAL statement_timeout = %s"
-
-
 def set_local_timeout(cur, timeout_ms: int) -> None:
     """In a transaction: ``timeout_ms`` as the statement timeout for the rest of it."""
-    cur.execute(SET_LOCAL_TIMEOUT, (int(timeout_ms),))
+    cur.execute(local_timeout_prefix(timeout_ms))
 
 
 # Replicas deploying at once must not race on CREATE ... IF NOT EXISTS.
