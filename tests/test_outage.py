@@ -301,7 +301,6 @@ def test_a_frozen_database_fails_a_pooled_request_in_seconds(restart_pg):
     app.extensions["jobs_db_pool"].drop_idle()
 
 
-ASKERS = 6  # within the pools of both workers (DB_POOL_SIZE 4 each)
 
 
 @pytest.mark.alone  # each of 18 requests answers within STATEMENT_TIMEOUT_MS + 3 s
@@ -316,7 +315,14 @@ def test_a_frozen_database_under_gunicorn(restart_pg, pgbouncer_factory, via):
     pg = restart_pg
     url = pg.url if via == "direct" else pgbouncer_factory(pg.url, "transaction").url
     timeout_s = 1.0
-    env = {"STATEMENT_TIMEOUT_MS": str(int(timeout_s * 1000)), "DB_CONNECT_TIMEOUT_S": "2"}
+    plan_size = len(route_plan(0, 0))
+    # A pool as large as the plan in each worker: however the requests spread over
+    # the workers, none waits for a connection (that would be a 503, not the outage).
+    env = {
+        "STATEMENT_TIMEOUT_MS": str(int(timeout_s * 1000)),
+        "DB_CONNECT_TIMEOUT_S": "2",
+        "DB_POOL_SIZE": str(plan_size),
+    }
     with serving(url, workers=2, env=env) as server:
         call = server.caller(timeout=30)
         master = server.process.pid
@@ -330,10 +336,10 @@ def test_a_frozen_database_under_gunicorn(restart_pg, pgbouncer_factory, via):
                 answers.append((method, path, code, timed(call, method, path, body)))
 
         plan = route_plan(a, b)
-        # Six clients at once, three requests each: each request's time is its
-        # own (no queue behind another request's wait), whatever the worker
-        # class; and the frozen phase lasts three requests' waits, not nine.
-        askers = [threading.Thread(target=ask, args=(plan[i::ASKERS],)) for i in range(ASKERS)]
+        # A client for each request, all at once: each request's time is its own
+        # (no queue behind another request's wait), and the frozen phase lasts
+        # one request's wait (it was 9 s with three requests each).
+        askers = [threading.Thread(target=ask, args=([step],)) for step in plan]
         with frozen(pg):
             for asker in askers:
                 asker.start()
