@@ -40,7 +40,7 @@ from support.databases import (  # noqa: E402
     truncate,
 )
 from support.races import audit_trail  # noqa: E402
-from support.service import drop_pool, make_app  # noqa: E402
+from support.service import KeptApp, drop_pool, make_app  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -160,13 +160,21 @@ def _schema(database_url):
     return database_url
 
 
+@pytest.fixture(scope="session")
+def _kept_app():
+    kept = KeptApp()
+    yield kept
+    kept.discard()
+
+
 @pytest.fixture
-def app(_schema):
-    """The app on the session's database, emptied for the test."""
+def app(_schema, _kept_app):
+    """The app on the session's database, emptied for the test (the process's one
+    app, lent as a new one would be: support.service.KeptApp)."""
     truncate(_schema)
-    app = make_app(_schema)
+    app = _kept_app.lend(_schema)
     yield app
-    drop_pool(app)
+    _kept_app.take_back()
 
 
 @pytest.fixture

@@ -6,8 +6,9 @@ gunicorn (``dev.gunicorn.http_caller``, ``Server.caller``), so a workload or a
 check written once runs both ways.
 
 - Apps: ``make_app`` (test settings of a test's own over the environment's),
-  ``drop_pool`` (its idle connections closed); the ``apps`` fixture of
-  conftest.py makes them for a test and drops their pools afterwards.
+  ``drop_pool`` (its idle connections closed), ``KeptApp`` (the ``app``
+  fixture's: one app for a process's tests, as a new one would be); the ``apps``
+  fixture of conftest.py makes them for a test and drops their pools afterwards.
 - Requests: ``flask_caller``, ``create_job``, ``move_to`` (along
   ``SETUP_PATHS``), ``job_statuses``, ``events_of``, ``sweep_leases`` (the
   lease chore, run once in process); through a Flask test client,
@@ -31,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app
 from dev.gunicorn import Call
-from jobs import db
+from jobs import chores, db, settings
 from jobs.chores import leases
 
 # ---- Apps ---------------------------------------------------------------------------
@@ -60,6 +61,62 @@ def drop_pool(app) -> None:
     replicas = app.extensions.get("jobs_db_replicas")
     if replicas is not None:
         replicas.close()
+
+
+class KeptApp:
+    """The ``app`` fixture's app: one for the process's tests, lent to each as a new
+    one would be.
+
+    A new app for each test cost 15 ms of CPU (Werkzeug compiling the routes), and its
+    first pooled connection 10 ms more between the test and the server: a sixth of
+    the suite's CPU (BENCHMARKS.md, "The test suite"). The pool and its connections
+    are kept; the rest is put back as made: whatever the service makes on first use
+    (the waiting hub, readiness, replicas, the worker count) closed and dropped, the
+    chores' timers at zero. An app whose config a test changed (its pool may have
+    taken the change), or made under other settings, is replaced instead.
+    """
+
+    def __init__(self):
+        self.app = None
+
+    def lend(self, database_url: str):
+        if self.app is not None and self._made_under != (database_url, self._settings()):
+            self.discard()
+        if self.app is None:
+            self.app = make_app(database_url)
+            self._made_under = (database_url, self._settings())
+            self._config = dict(self.app.config)
+            self._extensions = set(self.app.extensions)
+        return self.app
+
+    def take_back(self) -> None:
+        app = self.app
+        if app is None:
+            return
+        if dict(app.config) != self._config:
+            self.discard()
+            return
+        for name in set(app.extensions) - self._extensions - {"jobs_db_pool"}:
+            _close(app.extensions.pop(name))
+        for chore in chores.of(app).by_name.values():
+            chore.next_check = 0.0
+
+    def discard(self) -> None:
+        if self.app is not None:
+            for name in set(self.app.extensions) - self._extensions - {"jobs_db_pool"}:
+                _close(self.app.extensions.pop(name))
+            drop_pool(self.app)
+            self.app = None
+
+    @staticmethod
+    def _settings() -> dict:
+        return settings.from_environment()
+
+
+def _close(made) -> None:
+    close = getattr(made, "close", None)
+    if close is not None:
+        close()
 
 
 # ---- Requests through a Call --------------------------------------------------------
