@@ -43,6 +43,7 @@ from support.races import audit_trail  # noqa: E402
 from support.service import KeptApp, drop_pool, make_app  # noqa: E402
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's own ordering (fixtures' parameters)
 def pytest_collection_modifyitems(config, items):
     """Node IDs that pytest-xdist can tell apart and group. pytest 9 keeps an item's ID in
     ``_id``, and two plugins expect otherwise:
@@ -53,6 +54,7 @@ def pytest_collection_modifyitems(config, items):
       worker by an ``@group`` suffix on their IDs, which it writes where pytest 9 no
       longer reads (``_nodeid``): every group was spread over the workers.
     """
+    together_alone(items)
     counts = Counter(item.nodeid for item in items)
     loadgroup = getattr(config.option, "loadgroup", False)  # on xdist's workers
     for item in items:
@@ -71,6 +73,31 @@ def pytest_collection_modifyitems(config, items):
             item._id = coerce_node_id(nodeid)
 
 
+def together_alone(items) -> None:
+    """The ``alone`` tests one after another, so that the run waits for the other
+    workers' tests to end once for them all rather than once for each (each wait
+    cost up to the longest test running then; BENCHMARKS.md, "The test suite"):
+    those outside an ``xdist_group`` form the group ``alone``, and each module's
+    come after its other tests."""
+    for item in items:
+        if item.get_closest_marker("alone") and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group("alone"))
+    files = {item.path: n for n, item in reversed(list(enumerate(items)))}
+    items.sort(key=lambda item: (files[item.path], bool(item.get_closest_marker("alone"))))
+
+
+NEXT_IS_ALONE = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    item.stash[NEXT_IS_ALONE] = bool(nextitem and nextitem.get_closest_marker("alone"))
+
+
+# The gate and the lock, held from an ``alone`` test to the next when it follows at once.
+_held_alone: list = []
+
+
 @pytest.fixture(autouse=True)
 def _alone_or_together(request, tmp_path_factory):
     """Under pytest-xdist, a test marked ``alone`` runs while no other test does.
@@ -81,20 +108,34 @@ def _alone_or_together(request, tmp_path_factory):
     takes the run's lock exclusively, every other test takes it shared. The gate
     in front of the lock keeps a waiting ``alone`` test from being starved by a
     stream of shared holders. Module fixtures (a gunicorn of the module's) stay up.
+    An ``alone`` test followed at once by another (``together_alone``) hands both on.
     """
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         yield
         return
-    # The workers' temporary directories (popen-gw0, ...) share the run's own.
-    run = tmp_path_factory.getbasetemp().parent
-    with open(run / "alone.gate", "a") as gate, open(run / "alone.lock", "a") as lock:
+    alone = request.node.get_closest_marker("alone") is not None
+    if _held_alone:
+        assert alone, "the lock was handed on to a test that is not alone"
+        gate, lock = _held_alone.pop()
+    else:
+        # The workers' temporary directories (popen-gw0, ...) share the run's own.
+        run = tmp_path_factory.getbasetemp().parent
+        gate = open(run / "alone.gate", "a")  # noqa: SIM115 (may outlive the fixture)
+        lock = open(run / "alone.lock", "a")  # noqa: SIM115
         fcntl.flock(gate, fcntl.LOCK_EX)
-        if request.node.get_closest_marker("alone"):
+        if alone:
             fcntl.flock(lock, fcntl.LOCK_EX)  # the gate stays shut until it is done
         else:
             fcntl.flock(lock, fcntl.LOCK_SH)
             fcntl.flock(gate, fcntl.LOCK_UN)
-        yield  # closing the files releases both
+    try:
+        yield
+    finally:
+        if alone and request.node.stash.get(NEXT_IS_ALONE, False):
+            _held_alone.append((gate, lock))
+        else:
+            gate.close()  # closing the files releases both
+            lock.close()
 
 
 @pytest.fixture(scope="session")
