@@ -51,6 +51,15 @@ def test_throwaway_settings(pg_factory):
     assert query(url, "SHOW listen_addresses") == ("127.0.0.1",)
 
 
+def test_throwaway_servers_are_copies_of_one_initdb_and_their_data_their_own(pg_factory):
+    system_id = "SELECT system_identifier FROM pg_control_system()"
+    first, second = pg_factory(), pg_factory()
+    # One initdb per machine (dev/postgres.py's template): the same cluster identity.
+    assert query(first.url, system_id) == query(second.url, system_id)
+    query(first.url, "CREATE TABLE only_here (x int)")
+    assert query(second.url, "SELECT to_regclass('only_here')") == (None,)
+
+
 def test_a_persistent_datadir_comes_back_on_its_port_and_alter_system_wins():
     datadir = tempfile.mkdtemp(prefix="jobs-test-pg-")
     first = LocalPostgres(datadir)  # durable, as for `make run`
