@@ -21,7 +21,6 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-import psycopg2
 import pytest
 from _pytest.nodeid import coerce_node_id
 
@@ -36,7 +35,9 @@ from support.databases import (  # noqa: E402
     Blackhole,
     Refuser,
     database_of_worker,
+    give_back,
     init_db,
+    kept_connection,
     truncate,
 )
 from support.races import audit_trail  # noqa: E402
@@ -270,11 +271,11 @@ def blackhole():
 
 @pytest.fixture
 def db_conn(_schema):
-    """A plain connection for looking at (or locking) the database from outside the app."""
-    conn = psycopg2.connect(_schema)
-    conn.autocommit = True
+    """A plain connection (autocommit) for looking at (or locking) the database from
+    outside the app: the process's, as new for each test (support.databases.kept_connection)."""
+    conn = kept_connection(_schema, "db_conn")
     yield conn
-    conn.close()
+    give_back(conn)
 
 
 # ---- PgBouncer in front of the session's PostgreSQL ----------------------------

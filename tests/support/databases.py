@@ -1,10 +1,12 @@
 """Databases for the tests: emptied, of a test's own, or failing on purpose.
 
 - The session's database: ``TABLES``, ``truncate`` (what the ``app`` fixture
-  does before each test), ``built_once`` (rows a fixture built through the API,
-  copied back instead of built again), ``init_db`` (``flask init-db`` in process, on a
-  database of a test's own), ``database_of_worker`` (one database per
-  pytest-xdist worker on a server given by DATABASE_URL).
+  does before each test), ``kept_connection`` and ``give_back`` (one connection
+  per database and purpose for the process: the emptier's, ``db_conn``),
+  ``built_once`` (rows a fixture built through the API, copied back instead of
+  built again), ``init_db`` (``flask init-db`` in process, on a database of a
+  test's own), ``database_of_worker`` (one database per pytest-xdist worker on a
+  server given by DATABASE_URL).
 - Looking at it from outside the service: ``query`` (one statement, its first
   row), ``query_rows`` (all of them).
 - Holding it from outside the service: ``table_locked`` (an ACCESS EXCLUSIVE
@@ -57,28 +59,46 @@ END $$;
 """
 
 
-# One connection per database empties it before every test: a new one each time
-# cost the server a backend start and the test process a connect, 15 ms of CPU per
-# test between them (BENCHMARKS.md, "The test suite").
-_emptiers: dict[str, psycopg2.extensions.connection] = {}
+# Kept connections: one per database and purpose for the process. A new one for
+# each test cost the server a backend start and the test a connect, 15 ms of CPU
+# per test between them (BENCHMARKS.md, "The test suite").
+_kept: dict[tuple[str, str], psycopg2.extensions.connection] = {}
 
 
-def truncate(database_url: str) -> None:
-    """Every table of the service emptied, its identities restarted at 1."""
+def kept_connection(database_url: str, purpose: str) -> psycopg2.extensions.connection:
+    """The process's autocommit connection to ``database_url`` for ``purpose``, lent as a
+    new one would be (no transaction, no session state: DISCARD ALL), opened again if
+    a test closed it or the server ended it."""
+    key = (database_url, purpose)
     for last_try in (False, True):
-        conn = _emptiers.get(database_url)
+        conn = _kept.get(key)
         if conn is None or conn.closed:
-            conn = _emptiers[database_url] = psycopg2.connect(database_url)
-            conn.autocommit = True
+            conn = _kept[key] = psycopg2.connect(database_url)
         try:
+            if not conn.autocommit:
+                conn.rollback()
+                conn.autocommit = True
             with conn.cursor() as cur:
-                cur.execute(EMPTY_TABLES)
-            return
+                cur.execute("DISCARD ALL")
+            return conn
         except (psycopg2.OperationalError, psycopg2.InterfaceError):
             # A test restarted the server or ended its connections: once more, anew.
             conn.close()
             if last_try:
                 raise
+    raise AssertionError("unreachable")
+
+
+def give_back(conn: psycopg2.extensions.connection) -> None:
+    """What a test left open on a kept connection ends with it (a lock, a transaction)."""
+    if not conn.closed and not conn.autocommit:
+        conn.rollback()
+
+
+def truncate(database_url: str) -> None:
+    """Every table of the service emptied, its identities restarted at 1."""
+    with kept_connection(database_url, "emptier").cursor() as cur:
+        cur.execute(EMPTY_TABLES)
 
 
 # Rows built through the API once per database, kept in a schema of their own:
