@@ -301,8 +301,6 @@ def test_a_frozen_database_fails_a_pooled_request_in_seconds(restart_pg):
     app.extensions["jobs_db_pool"].drop_idle()
 
 
-
-
 @pytest.mark.alone  # each of 18 requests answers within STATEMENT_TIMEOUT_MS + 3 s
 @pytest.mark.parametrize("via", ["direct", "pgbouncer-transaction"])
 def test_a_frozen_database_under_gunicorn(restart_pg, pgbouncer_factory, via):

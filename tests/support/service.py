@@ -68,55 +68,51 @@ class KeptApp:
     one would be.
 
     A new app for each test cost 15 ms of CPU (Werkzeug compiling the routes), and its
-    first pooled connection 10 ms more between the test and the server: a sixth of
-    the suite's CPU (BENCHMARKS.md, "The test suite"). The pool and its connections
-    are kept; the rest is put back as made: whatever the service makes on first use
-    (the waiting hub, readiness, replicas, the worker count) closed and dropped, the
+    first pooled connection 10 ms more between the test and the server: about 35 s of
+    a run's 460 (BENCHMARKS.md, "The test suite"). The pool and its connections are
+    kept; the rest is put back as made: whatever the service makes on first use (the
+    waiting hub, readiness, replicas, the worker count) closed and dropped, the
     chores' timers at zero. An app whose config a test changed (its pool may have
     taken the change), or made under other settings, is replaced instead.
     """
 
     def __init__(self):
         self.app = None
+        self._made_under = None
 
     def lend(self, database_url: str):
-        if self.app is not None and self._made_under != (database_url, self._settings()):
+        under = (database_url, settings.from_environment())
+        if self.app is not None and self._made_under != under:
             self.discard()
         if self.app is None:
             self.app = make_app(database_url)
-            self._made_under = (database_url, self._settings())
+            self._made_under = under
             self._config = dict(self.app.config)
             self._extensions = set(self.app.extensions)
         return self.app
 
     def take_back(self) -> None:
-        app = self.app
-        if app is None:
+        if self.app is None:
             return
-        if dict(app.config) != self._config:
+        if dict(self.app.config) != self._config:
             self.discard()
             return
-        for name in set(app.extensions) - self._extensions - {"jobs_db_pool"}:
-            _close(app.extensions.pop(name))
-        for chore in chores.of(app).by_name.values():
+        self._drop_first_use_state()
+        for chore in chores.of(self.app).by_name.values():
             chore.next_check = 0.0
 
     def discard(self) -> None:
         if self.app is not None:
-            for name in set(self.app.extensions) - self._extensions - {"jobs_db_pool"}:
-                _close(self.app.extensions.pop(name))
+            self._drop_first_use_state()
             drop_pool(self.app)
             self.app = None
 
-    @staticmethod
-    def _settings() -> dict:
-        return settings.from_environment()
-
-
-def _close(made) -> None:
-    close = getattr(made, "close", None)
-    if close is not None:
-        close()
+    def _drop_first_use_state(self) -> None:
+        extensions = self.app.extensions
+        for name in set(extensions) - self._extensions - {"jobs_db_pool"}:
+            close = getattr(extensions.pop(name), "close", None)
+            if close is not None:
+                close()
 
 
 # ---- Requests through a Call --------------------------------------------------------
