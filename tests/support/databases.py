@@ -70,23 +70,23 @@ def kept_connection(database_url: str, purpose: str) -> psycopg2.extensions.conn
     new one would be (no transaction, no session state: DISCARD ALL), opened again if
     a test closed it or the server ended it."""
     key = (database_url, purpose)
-    for last_try in (False, True):
-        conn = _kept.get(key)
-        if conn is None or conn.closed:
-            conn = _kept[key] = psycopg2.connect(database_url)
+    conn = _kept.get(key)
+    if conn is not None and not conn.closed:
         try:
-            if not conn.autocommit:
-                conn.rollback()
-                conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute("DISCARD ALL")
-            return conn
+            return _as_new(conn)
         except (psycopg2.OperationalError, psycopg2.InterfaceError):
-            # A test restarted the server or ended its connections: once more, anew.
-            conn.close()
-            if last_try:
-                raise
-    raise AssertionError("unreachable")
+            conn.close()  # a test restarted the server or ended its connections
+    conn = _kept[key] = psycopg2.connect(database_url)
+    return _as_new(conn)
+
+
+def _as_new(conn: psycopg2.extensions.connection) -> psycopg2.extensions.connection:
+    if not conn.autocommit:
+        conn.rollback()
+        conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("DISCARD ALL")
+    return conn
 
 
 def give_back(conn: psycopg2.extensions.connection) -> None:
