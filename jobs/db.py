@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 import click
 import psycopg2
@@ -25,13 +26,21 @@ from jobs import observability, pool, replicas
 from jobs.store import jobs as job_store
 from jobs.store import session
 
+# Requests on threads (the chores', a threaded server's) may be first at once: one
+# makes the pool while the others wait, or a connection could go back to a pool that
+# did not lend it.
+_making = threading.Lock()
+
 
 def get_pool() -> pool.ConnectionPool:
     """The process's pool, created on first use: after gunicorn forks, never before."""
     current = current_app.extensions.get("jobs_db_pool")
     if current is None or current.pid != os.getpid():
-        current = _new_pool(current_app.config, current_app.config["DATABASE_URL"])
-        current_app.extensions["jobs_db_pool"] = current
+        with _making:
+            current = current_app.extensions.get("jobs_db_pool")
+            if current is None or current.pid != os.getpid():
+                current = _new_pool(current_app.config, current_app.config["DATABASE_URL"])
+                current_app.extensions["jobs_db_pool"] = current
     return current
 
 
@@ -42,13 +51,17 @@ def get_replicas() -> replicas.ReplicaSet | None:
         return None
     current = current_app.extensions.get("jobs_db_replicas")
     if current is None or current.pid != os.getpid():
-        current = replicas.ReplicaSet(
-            get_pool(),
-            [_new_pool(cfg, url) for url in cfg["DATABASE_REPLICA_URL"]],
-            max_lag_s=cfg["REPLICA_MAX_LAG_S"],
-            check_s=cfg["REPLICA_CHECK_S"],
-        )
-        current_app.extensions["jobs_db_replicas"] = current
+        primary = get_pool()  # before the lock, which it takes too
+        with _making:
+            current = current_app.extensions.get("jobs_db_replicas")
+            if current is None or current.pid != os.getpid():
+                current = replicas.ReplicaSet(
+                    primary,
+                    [_new_pool(cfg, url) for url in cfg["DATABASE_REPLICA_URL"]],
+                    max_lag_s=cfg["REPLICA_MAX_LAG_S"],
+                    check_s=cfg["REPLICA_CHECK_S"],
+                )
+                current_app.extensions["jobs_db_replicas"] = current
     return current
 
 

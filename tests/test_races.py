@@ -29,6 +29,7 @@ import time
 import psycopg2
 import pytest
 
+from jobs import db
 from jobs.store import chain
 
 from support.oracle import TERMINAL, history_problems, reference_progress
@@ -484,3 +485,27 @@ def test_concurrent_registrations_keep_canonical_progress(make_call, database_ur
         # ...and the final progress is the walk over all of them.
         _, body = setup("GET", f"/jobs/{job_id}/progress")
         assert body["tables"] == {"blocks": progress_of_rows(rows)}
+
+
+# ---- A new app's first requests --------------------------------------------------------
+
+
+def test_the_first_requests_of_a_new_app_share_one_pool(apps, monkeypatch):
+    """Twenty threads make a new app's first requests at once: one pool is made, and
+    every connection goes back to the pool it came from. (Two pools made at once let
+    a request give its connection back to the other one: ValueError, seen once in
+    the idempotency race through PgBouncer.) Making a pool is slowed here, so that
+    the moment between looking for the pool and keeping it is wide."""
+    made = []
+    new_pool = db._new_pool
+
+    def slow_new_pool(cfg, url):
+        made.append(url)
+        time.sleep(0.05)
+        return new_pool(cfg, url)
+
+    monkeypatch.setattr(db, "_new_pool", slow_new_pool)
+    app = apps(DB_POOL_SIZE=40)
+    answers = race(lambda: flask_caller(app), [lambda call, _: call("GET", "/jobs")] * 20)
+    assert [status for status, _ in answers] == [200] * 20
+    assert len(made) == 1
