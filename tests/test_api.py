@@ -11,205 +11,37 @@ documents it (schemas.py).
 
 from __future__ import annotations
 
-import json
 import random
 import re
-from collections import deque
-from datetime import UTC, datetime, timedelta
 from itertools import product
 
 import pytest
 
-from jobs.schemas import EventListSchema, JobListSchema, JobSchema, ProgressSchema
-
-from support.oracle import (
-    ACTIVE,
-    JOB_FIELDS,
-    REPORTABLE,
-    STATUSES,
-    STOPPABLE,
-    TERMINAL,
-    WORKER_MOVES,
+from support.checked import (
+    EVENT_LIST_SCHEMA,
+    JOB_KEYS,
+    PATHS,
+    PROGRESS_SCHEMA,
+    TS,
+    all_jobs,
+    body_of,
+    check_job,
+    create,
+    drive,
+    event_types,
+    events,
+    get_job,
+    list_jobs,
+    make_job,
+    names,
+    parse_ts,
+    progress,
+    report,
+    stop,
 )
+from support.databases import count_job_rows
+from support.oracle import ACTIVE, REPORTABLE, STATUSES, STOPPABLE, TERMINAL, WORKER_MOVES
 from support.service import MAX_ID, assert_error, block_hash, file_entry, register_files
-
-TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
-# One instance of each (a marshmallow schema deep-copies its fields when made: 3.6 s
-# of this module's CPU when made for every check).
-JOB_SCHEMA, JOB_LIST_SCHEMA = JobSchema(), JobListSchema()
-EVENT_LIST_SCHEMA, PROGRESS_SCHEMA = EventListSchema(), ProgressSchema()
-JOB_KEYS = set(JOB_FIELDS)
-EVENT_KEYS = {"id", "created_at", "event_type", "node_id", "detail"}
-TABLE_KEYS = {"start_block", "current_block", "files_count", "total_size_bytes"}
-
-
-def _moves():
-    """(from, to, how) for every legal move: the documented status machine plus the stop request."""
-    moves = [(f, t, "status") for f, tos in WORKER_MOVES.items() for t in sorted(tos)]
-    moves += [(f, "STOP_REQUESTED", "stop") for f in sorted(STOPPABLE)]
-    return moves
-
-
-def _paths():
-    """The shortest chain of legal moves from creation to each status."""
-    paths = {"SCHEDULED": []}
-    queue = deque(["SCHEDULED"])
-    while queue:
-        current = queue.popleft()
-        for source, to, how in _moves():
-            if source == current and to not in paths:
-                paths[to] = [*paths[current], (to, how)]
-                queue.append(to)
-    assert set(paths) == set(STATUSES)
-    return paths
-
-
-PATHS = _paths()
-
-
-# ---- Helpers ---------------------------------------------------------------
-
-
-def parse_ts(text: str) -> datetime:
-    assert TS.match(text), text
-    return datetime.fromisoformat(text)  # TS is exact; "Z" reads as UTC
-
-
-def assert_recent(text: str):
-    """A timestamp in UTC, close to now (a local-time rendering would be hours off)."""
-    moment = parse_ts(text)
-    now = datetime.now(UTC)
-    assert now - timedelta(minutes=5) <= moment <= now + timedelta(minutes=5), text
-
-
-def body_of(response):
-    assert response.mimetype == "application/json", response.headers
-    return json.loads(response.data)
-
-
-def names(word: str, message: str) -> bool:
-    return re.search(rf"(?<![A-Z_]){re.escape(word)}(?![A-Z_])", message) is not None
-
-
-def check_job(job: dict) -> dict:
-    assert JOB_SCHEMA.validate(job) == {}, job
-    assert set(job) == JOB_KEYS
-    assert isinstance(job["id"], int)
-    assert not isinstance(job["id"], bool)
-    assert job["status"] in STATUSES
-    assert isinstance(job["descriptor"], dict)
-    assert_recent(job["created_at"])
-    assert_recent(job["updated_at"])
-    assert parse_ts(job["updated_at"]) >= parse_ts(job["created_at"])
-    return job
-
-
-def create(client, node_id="worker-01", descriptor=None, **extra) -> dict:
-    payload = {"node_id": node_id, "descriptor": {"table": "blocks"}, **extra}
-    if descriptor is not None:
-        payload["descriptor"] = descriptor
-    response = client.post("/jobs", json=payload)
-    assert response.status_code == 201, response.data
-    job = check_job(body_of(response))
-    assert job["status"] == "SCHEDULED"
-    assert response.headers["Location"] == f"/jobs/{job['id']}"
-    return job
-
-
-def get_job(client, job_id) -> dict:
-    response = client.get(f"/jobs/{job_id}")
-    assert response.status_code == 200, response.data
-    return check_job(body_of(response))
-
-
-def report(client, job_id, status, expect=200, **extra):
-    response = client.put(f"/jobs/{job_id}/status", json={"status": status, **extra})
-    assert response.status_code == expect, response.data
-    if expect == 200:
-        return check_job(body_of(response))
-    return response
-
-
-def stop(client, job_id, method="PUT") -> dict:
-    response = client.open(f"/jobs/{job_id}/stop", method=method)
-    assert response.status_code == 200, response.data
-    return check_job(body_of(response))
-
-
-def events(client, job_id) -> list[dict]:
-    response = client.get(f"/jobs/{job_id}/events")
-    assert response.status_code == 200, response.data
-    body = body_of(response)
-    assert EVENT_LIST_SCHEMA.validate(body) == {}, body
-    assert set(body) == {"job_id", "events", "next_cursor"}
-    assert body["next_cursor"] is None  # every history here fits one page
-    assert body["job_id"] == job_id
-    ids = [e["id"] for e in body["events"]]
-    assert ids == sorted(set(ids)), "events are oldest first, each once"
-    stamps = [parse_ts(e["created_at"]) for e in body["events"]]
-    assert stamps == sorted(stamps)
-    for event in body["events"]:
-        assert set(event) == EVENT_KEYS
-        assert_recent(event["created_at"])
-    return body["events"]
-
-
-def event_types(client, job_id) -> list[str]:
-    return [e["event_type"] for e in events(client, job_id)]
-
-
-def progress(client, job_id) -> dict:
-    response = client.get(f"/jobs/{job_id}/progress")
-    assert response.status_code == 200, response.data
-    body = body_of(response)
-    assert PROGRESS_SCHEMA.validate(body) == {}, body
-    assert set(body) == {"job_id", "job_status", "tables"}
-    assert body["job_id"] == job_id
-    for entry in body["tables"].values():
-        assert set(entry) == TABLE_KEYS
-    return body
-
-
-def list_jobs(client, **params) -> dict:
-    response = client.get("/jobs", query_string=params)
-    assert response.status_code == 200, response.data
-    body = body_of(response)
-    assert JOB_LIST_SCHEMA.validate(body) == {}, body
-    assert set(body) == {"jobs", "next_cursor"}
-    for job in body["jobs"]:
-        check_job(job)
-    ids = [j["id"] for j in body["jobs"]]
-    assert ids == sorted(ids, reverse=True) and len(set(ids)) == len(ids), "newest first"
-    return body
-
-
-def all_jobs(client) -> list[dict]:
-    body = list_jobs(client, status="all", limit=1000)
-    assert body["next_cursor"] is None
-    return body["jobs"]
-
-
-def drive(client, job: dict, status: str) -> dict:
-    """Move a new (SCHEDULED) job to ``status`` through legal moves only."""
-    assert job["status"] == "SCHEDULED"
-    for to, how in PATHS[status]:
-        job = stop(client, job["id"]) if how == "stop" else report(client, job["id"], to)
-        assert job["status"] == to
-    return job
-
-
-def make_job(client, status: str, node_id="worker-01", descriptor=None) -> dict:
-    """A new job driven to ``status`` through legal moves only."""
-    job = drive(client, create(client, node_id=node_id, descriptor=descriptor), status)
-    assert get_job(client, job["id"]) == job
-    return job
-
-
-def db_rows(db_conn, table: str, job_id: int) -> int:
-    with db_conn.cursor() as cur:
-        cur.execute(f"SELECT count(*) FROM {table} WHERE job_id = %s", (job_id,))
-        return cur.fetchone()[0]
-
 
 # ---- POST /jobs -------------------------------------------------------
 
@@ -733,8 +565,8 @@ def test_delete_terminal_job_cascades(client, db_conn, terminal):
     register_files(client, keep["id"], "blocks", file_entry("a", 0, 9))
     job = drive(client, job, terminal)
     keep = drive(client, keep, terminal)
-    assert db_rows(db_conn, "job_files", job["id"]) == 3
-    assert db_rows(db_conn, "job_events", job["id"]) == 1 + len(PATHS[terminal])
+    assert count_job_rows(db_conn, "job_files", job["id"]) == 3
+    assert count_job_rows(db_conn, "job_events", job["id"]) == 1 + len(PATHS[terminal])
 
     response = client.delete(f"/jobs/{job['id']}")
     assert response.status_code == 204
@@ -743,7 +575,7 @@ def test_delete_terminal_job_cascades(client, db_conn, terminal):
     assert_error(client.get(f"/jobs/{job['id']}/events"), 404, "JOB_NOT_FOUND")
     assert_error(client.get(f"/jobs/{job['id']}/progress"), 404, "JOB_NOT_FOUND")
     for table in ("job_events", "job_tables", "job_files", "job_chain"):
-        assert db_rows(db_conn, table, job["id"]) == 0, table
+        assert count_job_rows(db_conn, table, job["id"]) == 0, table
     # Idempotent.
     assert client.delete(f"/jobs/{job['id']}").status_code == 204
     # The other job is untouched.
@@ -762,7 +594,7 @@ def test_delete_active_job_is_409_naming_its_status(client, db_conn, active):
     assert get_job(client, job["id"]) == job
     assert events(client, job["id"]) == before_events
     assert progress(client, job["id"])["tables"]["blocks"]["files_count"] == 1
-    assert db_rows(db_conn, "job_files", job["id"]) == 1
+    assert count_job_rows(db_conn, "job_files", job["id"]) == 1
 
 
 def test_delete_unknown_job_is_204(client):
@@ -818,7 +650,7 @@ def test_delete_by_status(client, db_conn, two_of_each, token, deleted):
         assert remaining[job_id] == before[job_id]
     for job_id in set(two_of_each) - expected:
         for table in ("job_events", "job_tables", "job_files", "job_chain"):
-            assert db_rows(db_conn, table, job_id) == 0
+            assert count_job_rows(db_conn, table, job_id) == 0
         assert_error(client.get(f"/jobs/{job_id}/events"), 404, "JOB_NOT_FOUND")
     # Nothing left to match: still 204.
     assert client.delete("/jobs", query_string={"status": token}).status_code == 204
@@ -871,7 +703,7 @@ def test_delete_by_ids_deletes_exactly_those(client, db_conn):
     remaining = {j["id"] for j in all_jobs(client)}
     assert remaining == {j["id"] for j in done} - set(chosen) | {running["id"]}
     for job_id in chosen:
-        assert db_rows(db_conn, "job_events", job_id) == 0
+        assert count_job_rows(db_conn, "job_events", job_id) == 0
     assert progress(client, running["id"])["tables"]["blocks"]["files_count"] == 1
 
 
@@ -902,7 +734,7 @@ def test_delete_by_status_with_a_body_is_ambiguous_and_deletes_nothing(client, d
     message = assert_error(response, 400, "INVALID_QUERY_PARAM")
     assert "job_ids" in message and "status" in message, message
     assert all_jobs(client) == before
-    assert sum(db_rows(db_conn, "job_events", j["id"]) for j in done) > 0
+    assert sum(count_job_rows(db_conn, "job_events", j["id"]) for j in done) > 0
 
 
 @pytest.mark.parametrize("body", [b"{}", b" null ", b""])
@@ -925,7 +757,7 @@ def test_delete_by_ids_is_all_or_nothing(client, db_conn, active):
     assert re.search(rf"\b{blocker['id']}\b", message), message
     assert all_jobs(client) == before
     for job in done:
-        assert db_rows(db_conn, "job_events", job["id"]) == 1 + len(PATHS[job["status"]])
+        assert count_job_rows(db_conn, "job_events", job["id"]) == 1 + len(PATHS[job["status"]])
 
 
 # ---- POST /jobs/{id}/tables/{table}/files ---------------------------------
@@ -964,7 +796,7 @@ def test_register_1000_files_in_one_batch(client, db_conn):
     job = create(client)
     batch = [file_entry(f"b{i:04}", i * 10, i * 10 + 9, 1) for i in range(1000)]
     register_files(client, job["id"], "blocks", batch)
-    assert db_rows(db_conn, "job_files", job["id"]) == 1000
+    assert count_job_rows(db_conn, "job_files", job["id"]) == 1000
     assert progress(client, job["id"])["tables"]["blocks"] == {
         "start_block": 0,
         "current_block": 9999,
@@ -1013,10 +845,10 @@ def test_identical_reregistration_is_200_and_stores_nothing(client, db_conn):
     register_files(client, job["id"], "blocks", batch, expect=200)
     register_files(client, job["id"], "blocks", [batch[1], one], expect=200)
     assert progress(client, job["id"]) == before
-    assert db_rows(db_conn, "job_files", job["id"]) == 3
+    assert count_job_rows(db_conn, "job_files", job["id"]) == 3
     # A batch with one new file among retried ones is stored: 201, one more file.
     register_files(client, job["id"], "blocks", [one, file_entry("b3", 300, 399, 1), batch[0]])
-    assert db_rows(db_conn, "job_files", job["id"]) == 4
+    assert count_job_rows(db_conn, "job_files", job["id"]) == 4
     assert progress(client, job["id"])["tables"]["blocks"]["files_count"] == 4
 
 
@@ -1043,7 +875,7 @@ def test_same_name_different_fields_is_409_file_conflict(client, db_conn, change
     )
     assert "b0" in message
     assert progress(client, job["id"]) == before
-    assert db_rows(db_conn, "job_files", job["id"]) == 1
+    assert count_job_rows(db_conn, "job_files", job["id"]) == 1
 
 
 def test_a_conflict_rolls_back_the_whole_batch(client, db_conn):
@@ -1058,7 +890,7 @@ def test_a_conflict_rolls_back_the_whole_batch(client, db_conn):
     response = client.post(f"/jobs/{job['id']}/tables/blocks/files", json=batch)
     assert_error(response, 409, "FILE_CONFLICT")
     assert progress(client, job["id"]) == before
-    assert db_rows(db_conn, "job_files", job["id"]) == 1
+    assert count_job_rows(db_conn, "job_files", job["id"]) == 1
     # A conflict in a new table leaves no table behind either.
     response = client.post(
         f"/jobs/{job['id']}/tables/blocks/files", json=[file_entry("b0", 0, 99, 12)]
@@ -1101,8 +933,8 @@ def test_register_only_while_active(client, db_conn, status):
             "JOB_CONFLICT",
         )
         assert progress(client, job["id"]) == before
-        assert db_rows(db_conn, "job_files", job["id"]) == 1
-        assert db_rows(db_conn, "job_tables", job["id"]) == 1
+        assert count_job_rows(db_conn, "job_files", job["id"]) == 1
+        assert count_job_rows(db_conn, "job_tables", job["id"]) == 1
     assert get_job(client, job["id"]) == job
 
 

@@ -38,36 +38,21 @@ from jobs.domain import MAX_DESCRIPTOR_BYTES, MAX_DETAIL_BYTES, MAX_PAGE_BYTES
 from jobs.schemas import FileBatchSchema, FileSchema, StatusReportSchema
 from jobs.settings import from_environment
 
-from support.databases import lose_worker
+from support.databases import count_job_rows, lose_worker
 from support.openapi_schema import to_json_schema
 from support.service import (
     assert_error,
     create_job,
+    detail_of,
     flask_caller,
     make_app,
     move_to,
+    register_worker,
+    status_of,
     sweep_leases,
 )
 
 # ---- detail and descriptor bounds ------------------------------------------------------
-
-
-def compact_size(value) -> int:
-    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
-
-
-def detail_of(size: int) -> dict:
-    """A detail of exactly ``size`` bytes as compact JSON."""
-    detail = {"error": ""}
-    detail["error"] = "x" * (size - compact_size(detail))
-    assert compact_size(detail) == size
-    return detail
-
-
-def events_count(db_conn, job_id: int) -> int:
-    with db_conn.cursor() as cur:
-        cur.execute("SELECT count(*) FROM job_events WHERE job_id = %s", (job_id,))
-        return cur.fetchone()[0]
 
 
 def test_detail_at_the_bound_is_stored_and_over_it_refused_naming_detail(client, db_conn):
@@ -80,7 +65,7 @@ def test_detail_at_the_bound_is_stored_and_over_it_refused_naming_detail(client,
     assert message.startswith("detail: ") and str(MAX_DETAIL_BYTES) in message, message
     # Nothing changed: no move, no event.
     assert client.get(f"/jobs/{job}").get_json()["status"] == "SCHEDULED"
-    assert events_count(db_conn, job) == 1
+    assert count_job_rows(db_conn, "job_events", job) == 1
     # Multi-byte characters count as the bytes they take.
     wide = {"error": "é" * (MAX_DETAIL_BYTES // 2)}
     assert_error(client.put(f"/jobs/{job}/status", json={"status": "FAILED", "detail": wide}),
@@ -89,7 +74,7 @@ def test_detail_at_the_bound_is_stored_and_over_it_refused_naming_detail(client,
     exponents = b'{"status": "FAILED", "detail": {"n": [' + b",".join([b"1e300"] * 60) + b"]}}"
     assert len(exponents) < 1000
     assert_error(client.put(f"/jobs/{job}/status", data=exponents), 400, "INVALID_PAYLOAD_FORMAT")
-    assert events_count(db_conn, job) == 1
+    assert count_job_rows(db_conn, "job_events", job) == 1
     # At the bound it is stored, and comes back as given.
     at = detail_of(MAX_DETAIL_BYTES)
     stored = client.put(f"/jobs/{job}/status", json={"status": "FAILED", "detail": at})
@@ -356,20 +341,12 @@ def test_a_huge_history_keeps_other_reads_fast_and_details_stay_bounded(_schema,
 # ---- DELETE /workers/{node_id} -----------------------------------------------------------
 
 
-def register(client, node_id: str) -> None:
-    assert client.put(f"/workers/{node_id}").status_code == 200
-
-
-def job_status(client, job_id: int) -> str:
-    return client.get(f"/jobs/{job_id}").get_json()["status"]
-
-
 def test_deregistering_a_worker_forgets_it_and_releases_its_jobs_from_the_lease(
     app, client, database_url
 ):
     call = flask_caller(app)
     for node in ("gone", "kept"):
-        register(client, node)
+        register_worker(client, node)
     running = {}
     for node in ("gone", "kept"):
         running[node] = create_job(call, node)["id"]
@@ -387,11 +364,11 @@ def test_deregistering_a_worker_forgets_it_and_releases_its_jobs_from_the_lease(
     # lost worker's job, in the same sweep, does expire.
     lose_worker(database_url, "kept")
     assert sweep_leases(app) == {"FAILED": 1}
-    assert job_status(client, running["gone"]) == "RUNNING"
-    assert job_status(client, scheduled) == "SCHEDULED"
-    assert job_status(client, running["kept"]) == "FAILED"
+    assert status_of(client, running["gone"]) == "RUNNING"
+    assert status_of(client, scheduled) == "SCHEDULED"
+    assert status_of(client, running["kept"]) == "FAILED"
     # It may register again, as a fresh worker.
-    register(client, "gone")
+    register_worker(client, "gone")
     assert client.get("/workers/gone").get_json()["status"] == "ALIVE"
     assert_error(client.delete("/workers/1bad"), 400, "INVALID_WORKER_ID")
     assert_error(client.delete("/workers/gone", json={"x": 1}), 400, "INVALID_PAYLOAD_FORMAT")
@@ -435,7 +412,7 @@ def test_retention_forgets_long_lost_idle_workers_only(app, client, db_conn, dat
     assert app.config["WORKER_RETENTION"] == timedelta(days=7)
     call = flask_caller(app)
     for node in ("old-idle", "old-busy", "old-done", "young-lost", "alive"):
-        register(client, node)
+        register_worker(client, node)
     busy = create_job(call, "old-busy")["id"]
     move_to(call, busy, "RUNNING")
     move_to(call, create_job(call, "old-done")["id"], "COMPLETED")
@@ -447,7 +424,7 @@ def test_retention_forgets_long_lost_idle_workers_only(app, client, db_conn, dat
     assert worker_names(db_conn) == {"old-busy", "young-lost", "alive"}
     # The busy one goes once its job has moved on (the lease sweep fails it).
     sweep_leases(app)
-    assert job_status(client, busy) == "FAILED"
+    assert status_of(client, busy) == "FAILED"
     assert run_worker_retention(app, db_conn)
     assert worker_names(db_conn) == {"young-lost", "alive"}
     # Claimed a moment ago: no second run within the interval.
@@ -506,8 +483,8 @@ def test_retention_follows_the_setting(app, database_url, db_conn, monkeypatch):
         assert off.config["WORKER_RETENTION"] is None
         assert not off.extensions["jobs_chores"].named("worker_retention").enabled(off.config)
         assert short.config["WORKER_RETENTION"] == timedelta(hours=1)
-        register(short.test_client(), "w-2h")
-        register(short.test_client(), "w-30m")
+        register_worker(short.test_client(), "w-2h")
+        register_worker(short.test_client(), "w-30m")
         lose_worker(database_url, "w-2h", seconds=7200)
         lose_worker(database_url, "w-30m", seconds=1800)
         assert run_worker_retention(short, db_conn)
@@ -569,8 +546,8 @@ def test_paging_through_2500_workers_shows_each_once_in_order(client, db_conn):
     # Registrations while paging neither repeat nor shift anyone.
     first = client.get("/workers?limit=500").get_json()
     for node in ("late-1", "late-2"):
-        register(client, node)
-    register(client, expected[10])  # seen already: moves to the front, not shown again
+        register_worker(client, node)
+    register_worker(client, expected[10])  # seen already: moves to the front, not shown again
     rest = []
     cursor = first["next_cursor"]
     while cursor:

@@ -10,203 +10,38 @@ same list, events and progress. Jobs exist at the IDs a lenient parser would tur
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 from urllib.parse import quote
 
 import pytest
-from psycopg2 import sql
 
 from support.databases import built_once
-from support.service import MAX_ID, assert_error, file_entry
+from support.refusals import (
+    BAD_IDS,
+    PATH_TO,
+    built_targets,
+    built_world,
+    create_id,
+    db_rows,
+    move,
+    refused,
+    send,
+    short,
+    unchanged,
+)
+from support.service import MAX_ID, assert_error, file_entry, register_files
 
 MIB = 1024 * 1024
-# The service's own bookkeeping, which a chore may move on any request: the rest are
-# every table a request writes, found in the catalogue so that a new one is not missed.
-BOOKKEEPING = ["service_chores", "schema_upgrades"]
-
-
-# ---- Helpers ---------------------------------------------------------------
-
-
-def short(value) -> str:
-    """A readable test id for a parameter (some are 1000 characters long)."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def create(client, node_id="worker-01", **extra) -> int:
-    response = client.post("/jobs", json={"node_id": node_id, "descriptor": {"t": 1}, **extra})
-    assert response.status_code == 201, response.data
-    return response.get_json()["id"]
-
-
-def move(client, job_id, *steps):
-    for step in steps:
-        if step == "stop":
-            response = client.put(f"/jobs/{job_id}/stop")
-        else:
-            response = client.put(f"/jobs/{job_id}/status", json={"status": step})
-        assert response.status_code == 200, response.data
-
-
-def add_file(client, job_id, table, payload):
-    response = client.post(f"/jobs/{job_id}/tables/{table}/files", json=payload)
-    assert response.status_code == 201, response.data
-
-
-PATH_TO = {
-    "SCHEDULED": (),
-    "RUNNING": ("RUNNING",),
-    "STOP_REQUESTED": ("stop",),
-    "STOPPING": ("stop", "STOPPING"),
-    "COMPLETED": ("RUNNING", "COMPLETED"),
-    "STOPPED": ("stop", "STOPPING", "STOPPED"),
-    "FAILED": ("FAILED",),
-}
 
 
 @pytest.fixture
 def world(client):
-    """Jobs 1..12 in every status, with files, events and an idempotency key: {id: status}
-    (built through the API once, then copied back: support.databases.built_once)."""
-    return built_once(
-        client.application.config["DATABASE_URL"], "world", lambda: build_world(client)
-    )
-
-
-def build_world(client) -> dict[int, str]:
-    statuses = [
-        "SCHEDULED",
-        "RUNNING",
-        "STOP_REQUESTED",
-        "STOPPING",
-        "COMPLETED",
-        "STOPPED",
-        "FAILED",
-        "SCHEDULED",
-        "RUNNING",
-        "FAILED",
-        "COMPLETED",
-        "SCHEDULED",
-    ]
-    jobs = {}
-    for n, status in enumerate(statuses, start=1):
-        job_id = create(client, node_id=f"worker-{n:02}", idempotency_key=f"key-{n}")
-        assert job_id == n
-        add_file(client, job_id, "blocks", file_entry("f0", 0, 9, 100, block_hash="0x" + "a" * 64))
-        move(client, job_id, *PATH_TO[status])
-        jobs[job_id] = status
-    return jobs
-
-
-def send(client, method: str, url: str, body):
-    """``body``: bytes are sent as they are, anything else as JSON; None sends nothing."""
-    if body is None:
-        return client.open(url, method=method)
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return client.open(url, method=method, data=data, content_type="application/json")
-
-
-def db_rows(db_conn) -> dict:
-    """Every row of every table a request can write ({table: rows as text}), read in one
-    statement.
-
-    This once also read the API's view (the list, every job's events and progress:
-    25 requests before and 25 after each refusal, half of this module's time), which
-    the same rows always give back; it compared four tables, and now every one."""
-    tables = _written_tables(db_conn)
-    with db_conn.cursor() as cur:
-        cur.execute(
-            sql.SQL("SELECT {}").format(
-                sql.SQL(", ").join(
-                    sql.SQL("ARRAY(SELECT t::text FROM {} AS t ORDER BY 1)").format(
-                        sql.Identifier(table)
-                    )
-                    for table in tables
-                )
-            )
-        )
-        return dict(zip(tables, cur.fetchone(), strict=True))
-
-
-_tables: dict[str, list[str]] = {}
-
-
-def _written_tables(db_conn) -> list[str]:
-    if db_conn.dsn not in _tables:
-        with db_conn.cursor() as cur:
-            cur.execute(
-                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
-                " AND tablename <> ALL(%s) ORDER BY 1",
-                (BOOKKEEPING,),
-            )
-            tables = [table for (table,) in cur.fetchall()]
-        assert {"jobs", "job_events", "job_files", "workers"} <= set(tables), tables
-        _tables[db_conn.dsn] = tables
-    return _tables[db_conn.dsn]
-
-
-@contextlib.contextmanager
-def unchanged(db_conn):
-    """No row changes inside the block."""
-    before = db_rows(db_conn)
-    yield
-    assert db_rows(db_conn) == before, "a refused request changed something"
-
-
-def refused(client, db_conn, method, url, body, field, code="INVALID_PAYLOAD_FORMAT", status=400):
-    """One request refused with its error, naming ``field``, with every row unchanged."""
-    before = db_rows(db_conn)
-    message = assert_error(send(client, method, url, body), status, code)
-    if field is not None:
-        assert field in message, (field, message)
-    assert db_rows(db_conn) == before, ("a refused request changed something", method, url)
-    return message
+    """Jobs 1..12 in every status (support.refusals.built_world): {id: status}."""
+    return built_world(client)
 
 
 # ---- Job IDs in the path -----------------------------------------------------------
-
-BAD_IDS = [
-    "abc",
-    "0",
-    "00",
-    "-0",
-    "-1",
-    "+1",
-    "1.5",
-    "1.0",
-    "1e1",
-    "0x1A",
-    "0x1",
-    "1_0",
-    "1a",
-    "a1",
-    "99999999999999999999",
-    "9223372036854775808",
-    "18446744073709551616",
-    "1" * 1000,
-    " 1",
-    "1 ",
-    "1\n",
-    "\t1",
-    "1\x00",
-    "\u0661",  # ARABIC-INDIC DIGIT ONE
-    "\u0661\u0660",  # ARABIC-INDIC 10
-    "\uff11",  # FULLWIDTH DIGIT ONE
-    "¹",  # SUPERSCRIPT ONE: str.isdigit() but not int()-able
-    "\U0001d7cf",  # MATHEMATICAL BOLD DIGIT ONE
-    "null",
-    "true",
-    "%",
-    "1,2",
-    # One spelling per id: leading zeros are refused at any length.
-    "01",
-    "007",
-    "0" * 18 + "1",
-    "0" * 19 + "1",
-]
 
 VALID_FILE = file_entry("new-file", 10, 19, 1)
 ID_ROUTES = [
@@ -324,7 +159,7 @@ def test_valid_last_job_id_bounds(client, world):
     ],
 )
 def test_invalid_limit(client, limit, code):
-    create(client)
+    create_id(client)
     message = assert_error(client.get("/jobs", query_string={"limit": limit}), 400, code)
     assert "limit" in message
 
@@ -422,20 +257,8 @@ NOT_OBJECTS = [
 
 @pytest.fixture
 def targets(client):
-    """Jobs in the statuses a body could act on: {status: id} (built once, as ``world``)."""
-    return built_once(
-        client.application.config["DATABASE_URL"], "targets", lambda: build_targets(client)
-    )
-
-
-def build_targets(client) -> dict[str, int]:
-    ids = {}
-    for status in ("SCHEDULED", "RUNNING", "STOP_REQUESTED", "FAILED", "COMPLETED"):
-        job_id = create(client, idempotency_key=f"key-{status}")
-        add_file(client, job_id, "blocks", file_entry("f0", 0, 9, 100))
-        move(client, job_id, *PATH_TO[status])
-        ids[status] = job_id
-    return ids
+    """Jobs in the statuses a body could act on (support.refusals.built_targets): {status: id}."""
+    return built_targets(client)
 
 
 def body_routes(targets):
@@ -573,13 +396,13 @@ CREATE_BAD = [
 
 @pytest.mark.parametrize(("body", "field"), CREATE_BAD, ids=short)
 def test_create_job_refuses(client, db_conn, body, field):
-    create(client, idempotency_key="k")
+    create_id(client, idempotency_key="k")
     with unchanged(db_conn):
         refused(client, db_conn, "POST", "/jobs", body, field)
 
 
 def test_create_job_refusal_does_not_depend_on_the_idempotency_key(client, db_conn):
-    job_id = create(client, idempotency_key="same")
+    job_id = create_id(client, idempotency_key="same")
     with unchanged(db_conn):
         body = {"node_id": "1bad", "idempotency_key": "same"}
         refused(client, db_conn, "POST", "/jobs", body, "node_id")
@@ -768,8 +591,8 @@ def deletable(client):
 
 def build_deletable(client) -> list[int]:
     for status in ("COMPLETED", "STOPPED", "FAILED", "RUNNING"):
-        job_id = create(client)
-        add_file(client, job_id, "blocks", file_entry("f0", 0, 9))
+        job_id = create_id(client)
+        register_files(client, job_id, "blocks", file_entry("f0", 0, 9))
         move(client, job_id, *PATH_TO[status])
     return [1, 2, 3]
 
@@ -970,7 +793,7 @@ NO_QUERY_ROUTES = [
     ],
 )
 def test_list_refuses_unknown_and_repeated_parameters(client, db_conn, query, name, code):
-    create(client)
+    create_id(client)
     message = refused(client, db_conn, "GET", "/jobs" + query, None, None, code)
     assert repr(name) in message, message
 
@@ -979,14 +802,14 @@ def test_list_refuses_unknown_and_repeated_parameters(client, db_conn, query, na
     "query", ["?status=failed&status=completed", "?status=failed&force=1", "?Status=failed"]
 )
 def test_bulk_delete_refuses_unknown_and_repeated_parameters(client, db_conn, query):
-    job = create(client)
+    job = create_id(client)
     move(client, job, "FAILED")
     refused(client, db_conn, "DELETE", "/jobs" + query, None, None, "INVALID_QUERY_PARAM")
 
 
 @pytest.mark.parametrize(("method", "route"), NO_QUERY_ROUTES)
 def test_routes_without_parameters_refuse_any(client, db_conn, method, route):
-    job = create(client)
+    job = create_id(client)
     message = refused(
         client,
         db_conn,
@@ -1002,14 +825,14 @@ def test_routes_without_parameters_refuse_any(client, db_conn, method, route):
 @pytest.mark.parametrize(("method", "route"), [*NO_QUERY_ROUTES, ("GET", "/jobs")])
 @pytest.mark.parametrize("body", [{"force": True}, [1], b"x", b'"stop"', b"0"])
 def test_routes_without_a_body_refuse_one_that_says_something(client, db_conn, method, route, body):
-    job = create(client)
+    job = create_id(client)
     refused(client, db_conn, method, route.format(job), body, "body")
 
 
 @pytest.mark.parametrize(("method", "route"), [*NO_QUERY_ROUTES, ("GET", "/jobs")])
 @pytest.mark.parametrize("body", [b"", b"  \n", b"{}", b"null", b" {} "])
 def test_routes_without_a_body_accept_an_empty_one(client, method, route, body):
-    job = create(client)
+    job = create_id(client)
     move(client, job, "FAILED")  # deletable, and the stop a no-op
     response = send(client, method, route.format(job), body)
     assert response.status_code in (200, 204), response.data
@@ -1038,7 +861,7 @@ def test_a_body_shorter_than_its_content_length_changes_nothing(
     client, db_conn, method, route, body
 ):
     """The client announced more than it sent (a cut connection): nothing is acted on."""
-    job = create(client)
+    job = create_id(client)
     before = db_rows(db_conn)
     response = client.open(
         route.format(job),

@@ -40,9 +40,11 @@ from support.service import (
     create_job,
     events_of,
     flask_caller,
+    job_in,
     metric_samples,
     metric_value,
-    move_to,
+    register_worker,
+    status_of,
     sweep_leases,
 )
 
@@ -51,25 +53,6 @@ WORKER = "workers-worker-token"
 TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"
 WORKER_FIELDS = {"node_id", "info", "created_at", "registered_at", "heartbeat_at", "status"}
 ALL_MOVES = LEGAL_MOVES | LEASE_MOVES | {("SCHEDULED", "SCHEDULED")}
-
-
-def register_worker(client, node_id: str, body=None, **kwargs) -> dict:
-    kwargs = {"json": body} if body is not None else kwargs
-    response = client.put(f"/workers/{node_id}", **kwargs)
-    assert response.status_code == 200, response.get_json()
-    return response.get_json()
-
-
-def job_in(client, node_id: str, status: str) -> int:
-    """A job of ``node_id`` brought to ``status``."""
-    call = flask_caller(client.application)
-    job = create_job(call, node_id)
-    move_to(call, job["id"], status)
-    return job["id"]
-
-
-def status_of(client, job_id: int) -> str:
-    return client.get(f"/jobs/{job_id}").get_json()["status"]
 
 
 def lost_events(events: list[dict]) -> list[dict]:

@@ -9,6 +9,12 @@ and never from each other:
   test's own, databases that fail on purpose, holding one from outside.
 - ``support.service``: apps, requests through a ``Call`` (the same over the
   Flask test client and over HTTP), bodies, the error shape, metrics.
+- ``support.checked``: calls that check the documented shapes of their answers
+  (``create``, ``report``, ``list_jobs``...), and jobs driven to a status
+  through legal moves only (``drive``, ``make_job``).
+- ``support.refusals``: refused requests and the proof that they changed no row
+  (``send``, ``refused``, ``unchanged``, ``db_rows``), bad IDs, and the jobs the
+  refusals are aimed at, built once (``built_world``, ``built_targets``).
 - ``support.races``: racing requests, the audit trail, the race workloads and
   the checks of what they saw.
 - ``support.waiting``: waiting requests in the background, follow streams,

@@ -8,7 +8,8 @@
   test's own), ``database_of_worker`` (one database per pytest-xdist worker on a
   server given by DATABASE_URL).
 - Looking at it from outside the service: ``query`` (one statement, its first
-  row), ``query_rows`` (all of them).
+  row), ``query_rows`` (all of them), ``count_job_rows`` (a job's rows in one
+  table, on a connection such as ``db_conn``).
 - Holding it from outside the service: ``table_locked`` (an ACCESS EXCLUSIVE
   lock), ``lose_worker`` (a registered worker's heartbeat pushed into the past).
 - Databases that fail on purpose, on 127.0.0.1: ``closed_database_url``
@@ -231,6 +232,13 @@ def query(url: str, statement: str, params=None, **connect_kwargs) -> tuple | No
     """``query_rows``' first row, or None."""
     rows = query_rows(url, statement, params, **connect_kwargs)
     return rows[0] if rows else None
+
+
+def count_job_rows(db_conn, table: str, job_id: int) -> int:
+    """How many rows of ``table`` (job_events, job_files, ...) belong to the job."""
+    with db_conn.cursor() as cur:
+        cur.execute(f"SELECT count(*) FROM {table} WHERE job_id = %s", (job_id,))
+        return cur.fetchone()[0]
 
 
 @contextlib.contextmanager

@@ -12,9 +12,11 @@ check written once runs both ways.
 - Requests: ``flask_caller``, ``create_job``, ``move_to`` (along
   ``SETUP_PATHS``), ``job_statuses``, ``events_of``, ``sweep_leases`` (the
   lease chore, run once in process); through a Flask test client,
-  ``new_job`` and ``register_files``.
+  ``new_job``, ``register_files``, ``job_in`` (a node's job in a status),
+  ``status_of`` (a job's status) and ``register_worker``.
 - Every route once: ``seed_two_jobs`` and ``route_plan``.
-- Values and bodies: ``MAX_ID``, ``block_hash``, ``file_entry``.
+- Values and bodies: ``MAX_ID``, ``block_hash``, ``file_entry``, ``detail_of`` (a
+  report's detail of an exact size as compact JSON, ``compact_size``).
 - Answers: ``assert_error`` (the error shape of every 4xx/5xx; returns the message),
   ``parse_http_answer`` (an answer read off a raw socket).
 - Metrics: ``parse_metrics`` (a /metrics text), ``metric_samples`` (/metrics
@@ -195,6 +197,27 @@ def register_files(client, job_id: int, table: str, *files, expect: int = 201):
     return response
 
 
+def job_in(client, node_id: str, status: str) -> int:
+    """A job of ``node_id`` brought to ``status``."""
+    call = flask_caller(client.application)
+    job = create_job(call, node_id)
+    move_to(call, job["id"], status)
+    return job["id"]
+
+
+def status_of(client, job_id: int) -> str:
+    return client.get(f"/jobs/{job_id}").get_json()["status"]
+
+
+def register_worker(client, node_id: str, body=None, **kwargs) -> dict:
+    """PUT /workers/{node_id} (with ``body`` as JSON, or the client's other arguments),
+    answered 200: the worker."""
+    kwargs = {"json": body} if body is not None else kwargs
+    response = client.put(f"/workers/{node_id}", **kwargs)
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
 def sweep_leases(app) -> dict[str, int]:
     """Run the lease chore once in process, unclaimed: the jobs it moved, by new status."""
     with app.app_context(), db.transaction() as cur:
@@ -274,6 +297,18 @@ def file_entry(
     if prev_hash is not None:
         body["prev_hash"] = prev_hash
     return body
+
+
+def compact_size(value) -> int:
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def detail_of(size: int) -> dict:
+    """A detail of exactly ``size`` bytes as compact JSON."""
+    detail = {"error": ""}
+    detail["error"] = "x" * (size - compact_size(detail))
+    assert compact_size(detail) == size
+    return detail
 
 
 # ---- Answers ------------------------------------------------------------------------
