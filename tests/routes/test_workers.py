@@ -1,6 +1,9 @@
-"""Workers and leases (docs/API.md, "Workers and leases"): the worker registry,
-heartbeats, the expiry of a LOST worker's jobs, moving a SCHEDULED job to
-another node, GET /jobs?node_id= and GET /jobs/{job_id}/events/{event_id}.
+"""The workers' routes and leases (docs/API.md, "Workers and leases"): the worker
+registry (PUT, GET and DELETE /workers/{node_id}, GET /workers a page at a time),
+heartbeats (POST /workers/{node_id}/heartbeat), the expiry of a LOST worker's
+jobs, moving a SCHEDULED job to another node, GET /jobs?node_id= and
+GET /jobs/{job_id}/events/{event_id}; forgetting workers (WORKER_RETENTION) is
+test_bounded.py's.
 
 Most tests make a worker LOST at once by pushing its heartbeat an hour into
 the past (``lose_worker``) and run the lease chore in process
@@ -15,6 +18,7 @@ no expiry is applied twice.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import http.client
 import re
@@ -41,8 +45,10 @@ from support.service import (
     events_of,
     flask_caller,
     job_in,
+    make_app,
     metric_samples,
     metric_value,
+    move_to,
     register_worker,
     status_of,
     sweep_leases,
@@ -340,6 +346,136 @@ def test_answers_parse_with_the_python_clients_worker_models(client):
     assert {"version", "commit_sha", "commit_timestamp", "build_date"} <= set(detail["info"])
     parse_time(detail["info"]["commit_timestamp"])
     parse_time(detail["info"]["build_date"])
+
+
+# ---- DELETE /workers/{node_id} -----------------------------------------------------------
+
+
+def test_deregistering_a_worker_forgets_it_and_releases_its_jobs_from_the_lease(
+    app, client, database_url
+):
+    call = flask_caller(app)
+    for node in ("gone", "kept"):
+        register_worker(client, node)
+    running = {}
+    for node in ("gone", "kept"):
+        running[node] = create_job(call, node)["id"]
+        move_to(call, running[node], "RUNNING")
+    scheduled = create_job(call, "gone")["id"]
+
+    assert client.delete("/workers/gone").status_code == 204
+    assert client.delete("/workers/gone").status_code == 204  # absent: the same answer
+    assert client.delete("/workers/never-was").status_code == 204
+    assert_error(client.get("/workers/gone"), 404, "WORKER_NOT_FOUND")
+    assert_error(client.post("/workers/gone/heartbeat"), 404, "WORKER_NOT_FOUND")
+    listed = [w["node_id"] for w in client.get("/workers").get_json()["workers"]]
+    assert listed == ["kept"]
+    # Its jobs stay as they were, and no lease expiry touches them; a registered
+    # lost worker's job, in the same sweep, does expire.
+    lose_worker(database_url, "kept")
+    assert sweep_leases(app) == {"FAILED": 1}
+    assert status_of(client, running["gone"]) == "RUNNING"
+    assert status_of(client, scheduled) == "SCHEDULED"
+    assert status_of(client, running["kept"]) == "FAILED"
+    # It may register again, as a fresh worker.
+    register_worker(client, "gone")
+    assert client.get("/workers/gone").get_json()["status"] == "ALIVE"
+    assert_error(client.delete("/workers/1bad"), 400, "INVALID_WORKER_ID")
+    assert_error(client.delete("/workers/gone", json={"x": 1}), 400, "INVALID_PAYLOAD_FORMAT")
+    assert client.get("/workers/gone").status_code == 200
+
+
+def test_deregistering_needs_the_admin_token(app, database_url):
+    tokened = make_app(database_url, ADMIN_TOKEN="adm-bounded", WORKER_TOKEN="wrk-bounded")
+    try:
+        c = tokened.test_client()
+        worker = {"Authorization": "Bearer wrk-bounded"}
+        assert c.put("/workers/w1", headers=worker).status_code == 200
+        assert_error(c.delete("/workers/w1", headers=worker), 403, "FORBIDDEN")
+        assert_error(c.delete("/workers/w1"), 401, "UNAUTHORIZED")
+        assert c.get("/workers/w1", headers=worker).status_code == 200
+        admin = {"Authorization": "Bearer adm-bounded"}
+        assert c.delete("/workers/w1", headers=admin).status_code == 204
+        assert c.get("/workers/w1", headers=admin).status_code == 404
+    finally:
+        tokened.extensions["jobs_db_pool"].drop_idle()
+
+
+# ---- GET /workers, a page at a time ------------------------------------------------------
+
+
+def insert_workers(db_conn, count: int) -> list[str]:
+    """``count`` workers, registered in groups of 7 at the same microsecond (ties)."""
+    with db_conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO workers (node_id, created_at, registered_at, heartbeat_at)"
+            " SELECT 'w-' || lpad(g::text, 5, '0'), t, t, t FROM generate_series(1, %s) g,"
+            " LATERAL (SELECT timestamptz '2026-01-01' + (g / 7) * interval '1 ms') x(t)",
+            (count,),
+        )
+        cur.execute("SELECT node_id FROM workers ORDER BY registered_at DESC, node_id DESC")
+        return [row[0] for row in cur.fetchall()]
+
+
+def list_all_workers(client, limit: int | None = None) -> list[list[str]]:
+    pages, query = [], "" if limit is None else f"limit={limit}"
+    path = f"/workers?{query}"
+    for _ in range(1000):
+        body = client.get(path).get_json()
+        pages.append([w["node_id"] for w in body["workers"]])
+        if body["next_cursor"] is None:
+            return pages
+        path = f"/workers?{query}&cursor={body['next_cursor']}"
+    raise AssertionError("paging did not end")
+
+
+def test_paging_through_2500_workers_shows_each_once_in_order(client, db_conn):
+    expected = insert_workers(db_conn, 2500)
+    pages = list_all_workers(client)  # the default page of 100
+    assert [len(p) for p in pages] == [100] * 25
+    assert [w for page in pages for w in page] == expected
+    pages = list_all_workers(client, limit=1000)
+    assert [len(p) for p in pages] == [1000, 1000, 500]
+    assert [w for page in pages for w in page] == expected
+    assert list_all_workers(client, limit=7)[-1] == expected[-(2500 % 7) :]
+    # Registrations while paging neither repeat nor shift anyone.
+    first = client.get("/workers?limit=500").get_json()
+    for node in ("late-1", "late-2"):
+        register_worker(client, node)
+    register_worker(client, expected[10])  # seen already: moves to the front, not shown again
+    rest = []
+    cursor = first["next_cursor"]
+    while cursor:
+        body = client.get(f"/workers?limit=500&cursor={cursor}").get_json()
+        rest += [w["node_id"] for w in body["workers"]]
+        cursor = body["next_cursor"]
+    assert [w["node_id"] for w in first["workers"]] + rest == expected
+
+
+def forged(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    ("query", "code"),
+    [
+        ("limit=0", "LIMIT_INVALID"),
+        ("limit=1001", "LIMIT_TOO_LARGE"),
+        ("limit=x", "INVALID_QUERY_PARAMETERS"),
+        ("cursor=", "INVALID_QUERY_PARAMETERS"),
+        ("cursor=nope", "INVALID_QUERY_PARAMETERS"),
+        ("cursor=" + forged("2026-13-45T10:00:00.000000Z w-1"), "INVALID_QUERY_PARAMETERS"),
+        ("cursor=" + forged("2026-01-01T10:00:00.000000Z 1bad"), "INVALID_QUERY_PARAMETERS"),
+        ("cursor=" + forged("2026-01-01T10:00:00Z w-1"), "INVALID_QUERY_PARAMETERS"),
+        ("cursor=" + forged("٢٠٢٦-01-01T10:00:00.000000Z w-1"), "INVALID_QUERY_PARAMETERS"),
+        ("cursor=" + "A" * 3000, "INVALID_QUERY_PARAMETERS"),
+        ("limit=5&limit=6", "INVALID_QUERY_PARAMETERS"),
+        ("after=x", "INVALID_QUERY_PARAMETERS"),
+    ],
+)
+def test_bad_worker_paging_is_refused(client, query, code):
+    message = assert_error(client.get(f"/workers?{query}"), 400, code)
+    assert ("limit" in message) or ("cursor" in message) or ("after" in message), message
 
 
 # ---- Moving a SCHEDULED job to another worker ------------------------------------------
