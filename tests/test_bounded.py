@@ -1,25 +1,20 @@
 """Bounded everywhere (docs/API.md, Bounds): what a client can make the service store
-or send has a limit, and the limits hold.
+or send has a limit, and the limits hold. The bounds of one route are that route's
+module's in tests/routes/: a report's ``detail`` (test_put_status.py), a descriptor
+(test_post_jobs.py), a page of GET /jobs (test_get_jobs.py), GET /workers paged by
+an opaque cursor and DELETE /workers/{node_id} (test_workers.py). Here, what spans
+the routes:
 
-- A status report's ``detail`` is at most MAX_DETAIL_BYTES as compact JSON
-  (numbers written out as PostgreSQL writes them back); over it, a 400 that
-  names ``detail`` and changes nothing. A descriptor is bounded the same way at
-  1 MiB, so numbers like 1e300 cannot blow a body up into a huge job.
-- A page of GET /jobs holds at most MAX_PAGE_BYTES of jobs' JSON, at least one
-  job, and its next_cursor continues it: paging sees every job exactly once.
 - A job whose history is huge (many large details, inserted with SQL) does
   not slow the reads of other jobs, even while that history is read.
 - WORKER_RETENTION forgets long-lost idle workers, a bounded batch per run.
-  (Deregistering a worker, DELETE /workers/{node_id}, and GET /workers paged by
-  an opaque cursor are tests/routes/test_workers.py's.)
-- Numbers in descriptors and details come back exactly as sent.
+- Numbers in descriptors and details come back exactly as sent, through every read.
 - /openapi.json states the constraints: input the service refuses is invalid
   by the document too, and the cross-field rules are read from the schemas.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import statistics
 import threading
@@ -33,11 +28,11 @@ from dev.gunicorn import serving
 from jobs import chores
 from jobs.api.openapi import rules_of
 from jobs.chores import workers as worker_chore
-from jobs.domain import MAX_DESCRIPTOR_BYTES, MAX_DETAIL_BYTES, MAX_PAGE_BYTES
+from jobs.domain import MAX_DESCRIPTOR_BYTES, MAX_DETAIL_BYTES
 from jobs.schemas import FileBatchSchema, FileSchema, StatusReportSchema
 from jobs.settings import from_environment
 
-from support.databases import count_job_rows, lose_worker
+from support.databases import lose_worker
 from support.openapi_schema import to_json_schema
 from support.service import (
     assert_error,
@@ -50,48 +45,6 @@ from support.service import (
     status_of,
     sweep_leases,
 )
-
-# ---- detail and descriptor bounds ------------------------------------------------------
-
-
-def test_detail_at_the_bound_is_stored_and_over_it_refused_naming_detail(client, db_conn):
-    call = flask_caller(client.application)
-    job = create_job(call)["id"]
-    over = client.put(
-        f"/jobs/{job}/status", json={"status": "FAILED", "detail": detail_of(MAX_DETAIL_BYTES + 1)}
-    )
-    message = assert_error(over, 400, "INVALID_PAYLOAD_FORMAT")
-    assert message.startswith("detail: ") and str(MAX_DETAIL_BYTES) in message, message
-    # Nothing changed: no move, no event.
-    assert client.get(f"/jobs/{job}").get_json()["status"] == "SCHEDULED"
-    assert count_job_rows(db_conn, "job_events", job) == 1
-    # Multi-byte characters count as the bytes they take.
-    wide = {"error": "é" * (MAX_DETAIL_BYTES // 2)}
-    assert_error(client.put(f"/jobs/{job}/status", json={"status": "FAILED", "detail": wide}),
-                 400, "INVALID_PAYLOAD_FORMAT")
-    # Numbers count as PostgreSQL writes them back: 1e300 is 301 digits, not 5 bytes.
-    exponents = b'{"status": "FAILED", "detail": {"n": [' + b",".join([b"1e300"] * 60) + b"]}}"
-    assert len(exponents) < 1000
-    assert_error(client.put(f"/jobs/{job}/status", data=exponents), 400, "INVALID_PAYLOAD_FORMAT")
-    assert count_job_rows(db_conn, "job_events", job) == 1
-    # At the bound it is stored, and comes back as given.
-    at = detail_of(MAX_DETAIL_BYTES)
-    stored = client.put(f"/jobs/{job}/status", json={"status": "FAILED", "detail": at})
-    assert stored.status_code == 200
-    assert client.get(f"/jobs/{job}/events").get_json()["events"][-1]["detail"] == at
-
-
-def test_a_descriptor_cannot_grow_past_a_mebibyte_as_written_back(client):
-    # 3,500 numbers of 5 bytes (a 20 kB body) that PostgreSQL writes as 301 digits each.
-    blown = b'{"node_id": "w", "descriptor": {"n": [' + b",".join([b"1e300"] * 3500) + b"]}}"
-    message = assert_error(client.post("/jobs", data=blown), 400, "INVALID_PAYLOAD_FORMAT")
-    assert message.startswith("descriptor: ") and str(MAX_DESCRIPTOR_BYTES) in message
-    # The same count of plain numbers is fine, and so is a descriptor near the body limit.
-    plain = b'{"node_id": "w", "descriptor": {"n": [' + b",".join([b"1e3"] * 3500) + b"]}}"
-    assert client.post("/jobs", data=plain).status_code == 201
-    big = {"node_id": "w", "descriptor": {"pad": "x" * (1024 * 1024 - 100)}}
-    assert client.post("/jobs", json=big).status_code == 201
-
 
 # ---- Exact numbers ----------------------------------------------------------------------
 
@@ -148,114 +101,6 @@ def test_numbers_come_back_as_postgresql_writes_them(client):
     jid = created.get_json()["id"]
     assert_error(client.post(f"/jobs/{jid}/tables/t/files", json=file), 400,
                  "INVALID_PAYLOAD_FORMAT")
-
-
-# ---- GET /jobs: a byte budget per page ----------------------------------------------------
-
-
-def insert_jobs(db_conn, sizes: list[int], status: str = "SCHEDULED", node: str = "n") -> list[int]:
-    """Jobs with descriptors of about ``sizes`` bytes, in that (id) order."""
-    with db_conn.cursor() as cur:
-        cur.execute(
-            "INSERT INTO jobs (node_id, status, descriptor)"
-            " SELECT %s, %s, jsonb_build_object('pad', repeat('x', s))"
-            " FROM unnest(%s::int[]) WITH ORDINALITY AS u(s, n) ORDER BY n RETURNING id",
-            (node, status, sizes),
-        )
-        return [row[0] for row in cur.fetchall()]
-
-
-def json_sizes(db_conn) -> dict[int, int]:
-    with db_conn.cursor() as cur:
-        cur.execute("SELECT id, octet_length(job_json) FROM jobs")
-        return dict(cur.fetchall())
-
-
-def page_through(call, query: str) -> list[list[int]]:
-    pages, path = [], f"/jobs?{query}"
-    for _ in range(10_000):
-        status, body = call("GET", path)
-        assert status == 200, body
-        pages.append([job["id"] for job in body["jobs"]])
-        if body["next_cursor"] is None:
-            return pages
-        assert body["next_cursor"] == pages[-1][-1]
-        path = f"/jobs?{query}&last_job_id={body['next_cursor']}"
-    raise AssertionError("paging did not end")
-
-
-def check_pages(pages: list[list[int]], expected: list[int], sizes: dict[int, int], limit: int):
-    """Every job once, newest first; each page within the budget and as full as it may be."""
-    assert [i for page in pages for i in page] == expected
-    listed = iter(expected)
-    for page in pages:
-        assert page, "an empty page"
-        assert [next(listed) for _ in page] == page
-        total = sum(sizes[i] for i in page)
-        assert len(page) <= limit
-        assert total <= MAX_PAGE_BYTES or len(page) == 1, (len(page), total)
-    # Full: the page's first job after it would have passed the limit or the budget.
-    for page, after in itertools.pairwise(pages):
-        total = sum(sizes[i] for i in page)
-        assert len(page) == limit or total + sizes[after[0]] > MAX_PAGE_BYTES, (page, after)
-
-
-def test_a_page_ends_at_the_byte_budget_and_paging_sees_every_job_once(client, db_conn):
-    # 0.2-1 MB descriptors among small jobs, in a pattern that makes pages end
-    # at the budget in various places; one job of 5 MiB (only SQL can make one)
-    # alone on its page.
-    sizes = [900_000, 150, 1_000_000, 200_000, 150, 150, 700_000, 1_000_000, 1_000_000, 999_000]
-    sizes = sizes * 3 + [5 * 1024 * 1024] + [150] * 40 + [1_040_000] * 5
-    ids = insert_jobs(db_conn, sizes)
-    json_size = json_sizes(db_conn)
-    call = flask_caller(client.application)
-    newest_first = sorted(ids, reverse=True)
-    for limit in (1000, 50, 3):
-        pages = page_through(call, f"status=all&limit={limit}")
-        check_pages(pages, newest_first, json_size, limit)
-    # The 5 MiB job is a page of its own, and the one after it still comes.
-    pages = page_through(call, "status=all&limit=1000")
-    huge = max(json_size, key=json_size.get)
-    assert [huge] in pages
-    # A status filter and a node filter page the same way.
-    other = insert_jobs(db_conn, [800_000] * 12, status="RUNNING", node="other")
-    json_size = json_sizes(db_conn)
-    pages = page_through(call, "status=running&node_id=other&limit=1000")
-    check_pages(pages, sorted(other, reverse=True), json_size, 1000)
-    assert len(pages) == 3  # 5 + 5 + 2 jobs of ~800 kB
-
-
-def test_the_answer_is_the_page_and_nothing_more(client, db_conn):
-    """What goes over the wire is the page's JSON, not limit + 1 jobs, and the
-    page's last row says only that a next page exists."""
-    insert_jobs(db_conn, [1_000_000] * 12)
-    answer = client.get("/jobs?status=all&limit=1000")
-    body = answer.get_json()
-    assert len(body["jobs"]) == 4 and body["next_cursor"] == body["jobs"][-1]["id"]
-    assert MAX_PAGE_BYTES - 1_100_000 < len(answer.data) <= MAX_PAGE_BYTES + 100
-
-
-def test_a_large_job_deleted_while_its_page_is_read_is_left_out(client, db_conn, monkeypatch):
-    """Large jobs' JSON comes from a second statement (store/jobs.jobs_json): one
-    deleted in between is missing from the page, and paging goes on from its end."""
-    from jobs.store import jobs as job_store
-
-    ids = insert_jobs(db_conn, [2_000_000, 150, 2_000_000, 150], status="FAILED")
-    read = job_store.jobs_json
-
-    def deleted_first(cur, job_ids):
-        with db_conn.cursor() as other:
-            other.execute("DELETE FROM jobs WHERE id = %s", (max(job_ids),))
-        return read(cur, job_ids)
-
-    monkeypatch.setattr(job_store, "jobs_json", deleted_first)
-    body = client.get("/jobs?status=failed&limit=3").get_json()
-    # The page was ids[3], ids[2] (2 MB), ids[1]: ids[2] went, the cursor stays ids[1].
-    assert [j["id"] for j in body["jobs"]] == [ids[3], ids[1]]
-    assert body["next_cursor"] == ids[1]
-    monkeypatch.setattr(job_store, "jobs_json", read)
-    rest = client.get(f"/jobs?status=failed&limit=3&last_job_id={ids[1]}").get_json()
-    assert [j["id"] for j in rest["jobs"]] == [ids[0]] and rest["next_cursor"] is None
 
 
 # ---- A job with a huge history does not slow the others ----------------------------------

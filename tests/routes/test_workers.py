@@ -1,9 +1,9 @@
 """The workers' routes and leases (docs/API.md, "Workers and leases"): the worker
 registry (PUT, GET and DELETE /workers/{node_id}, GET /workers a page at a time),
 heartbeats (POST /workers/{node_id}/heartbeat), the expiry of a LOST worker's
-jobs, moving a SCHEDULED job to another node, GET /jobs?node_id= and
-GET /jobs/{job_id}/events/{event_id}; forgetting workers (WORKER_RETENTION) is
-test_bounded.py's.
+jobs. Moving a job to another worker is test_put_status.py's, GET /jobs?node_id=
+test_get_jobs.py's, GET /jobs/{job_id}/events/{event_id} test_events.py's;
+forgetting workers (WORKER_RETENTION) is test_bounded.py's.
 
 Most tests make a worker LOST at once by pushing its heartbeat an hour into
 the past (``lose_worker``) and run the lease chore in process
@@ -39,7 +39,6 @@ from support.databases import closed_database_url, lose_worker
 from support.oracle import LEASE_MOVES, LEGAL_MOVES, history_problems
 from support.races import race, wait_until_blocked
 from support.service import (
-    MAX_ID,
     assert_error,
     create_job,
     events_of,
@@ -476,149 +475,6 @@ def forged(text: str) -> str:
 def test_bad_worker_paging_is_refused(client, query, code):
     message = assert_error(client.get(f"/workers?{query}"), 400, code)
     assert ("limit" in message) or ("cursor" in message) or ("after" in message), message
-
-
-# ---- Moving a SCHEDULED job to another worker ------------------------------------------
-
-
-def test_a_scheduled_job_moves_to_another_node_with_one_event(client):
-    job = job_in(client, "worker-01", "SCHEDULED")
-    moved = client.put(f"/jobs/{job}/status", json={"status": "SCHEDULED", "node_id": "worker-02"})
-    assert moved.status_code == 200
-    body = moved.get_json()
-    assert (body["status"], body["node_id"]) == ("SCHEDULED", "worker-02")
-    events = events_of(flask_caller(client.application), job)
-    assert [(e["event_type"], e["node_id"]) for e in events] == [
-        ("SCHEDULED", "worker-01"),
-        ("SCHEDULED", "worker-02"),
-    ]
-    assert events[-1]["created_at"] == body["updated_at"]
-    # The same node again, or no node: a no-op without an event.
-    for report in ({"status": "SCHEDULED", "node_id": "worker-02"}, {"status": "SCHEDULED"}):
-        again = client.put(f"/jobs/{job}/status", json=report)
-        assert again.status_code == 200
-        assert again.get_json() == body
-    assert len(events_of(flask_caller(client.application), job)) == 2
-    assert client.get("/jobs?node_id=worker-02").get_json()["jobs"] == [body]
-    assert client.get("/jobs?node_id=worker-01").get_json()["jobs"] == []
-
-
-@pytest.mark.parametrize(
-    "status", ["RUNNING", "STOP_REQUESTED", "STOPPING", "COMPLETED", "STOPPED"]
-)
-def test_only_scheduled_and_failed_jobs_move_to_another_node(client, status):
-    job = job_in(client, "worker-01", status)
-    before = client.get(f"/jobs/{job}").get_json()
-    response = client.put(f"/jobs/{job}/status", json={"status": "SCHEDULED", "node_id": "w2"})
-    assert status in assert_error(response, 409, "INVALID_STATE_TRANSITION")
-    assert client.get(f"/jobs/{job}").get_json() == before
-
-
-def test_a_failed_job_is_retried_on_another_node(client):
-    job = job_in(client, "worker-01", "FAILED")
-    body = client.put(f"/jobs/{job}/status", json={"status": "SCHEDULED", "node_id": "w2"})
-    assert (body.get_json()["status"], body.get_json()["node_id"]) == ("SCHEDULED", "w2")
-
-
-# ---- GET /jobs?node_id= -------------------------------------------------------------------
-
-
-def test_list_by_node(client):
-    mine = {s: job_in(client, "worker-01", s) for s in ("SCHEDULED", "RUNNING", "COMPLETED")}
-    others = [job_in(client, "worker-02", s) for s in ("SCHEDULED", "RUNNING", "COMPLETED")]
-    mine["FAILED"] = job_in(client, "worker-01", "FAILED")
-
-    def ids(query):
-        response = client.get(f"/jobs?{query}")
-        assert response.status_code == 200, response.get_json()
-        return [j["id"] for j in response.get_json()["jobs"]]
-
-    assert ids("node_id=worker-01") == [mine["RUNNING"], mine["SCHEDULED"]]
-    assert ids("node_id=worker-01&status=terminal") == [mine["FAILED"], mine["COMPLETED"]]
-    assert ids("node_id=worker-01&status=all") == sorted(mine.values(), reverse=True)
-    assert ids("node_id=worker-02&status=completed,RUNNING") == [others[2], others[1]]
-    assert ids("node_id=nobody&status=all") == []
-    # Paging within the node.
-    page = client.get("/jobs?node_id=worker-01&status=all&limit=3").get_json()
-    assert [j["id"] for j in page["jobs"]] == sorted(mine.values(), reverse=True)[:3]
-    assert page["next_cursor"] == page["jobs"][-1]["id"]
-    rest = ids(f"node_id=worker-01&status=all&limit=3&last_job_id={page['next_cursor']}")
-    assert rest == [min(mine.values())]
-    last = client.get(f"/jobs?node_id=worker-01&status=all&last_job_id={min(mine.values())}")
-    assert last.get_json() == {"jobs": [], "next_cursor": None}
-
-
-@pytest.mark.parametrize(
-    "query",
-    ["node_id=", "node_id=1w", "node_id=w%20x", "node_id=" + "x" * 129, "node_id=a&node_id=b"],
-)
-def test_list_by_node_refuses_malformed_node_ids(client, query):
-    assert_error(client.get(f"/jobs?{query}"), 400, "INVALID_QUERY_PARAMETERS")
-
-
-def test_the_node_filter_reads_the_nodes_index(client, postgres_url):
-    """A node with 10 active jobs among 100,000 finished ones: its listing reads only its
-    own index entries (and no other node's), like a status filter."""
-    db_conn = psycopg2.connect(postgres_url)  # directly: PREPARE and SET, as the service does
-    db_conn.autocommit = True
-    with db_conn.cursor() as cur:
-        cur.execute(
-            "INSERT INTO jobs (node_id, status) SELECT 'busy', 'COMPLETED'"
-            " FROM generate_series(1, 100000)"
-        )
-        cur.execute(
-            "INSERT INTO jobs (node_id, status) SELECT 'other', 'RUNNING'"
-            " FROM generate_series(1, 20000)"
-        )
-        cur.execute("INSERT INTO jobs (node_id) SELECT 'busy' FROM generate_series(1, 10)")
-        cur.execute("VACUUM ANALYZE jobs")
-    listing = client.get("/jobs?node_id=busy&limit=50").get_json()
-    assert len(listing["jobs"]) == 10 and listing["next_cursor"] is None
-    # The statement as the service runs it: prepared, with a generic plan.
-    statement = job_store.list_statement(50, by_node=True)
-    with db_conn.cursor() as cur:
-        cur.execute("SET plan_cache_mode = force_generic_plan")
-        cur.execute(statement.prepare_sql)
-        cur.execute(
-            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement.execute_sql,
-            {"statuses": ["SCHEDULED", "RUNNING"], "max_id": MAX_ID, "node_id": "busy"},
-        )
-        plan = cur.fetchone()[0][0]["Plan"]
-    db_conn.close()
-    # 10 index entries and 10 rows: a few dozen buffers, not the thousands a
-    # scan of the status index through the other node's 20,000 would touch.
-    assert plan["Shared Hit Blocks"] + plan.get("Shared Read Blocks", 0) < 200, plan
-
-
-# ---- GET /jobs/{job_id}/events/{event_id} ---------------------------------------------------
-
-
-def test_one_event(client):
-    a = job_in(client, "worker-01", "RUNNING")
-    b = job_in(client, "worker-02", "SCHEDULED")
-    call = flask_caller(client.application)
-    client.put(f"/jobs/{a}/status", json={"status": "FAILED", "detail": {"error": "oom"}})
-    for event in events_of(call, a):
-        one = client.get(f"/jobs/{a}/events/{event['id']}")
-        assert one.status_code == 200
-        assert list(one.get_json()) == [
-            "id",
-            "job_id",
-            "created_at",
-            "node_id",
-            "event_type",
-            "detail",
-        ]
-        assert one.get_json() == {"job_id": a, **event}
-    (b_event,) = events_of(call, b)
-    message = assert_error(client.get(f"/jobs/{a}/events/{b_event['id']}"), 404, "EVENT_NOT_FOUND")
-    assert str(b_event["id"]) in message
-    assert_error(client.get(f"/jobs/{a}/events/987654321"), 404, "EVENT_NOT_FOUND")
-    assert_error(client.get(f"/jobs/987654321/events/{b_event['id']}"), 404, "JOB_NOT_FOUND")
-    for bad in ("0", "-1", "abc", "1.5", "+1", "99999999999999999999", "0x1A"):
-        assert_error(client.get(f"/jobs/{a}/events/{bad}"), 400, "INVALID_JOB_ID")
-        assert_error(client.get(f"/jobs/{bad}/events/1"), 400, "INVALID_JOB_ID")
-    assert_error(client.get(f"/jobs/{a}/events/1?x=1"), 400, "INVALID_QUERY_PARAMETERS")
 
 
 # ---- Leases --------------------------------------------------------------------------------

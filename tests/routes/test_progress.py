@@ -1,6 +1,8 @@
-"""GET /jobs/{id}/progress through the API: the canonical chain of docs/API.md.
+"""GET /jobs/{job_id}/progress (docs/API.md, "GET /jobs/{job_id}/progress"): the
+answer's shape and the job's status, then the canonical chain of docs/API.md
+("Progress and the canonical chain").
 
-Each case registers files with POST /jobs/{id}/tables/{table}/files and
+Each chain case registers files with POST /jobs/{id}/tables/{table}/files and
 checks the table's entry (and that the registration's own ``progress`` agrees).
 """
 
@@ -10,8 +12,9 @@ import json
 
 import pytest
 
-from support.oracle import expected_progress
-from support.service import MAX_ID, block_hash, file_entry, new_job, register_files
+from support.checked import PROGRESS_SCHEMA, body_of, create, make_job, progress, report
+from support.oracle import STATUSES, expected_progress
+from support.service import MAX_ID, assert_error, block_hash, file_entry, new_job, register_files
 
 EMPTY = expected_progress(None, None, 0, 0)
 
@@ -30,6 +33,80 @@ def tables(client, job_id) -> dict:
 
 def progress_of(client, job_id, table="blocks") -> dict:
     return tables(client, job_id)[table]
+
+
+# ---- The answer -----------------------------------------------------------------------
+
+
+def test_progress_without_files_is_empty(client):
+    job = make_job(client, "RUNNING")
+    response = client.get(f"/jobs/{job['id']}/progress")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].split(";")[0] == "application/json"
+    assert body_of(response) == {"job_id": job["id"], "job_status": "RUNNING", "tables": {}}
+    assert PROGRESS_SCHEMA.validate(body_of(response)) == {}
+
+
+@pytest.mark.parametrize("status", STATUSES)
+def test_progress_reports_the_job_status(client, status):
+    job = make_job(client, status)
+    assert progress(client, job["id"]) == {"job_id": job["id"], "job_status": status, "tables": {}}
+
+
+def test_progress_tables_keyed_by_name(client):
+    job = create(client)
+    other = create(client)
+    register_files(
+        client, job["id"], "blocks", [file_entry("b0", 0, 99, 100), file_entry("b1", 100, 199, 50)]
+    )
+    register_files(client, job["id"], "transactions", file_entry("t0", 5, 9, 7))
+    register_files(
+        client, job["id"], "Logs_2", [file_entry("l0", 10, 19, 1), file_entry("l1", 30, 39, 1)]
+    )
+    register_files(client, other["id"], "blocks", file_entry("b0", 0, 5, 3))
+    body = progress(client, job["id"])
+    assert body == {
+        "job_id": job["id"],
+        "job_status": "SCHEDULED",
+        "tables": {
+            "blocks": {
+                "start_block": 0,
+                "current_block": 199,
+                "files_count": 2,
+                "total_size_bytes": 150,
+            },
+            "transactions": {
+                "start_block": 5,
+                "current_block": 9,
+                "files_count": 1,
+                "total_size_bytes": 7,
+            },
+            # A gap: l1 is not canonical.
+            "Logs_2": {
+                "start_block": 10,
+                "current_block": 19,
+                "files_count": 1,
+                "total_size_bytes": 1,
+            },
+        },
+    }
+    assert progress(client, other["id"])["tables"] == {
+        "blocks": {"start_block": 0, "current_block": 5, "files_count": 1, "total_size_bytes": 3}
+    }
+    report(client, job["id"], "RUNNING")
+    report(client, job["id"], "COMPLETED")
+    after = progress(client, job["id"])
+    assert after["job_status"] == "COMPLETED"
+    assert after["tables"] == body["tables"]
+
+
+def test_progress_of_unknown_job_is_404(client):
+    create(client)
+    assert_error(client.get("/jobs/2/progress"), 404, "JOB_NOT_FOUND")
+    assert_error(client.get(f"/jobs/{MAX_ID}/progress"), 404, "JOB_NOT_FOUND")
+
+
+# ---- The canonical chain --------------------------------------------------------------
 
 
 @pytest.fixture
