@@ -185,8 +185,9 @@ def db_rows(db_conn) -> dict:
     statement.
 
     This once also read the API's view (the list, every job's events and progress:
-    25 requests before and 25 after each refusal, half of test_validation.py's time),
-    which the same rows always give back; it compared four tables, and now every one."""
+    25 requests before and 25 after each refusal, half of the time of test_validation.py,
+    as the refusal tests were then), which the same rows always give back; it compared
+    four tables, and now every one."""
     tables = _written_tables(db_conn)
     with db_conn.cursor() as cur:
         cur.execute(
