@@ -1,5 +1,6 @@
 """Fixtures in the style of Flask's tutorial: app, client, runner; and apps, audit,
-db_conn, refuser, blackhole, the PostgreSQL and PgBouncer factories.
+db_conn, world and targets (jobs that refused requests must leave as they are),
+refuser, blackhole, the PostgreSQL and PgBouncer factories.
 
 The database is real PostgreSQL: DATABASE_URL when it is set, otherwise a
 throwaway server started here for the session and removed afterwards. Under
@@ -41,6 +42,7 @@ from support.databases import (  # noqa: E402
     truncate,
 )
 from support.races import audit_trail  # noqa: E402
+from support.refusals import built_targets, built_world  # noqa: E402
 from support.service import KeptApp, drop_pool, make_app  # noqa: E402
 
 
@@ -246,6 +248,19 @@ def audit(app):
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+@pytest.fixture
+def world(client):
+    """Jobs 1..12 in every status, with files, events and an idempotency key
+    (support.refusals.built_world): {id: status}."""
+    return built_world(client)
+
+
+@pytest.fixture
+def targets(client):
+    """Jobs in the statuses a body could act on (support.refusals.built_targets): {status: id}."""
+    return built_targets(client)
 
 
 @pytest.fixture

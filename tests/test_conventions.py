@@ -19,8 +19,6 @@ import pytest
 
 from support.refusals import (
     BAD_IDS,
-    built_targets,
-    built_world,
     create_id,
     db_rows,
     move,
@@ -31,18 +29,6 @@ from support.refusals import (
 from support.service import MAX_ID, assert_error, file_entry
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture
-def world(client):
-    """Jobs 1..12 in every status (support.refusals.built_world): {id: status}."""
-    return built_world(client)
-
-
-@pytest.fixture
-def targets(client):
-    """Jobs in the statuses a body could act on (support.refusals.built_targets): {status: id}."""
-    return built_targets(client)
 
 
 # ---- Job IDs in the path -----------------------------------------------------------

@@ -21,15 +21,8 @@ from jobs.store import jobs as job_store
 
 from support.checked import create, get_job, list_jobs, make_job, report
 from support.oracle import ACTIVE, STATUSES, TERMINAL
-from support.refusals import BAD_IDS, built_world, create_id, db_rows, refused
+from support.refusals import BAD_IDS, create_id, db_rows, refused
 from support.service import MAX_ID, assert_error, flask_caller, job_in
-
-
-@pytest.fixture
-def world(client):
-    """Jobs 1..12 in every status (support.refusals.built_world): {id: status}."""
-    return built_world(client)
-
 
 # ---- Order, filters, cursor ----------------------------------------------------------
 

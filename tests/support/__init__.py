@@ -1,5 +1,4 @@
-"""What the tests share, beside conftest.py's fixtures (and tests/routes/conftest.py's,
-those of more than one route module), one module per concern.
+"""What the tests share, beside conftest.py's fixtures, one module per concern.
 
 Test modules import from here (``from support.oracle import LEGAL_MOVES``)
 and never from each other:
