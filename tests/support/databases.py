@@ -117,8 +117,7 @@ def built_once(database_url: str, name: str, build):
     first time in this process; later, the same rows copied back, identities included.
 
     A fixture that builds a dozen jobs through the API before each of hundreds of
-    tests spent most of their time doing so (test_validation.py, whose tests are now
-    test_conventions.py's and tests/routes/'s: 48 of its 73 s).
+    tests spent most of their time doing so (BENCHMARKS.md, "The test suite").
     The copy is every row as written, with triggers off (``session_replication_role``:
     the rows already hold what the triggers wrote), in one statement on a kept
     connection; where that is not allowed (not a superuser), ``build()`` runs every time.

@@ -184,10 +184,9 @@ def db_rows(db_conn) -> dict:
     """Every row of every table a request can write ({table: rows as text}), read in one
     statement.
 
-    This once also read the API's view (the list, every job's events and progress:
-    25 requests before and 25 after each refusal, half of the time of test_validation.py,
-    as the refusal tests were then), which the same rows always give back; it compared
-    four tables, and now every one."""
+    What the API shows (the list, events, progress) is read from these rows and
+    nothing else, so it is not read again around each refusal (BENCHMARKS.md, "The
+    test suite")."""
     tables = _written_tables(db_conn)
     with db_conn.cursor() as cur:
         cur.execute(
