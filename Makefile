@@ -23,16 +23,17 @@ run: venv
 # tests run the service through PgBouncer, and the console's tests drive headless
 # Chromium through Playwright (from requirements-dev.txt; never its own browser
 # download). Where they cannot be, those tests skip, or fail when CI=true.
-# The tests run in PYTEST_XDIST's processes (pytest-xdist): most of them wait on
-# PostgreSQL, gunicorn or a clock more than they use a core, so 4 beat 2 on a
-# 2-core machine (BENCHMARKS.md, "The test suite"). A module whose tests share a
+# The tests run in PYTEST_XDIST's processes (pytest-xdist): many of them wait on
+# PostgreSQL, gunicorn or a clock more than they use a core, so 3 beat 2 on a
+# 2-core machine; 4 use more CPU than 3 for no shorter run (BENCHMARKS.md, "The
+# test suite"). A module whose tests share a
 # server of its own is marked xdist_group (--dist loadgroup keeps it on one
 # process). PYTEST_XDIST= runs them in this one process.
 # PYTHONDONTWRITEBYTECODE is cleared for the run: pytest caches the modules whose
 # asserts it rewrites (the tests, schemathesis, hypothesis) only where bytecode may be
 # written, and without that cache each of the processes spent 11 s of CPU
 # rewriting them again (BENCHMARKS.md, "The test suite").
-PYTEST_XDIST ?= -n 4 --dist loadgroup
+PYTEST_XDIST ?= -n 3 --dist loadgroup
 test: venv
 	@test -x /usr/sbin/pgbouncer || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 		apt-get install -y -qq pgbouncer >/dev/null 2>&1 || \

@@ -105,7 +105,7 @@ _held_alone: list = []
 def _alone_or_together(request, tmp_path_factory):
     """Under pytest-xdist, a test marked ``alone`` runs while no other test does.
 
-    A test whose verdict is a time bound tight enough that three other workers
+    A test whose verdict is a time bound tight enough that the other workers
     busy on two cores could break it (``@pytest.mark.alone``) waits for the tests
     running on the other workers to finish and keeps new ones from starting: it
     takes the run's lock exclusively, every other test takes it shared. The gate
