@@ -663,32 +663,37 @@ def test_metrics(client, database_url):
 # finds once the lock is released.
 
 
-def sweep_in_thread(app) -> tuple[threading.Thread, dict]:
+def sweep_behind(app, database_url: str, write) -> dict[str, int]:
+    """The lease sweep, run in a thread while ``write(cur)`` holds its rows uncommitted
+    on a connection of its own, which commits once the sweep waits on its lock: the
+    jobs the sweep moved."""
     result: dict = {}
 
     def run():
         result["moved"] = sweep_leases(app)
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, result
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn.cursor() as cur:
+            write(cur)  # not committed yet
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        wait_until_blocked(database_url)
+        conn.commit()
+        thread.join(10)
+    finally:
+        conn.close()
+    return result["moved"]
 
 
 def test_a_heartbeat_committed_while_the_sweep_waits_keeps_the_jobs(client, database_url):
     register_worker(client, "w")
     job_id = job_in(client, "w", "RUNNING")
     lose_worker(database_url, "w")
-    conn = psycopg2.connect(database_url)
-    try:
-        with conn.cursor() as cur:
-            worker_store.heartbeat(cur, "w")  # not committed yet
-        thread, result = sweep_in_thread(client.application)
-        wait_until_blocked(database_url)
-        conn.commit()
-        thread.join(10)
-    finally:
-        conn.close()
-    assert result["moved"] == {}
+    moved = sweep_behind(
+        client.application, database_url, lambda cur: worker_store.heartbeat(cur, "w")
+    )
+    assert moved == {}
     assert status_of(client, job_id) == "RUNNING"
 
 
@@ -730,29 +735,23 @@ def test_a_report_committed_while_the_sweep_waits_wins(client, database_url, sta
     register_worker(client, "w")
     job_id = job_in(client, "w", status)
     lose_worker(database_url, "w")
-    conn = psycopg2.connect(database_url)
-    try:
-        with conn.cursor() as cur:  # the report, caught before its commit
-            assert isinstance(job_store.change_status(cur, job_id, report), job_store.Moved)
-        thread, result = sweep_in_thread(client.application)
-        wait_until_blocked(database_url)
-        conn.commit()
-        thread.join(10)
-    finally:
-        conn.close()
+    def reported(cur):  # the report, caught before its commit
+        assert isinstance(job_store.change_status(cur, job_id, report), job_store.Moved)
+
+    moved = sweep_behind(client.application, database_url, reported)
     call = flask_caller(client.application)
     events = events_of(call, job_id)
     if final in ("STOPPING",):
         # STOPPING is still leased, but not the status the sweep saw: the
         # sweep leaves it (it guards on what it read: node, status, attempt),
         # and the next sweep expires it.
-        assert result["moved"] == {}
+        assert moved == {}
         assert status_of(client, job_id) == "STOPPING"
         assert sweep_leases(client.application) == {"STOPPED": 1}
         assert status_of(client, job_id) == "STOPPED"
         events = events_of(call, job_id)
     else:
-        assert result["moved"] == {}
+        assert moved == {}
         assert status_of(client, job_id) == final
     assert history_problems(job_id, status_of(client, job_id), events, ALL_MOVES) == []
 
